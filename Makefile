@@ -1,0 +1,34 @@
+# One-word targets; the README and CI use these. Each target does its own set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
+
+.PHONY: run test check proto bench demo clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[server,dev,plot]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## serve the embedded default model (random:gpt2 unless --model says otherwise)
+	$(VENV)/bin/gpt2-serve $(ARGS)
+
+demo: $(STAMP)  ## stream one generation from the embedded default model to the terminal
+	$(VENV)/bin/gpt2-demo $(ARGS)
+
+test: $(STAMP)  ## the default test suite: CPU only, offline
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: $(STAMP)  ## lint, format check and strict typing
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)  ## engine and serving benchmarks; JSON and a plot under bench/results/
+	$(PY) bench/engine_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,169 @@
+"""What a caller asks the engine for: frozen value types and their validation.
+
+This module knows nothing of protobuf or torch; the API layer converts into these types and the
+engine validates them before anything is enqueued.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from gpt2_service.errors import FieldViolation, InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2**64 - 1
+MAX_ABS_PRESENCE_FREQUENCY_PENALTY = 2.0
+
+
+class Truncation(enum.Enum):
+    """What to do with a prompt longer than the context window."""
+
+    TRUNCATE_LEFT = "truncate_left"  # drop the earliest tokens (default); the count is reported
+    REJECT = "reject"  # refuse the request with INVALID_ARGUMENT
+
+
+class Overflow(enum.Enum):
+    """What to do when a generation fills the context window."""
+
+    SHIFT = "shift"  # forget the earliest tokens, re-encode the rest, continue (default)
+    STOP = "stop"  # finish with FinishReason.CONTEXT_WINDOW
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    EOS = "eos"  # the model produced <|endoftext|>
+    STOP_SEQUENCE = "stop_sequence"  # one of the stop strings appeared in the text
+    STOP_TOKEN = "stop_token"  # one of the stop token ids was produced
+    CONTEXT_WINDOW = "context_window"  # the window is full and overflow is STOP
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. Defaults leave the model's distribution untouched."""
+
+    temperature: float = 1.0  # 0 = greedy (argmax); the filters below then make no difference
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # nucleus: smallest set with cumulative probability >= top_p; 1 = off
+    min_p: float = 0.0  # drop tokens with p < min_p * p(top token); 0 = off
+    typical_p: float = 1.0  # locally typical sampling mass; 1 = off
+    repetition_penalty: float = 1.0  # Hugging Face semantics, over prompt + output; 1 = off
+    presence_penalty: float = 0.0  # OpenAI semantics, over output tokens; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI semantics, over output tokens; 0 = off
+    seed: int | None = None  # None: the engine picks one and reports it
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(frozen=True)
+class StoppingCriteria:
+    """When a generation ends. ``max_new_tokens=None`` takes the engine's default."""
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int = 0  # EOS and stop token ids are masked, stop strings not checked, before this
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_in_output: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation as the engine sees it. Exactly one of prompt / prompt_token_ids is set."""
+
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    truncation: Truncation = Truncation.TRUNCATE_LEFT
+    overflow: Overflow = Overflow.SHIFT
+    top_logprobs: int = 0
+    deadline: float | None = None  # time.monotonic() instant; None = no deadline
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The engine-side limits that validation checks against."""
+
+    vocab_size: int
+    max_new_tokens_limit: int
+
+
+def _finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
+
+
+def find_violations(request: GenerationRequest, limits: RequestLimits) -> list[FieldViolation]:
+    """Every rule the request breaks, as field violations (empty if it is valid)."""
+    bad: list[FieldViolation] = []
+
+    def check(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            bad.append(FieldViolation(name, why))
+
+    s = request.sampling
+    check(_finite(s.temperature) and s.temperature >= 0, "sampling.temperature",
+          f"must be a finite number >= 0, got {s.temperature}")
+    check(s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables it), got {s.top_k}")
+    check(_finite(s.top_p) and 0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    check(_finite(s.min_p) and 0 <= s.min_p <= 1, "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+    check(_finite(s.typical_p) and 0 < s.typical_p <= 1, "sampling.typical_p",
+          f"must be in (0, 1], got {s.typical_p}")
+    check(_finite(s.repetition_penalty) and s.repetition_penalty > 0, "sampling.repetition_penalty",
+          f"must be a finite number > 0 (1 disables it), got {s.repetition_penalty}")
+    for name, value in (("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)):
+        check(_finite(value) and abs(value) <= MAX_ABS_PRESENCE_FREQUENCY_PENALTY, f"sampling.{name}",
+              f"must be in [-2, 2], got {value}")
+    if s.seed is not None:
+        check(0 <= s.seed <= MAX_SEED, "sampling.seed", f"must be in [0, 2^64-1], got {s.seed}")
+
+    t = request.stopping
+    if t.max_new_tokens is not None:
+        check(1 <= t.max_new_tokens <= limits.max_new_tokens_limit, "stopping.max_new_tokens",
+              f"must be in [1, {limits.max_new_tokens_limit}] (the server's limit), got {t.max_new_tokens}")
+    max_new = t.max_new_tokens if t.max_new_tokens is not None else limits.max_new_tokens_limit
+    check(0 <= t.min_new_tokens <= max_new, "stopping.min_new_tokens",
+          f"must be in [0, max_new_tokens={max_new}], got {t.min_new_tokens}")
+    check(len(t.stop) <= MAX_STOP_STRINGS, "stopping.stop",
+          f"at most {MAX_STOP_STRINGS} stop strings, got {len(t.stop)}")
+    for i, text in enumerate(t.stop):
+        check(0 < len(text) <= MAX_STOP_STRING_CHARS, f"stopping.stop[{i}]",
+              f"must be 1 to {MAX_STOP_STRING_CHARS} characters, got {len(text)}")
+    check(len(t.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stopping.stop_token_ids",
+          f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(t.stop_token_ids)}")
+    for i, token_id in enumerate(t.stop_token_ids):
+        check(0 <= token_id < limits.vocab_size, f"stopping.stop_token_ids[{i}]",
+              f"must be a token id in [0, {limits.vocab_size}), got {token_id}")
+
+    if request.prompt_token_ids is not None:
+        check(request.prompt is None, "prompt", "give either prompt or prompt_token_ids, not both")
+        for i, token_id in enumerate(request.prompt_token_ids):
+            if not 0 <= token_id < limits.vocab_size:
+                bad.append(FieldViolation(f"prompt_token_ids[{i}]",
+                                          f"must be a token id in [0, {limits.vocab_size}), got {token_id}"))
+                break  # one is enough; a bad list can be long
+    check(0 <= request.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+          f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}")
+    return bad
+
+
+def validate(request: GenerationRequest, limits: RequestLimits) -> None:
+    """Raise InvalidRequestError naming every bad field; return if the request is valid."""
+    violations = find_violations(request, limits)
+    if violations:
+        raise InvalidRequestError(violations)

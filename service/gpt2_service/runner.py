@@ -1,0 +1,162 @@
+"""Executes a step plan on the model: the only place where generation touches tensors.
+
+``execute(plan)`` runs the prefill chunks as one padded batch and the decodes as another
+(one token per row), samples every sequence that completed its window, and returns plain
+``SampledToken``s keyed by sequence id. It keeps one ``torch.Generator`` per sampled sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gpt2_service.kv_cache import KVCache
+from gpt2_service.model import GPT2, AttentionLayout, StageTimer
+from gpt2_service.sampler import RowState, Sampler
+from gpt2_service.scheduler import PrefillChunk, SampledToken, StepPlan
+from gpt2_service.sequence import Sequence
+
+
+@dataclass
+class StepTimes:
+    """Wall time of one step's parts, in seconds, for statistics and metrics."""
+
+    prefill: float = 0.0  # forward pass of the prefill chunks
+    decode: float = 0.0  # forward pass of the decode batch
+    sampling: float = 0.0  # LM head and sampling
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def _slot_range(slots: list[int]) -> tuple[int, int] | None:
+    first = slots[0]
+    return (first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+
+
+class ModelRunner:
+    def __init__(self, model: GPT2, cache: KVCache, eos_token_id: int, stage_timing: bool = True) -> None:
+        self.model = model
+        self.cache = cache
+        self.eos_token_id = eos_token_id
+        self.device = next(model.parameters()).device
+        self.stage_timing = stage_timing
+        self.sampler = Sampler()
+        self._generators: dict[int, torch.Generator] = {}
+        self.last_times = StepTimes()
+
+    def release(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    def execute(self, plan: StepPlan) -> dict[int, SampledToken]:
+        timer = StageTimer() if self.stage_timing else None
+        times = StepTimes()
+        hidden_rows: list[Tensor] = []
+        sampled_seqs: list[Sequence] = []
+
+        if plan.prefill:
+            start = time.perf_counter()
+            hidden = self._prefill(plan.prefill, timer)
+            for i, chunk in enumerate(plan.prefill):
+                if chunk.samples:
+                    hidden_rows.append(hidden[i, chunk.num_tokens - 1])
+                    sampled_seqs.append(chunk.seq)
+            times.prefill = time.perf_counter() - start
+        if plan.decode:
+            start = time.perf_counter()
+            hidden = self._decode(plan.decode, timer)
+            hidden_rows.extend(hidden[:, 0].unbind(0))
+            sampled_seqs.extend(plan.decode)
+            times.decode = time.perf_counter() - start
+
+        result: dict[int, SampledToken] = {}
+        if sampled_seqs:
+            start = time.perf_counter()
+            logits = self.model.logits(torch.stack(hidden_rows), timer)  # (B, V)
+            sample_start = time.perf_counter()
+            out = self.sampler.sample(logits, [self._row_state(s) for s in sampled_seqs])
+            for i, seq in enumerate(sampled_seqs):
+                result[seq.seq_id] = SampledToken(out.token_ids[i], out.logprobs[i], tuple(out.top_logprobs[i]))
+            end = time.perf_counter()
+            times.sampling = end - start  # LM head + sampling
+            if timer is not None:
+                timer.seconds["sampling"] = end - sample_start
+        if timer is not None:
+            times.stages = timer.seconds
+        self.last_times = times
+        return result
+
+    # -- forward passes ------------------------------------------------------------------------
+
+    def _prefill(self, chunks: list[PrefillChunk], timer: StageTimer | None) -> Tensor:
+        B = len(chunks)
+        T = max(c.num_tokens for c in chunks)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, c in enumerate(chunks):
+            n = c.num_tokens
+            ids[b, :n] = torch.tensor(c.token_ids)
+            positions[b, :n] = torch.arange(c.start, c.start + n)
+            positions[b, n:] = c.start + n - 1  # padding queries look at real keys; output unused
+            valid[b, :n] = True
+        slots = [c.seq.slot for c in chunks]
+        assert all(s is not None for s in slots)
+        slot_list = [int(s) for s in slots if s is not None]
+        num_keys = int(positions.max()) + 1
+        key_pos = torch.arange(num_keys)
+        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, Tk)
+        slot_tensor = torch.tensor(slot_list, dtype=torch.long)
+        layout = AttentionLayout(
+            slots=slot_tensor.to(self.device),
+            slot_range=_slot_range(slot_list),
+            valid=None if bool(valid.all()) else valid.to(self.device),
+            write_slots=slot_tensor[:, None].expand(B, T)[valid].to(self.device),
+            write_positions=positions[valid].to(self.device),
+            num_keys=num_keys,
+            mask=mask.to(self.device),
+        )
+        return self.model(ids.to(self.device), positions.to(self.device), layout, self.cache, timer=timer)
+
+    def _decode(self, seqs: list[Sequence], timer: StageTimer | None) -> Tensor:
+        slot_list = [int(s.slot) for s in seqs if s.slot is not None]
+        positions_l = [s.num_computed for s in seqs]
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long)
+        positions = torch.tensor(positions_l, dtype=torch.long)
+        num_keys = max(positions_l) + 1
+        mask = (torch.arange(num_keys)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
+        slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
+        layout = AttentionLayout(
+            slots=slot_tensor,
+            slot_range=_slot_range(slot_list),
+            valid=None,
+            write_slots=slot_tensor,
+            write_positions=positions.to(self.device),
+            num_keys=num_keys,
+            mask=mask.to(self.device),
+        )
+        return self.model(ids.to(self.device), positions[:, None].to(self.device), layout, self.cache, timer=timer)
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def _row_state(self, seq: Sequence) -> RowState:
+        params = seq.request.sampling
+        stopping = seq.request.stopping
+        generator = None
+        if not params.greedy:
+            generator = self._generators.get(seq.seq_id)
+            if generator is None:
+                generator = torch.Generator().manual_seed(seq.seed)
+                self._generators[seq.seq_id] = generator
+        banned: tuple[int, ...] = ()
+        if seq.num_output < stopping.min_new_tokens:
+            banned = stopping.stop_token_ids if stopping.ignore_eos else (self.eos_token_id, *stopping.stop_token_ids)
+        return RowState(
+            params=params,
+            generator=generator,
+            context_ids=seq.tokens if params.repetition_penalty != 1.0 else (),
+            output_ids=seq.output_ids if params.presence_penalty or params.frequency_penalty else (),
+            banned_ids=banned,
+            top_logprobs=seq.request.top_logprobs,
+        )

@@ -1,0 +1,173 @@
+"""Choose the next token for every row of a batch, each row with its own parameters.
+
+Order of operations (Hugging Face's logits-processor order): repetition penalty, presence and
+frequency penalties, min-new-tokens masking, then greedy argmax, or temperature -> top-k ->
+top-p -> min-p -> typical-p and a draw. Each filter runs once over the whole batch, with neutral
+values for rows that do not use it, and is skipped when no row does.
+
+A draw uses one uniform number from the row's own ``torch.Generator`` and the inverse CDF of the
+row's distribution, so a seeded request gets the same tokens whatever else shares its batch.
+Log-probabilities are those of the model's raw distribution (before penalties and filters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gpt2_service.request import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RowState:
+    """What the sampler needs about one row besides its parameters."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+    context_ids: Sequence[int] = ()  # prompt + output (repetition penalty)
+    output_ids: Sequence[int] = ()  # output only (presence / frequency penalties)
+    banned_ids: Sequence[int] = ()  # masked this step (EOS and stop ids before min_new_tokens)
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]  # per row, best first
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    """Per-row filter parameters as (B,) tensors."""
+
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    min_p: Tensor
+    typical_p: Tensor
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], device: torch.device) -> FilterParams:
+        def col(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            temperature=col([p.temperature if p.temperature > 0 else 1.0 for p in params]),
+            top_k=col([p.top_k for p in params], torch.long),
+            top_p=col([p.top_p for p in params]),
+            min_p=col([p.min_p for p in params]),
+            typical_p=col([p.typical_p for p in params]),
+        )
+
+
+def apply_filters(logits: Tensor, f: FilterParams) -> Tensor:
+    """Temperature, top-k, top-p, min-p and typical-p, each per row. (B, V) -> (B, V)."""
+    if bool((f.temperature != 1.0).any()):
+        logits = logits / f.temperature[:, None]
+    vocab = logits.shape[-1]
+    if bool((f.top_k > 0).any()):
+        k = torch.where(f.top_k > 0, f.top_k.clamp(max=vocab), vocab)
+        sorted_desc = logits.sort(dim=-1, descending=True).values
+        kth = sorted_desc.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if bool((f.top_p < 1.0).any()):
+        sorted_asc, order = logits.sort(dim=-1)
+        cumulative = sorted_asc.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - f.top_p)[:, None]
+        remove[:, -1] = False
+        remove &= (f.top_p < 1.0)[:, None]
+        logits = logits.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+    if bool((f.min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        threshold = f.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < threshold, NEG_INF)
+    if bool((f.typical_p < 1.0).any()):
+        logits = _typical(logits, f.typical_p)
+    return logits
+
+
+def _typical(logits: Tensor, mass: Tensor) -> Tensor:
+    """Locally typical sampling (Meister et al.), as Hugging Face's TypicalLogitsWarper."""
+    log_probs = logits.log_softmax(dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+    surprise_gap = (-log_probs - entropy).abs()
+    sorted_gap, order = surprise_gap.sort(dim=-1)
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass[:, None]).sum(dim=1).clamp(max=logits.shape[-1] - 1)
+    remove = sorted_gap > sorted_gap.gather(1, last[:, None])
+    remove[:, 0] = False
+    remove &= (mass < 1.0)[:, None]
+    return logits.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+
+
+def apply_penalties(logits: Tensor, rows: Sequence[RowState]) -> Tensor:
+    """Repetition (HF: divide positive, multiply negative logits of seen tokens) and presence /
+    frequency (OpenAI: subtract per output-token presence and count) penalties, in place."""
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0 and row.context_ids:
+            ids = torch.tensor(list(set(row.context_ids)), dtype=torch.long, device=logits.device)
+            seen = logits[i, ids]
+            logits[i, ids] = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and row.output_ids:
+            counts = torch.bincount(
+                torch.tensor(row.output_ids, dtype=torch.long, device=logits.device), minlength=vocab
+            ).to(logits.dtype)
+            logits[i] -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+    return logits
+
+
+class Sampler:
+    """Turns a (B, V) block of logits into one token per row."""
+
+    def sample(self, logits: Tensor, rows: Sequence[RowState]) -> SampleResult:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1)
+        processed = logits
+        if any(r.params.needs_penalties for r in rows):
+            processed = apply_penalties(processed.clone(), rows)
+        if any(r.banned_ids for r in rows):
+            processed = processed.clone() if processed is logits else processed
+            for i, row in enumerate(rows):
+                if row.banned_ids:
+                    processed[i, list(row.banned_ids)] = NEG_INF
+
+        chosen = processed.argmax(dim=-1)
+        sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled_rows:
+            index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
+            filters = FilterParams.from_params([rows[i].params for i in sampled_rows], logits.device)
+            probs = apply_filters(processed[index], filters).softmax(dim=-1)
+            chosen[index] = self._draw(probs, [rows[i].generator for i in sampled_rows])
+
+        token_ids = chosen.tolist()
+        logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        top: list[list[tuple[int, float]]] = [[] for _ in rows]
+        max_top = max((r.top_logprobs for r in rows), default=0)
+        if max_top > 0:
+            values, ids = raw_logprobs.topk(max_top, dim=-1)
+            values_l, ids_l = values.tolist(), ids.tolist()
+            for i, row in enumerate(rows):
+                n = row.top_logprobs
+                top[i] = list(zip(ids_l[i][:n], values_l[i][:n], strict=True))
+        return SampleResult(token_ids, logprobs, top)
+
+    @staticmethod
+    def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
+        """Inverse-CDF draw, one uniform per row from that row's generator. (B, V) -> (B,)."""
+        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)
+        cdf = probs.cumsum(dim=-1)
+        target = (uniforms * cdf[:, -1])[:, None]
+        # side="right": first index whose cdf exceeds the target, so never a zero-probability token
+        drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
+        # rounding can put the target at the very top of the CDF: take the last possible token
+        vocab = probs.shape[-1]
+        last_possible = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+        return torch.where(drawn >= vocab, last_possible, drawn)

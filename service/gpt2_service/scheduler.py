@@ -1,0 +1,281 @@
+"""Continuous batching: which sequences run this step, and what their results mean.
+
+One engine step is ``schedule() -> runner.execute(plan) -> update_from_output(plan, sampled)``.
+The scheduler reasons in ids and counts and never touches tensors (it imports neither torch nor
+protobuf), so its tests fake the runner's output and need no model.
+
+Policy, each in a small helper below:
+- admission: waiting requests join the running batch, first come first served, while there is
+  a batch place and a KV-cache slot; expired deadlines are never admitted;
+- prefill is chunked: at most ``max_prefill_tokens`` prompt tokens per step across newcomers,
+  so a long prompt delays running streams by at most one chunk per step;
+- every running sequence with exactly one uncomputed token decodes in the same step;
+- a finished, aborted or expired sequence frees its slot in the step it is seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass, field
+
+from gpt2_service.errors import DeadlineExceededError, EngineError
+from gpt2_service.request import FinishReason, Overflow
+from gpt2_service.sequence import (
+    Finished,
+    GenerationOutput,
+    Sequence,
+    SequenceStatus,
+    Timing,
+    TokenInfo,
+    TopLogprob,
+)
+from gpt2_service.slots import SlotAllocator
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int
+    num_slots: int
+    context_window: int
+    max_prefill_tokens: int
+    context_shift_keep: int
+    eos_token_id: int
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    seq: Sequence
+    start: int  # first cache position written
+    num_tokens: int
+    samples: bool  # this chunk completes the window: sample the next token from its last position
+
+    @property
+    def token_ids(self) -> list[int]:
+        first = self.seq.window_start + self.start
+        return self.seq.tokens[first : first + self.num_tokens]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    prefill: list[PrefillChunk]
+    decode: list[Sequence]  # each has exactly one uncomputed token, sorted by slot
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.prefill)
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """The runner's answer for one sequence: the chosen token and its log-probabilities."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class StepResult:
+    """What update_from_output produced: outputs to deliver and sequences that left the batch."""
+
+    outputs: list[tuple[Sequence, GenerationOutput]] = field(default_factory=list)
+    failed: list[tuple[Sequence, EngineError]] = field(default_factory=list)
+    released: list[Sequence] = field(default_factory=list)  # their slots are free again
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        token_text: Callable[[int], str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.slots = SlotAllocator(config.num_slots)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._token_text = token_text
+        self._clock = clock
+        self._aborted: set[int] = set()
+
+    # -- intake --------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int) -> None:
+        """Drop the sequence at the next schedule(); unknown or finished ids are ignored."""
+        self._aborted.add(seq_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._aborted)
+
+    # -- step ----------------------------------------------------------------------------------
+
+    def schedule(self) -> tuple[StepPlan, StepResult]:
+        """Retire aborted and expired sequences, admit newcomers, and plan this step's work."""
+        result = StepResult()
+        self._drop_aborted(result)
+        self._expire_deadlines(result)
+        self._admit()
+        return StepPlan(prefill=self._plan_prefill(), decode=self._plan_decode()), result
+
+    def update_from_output(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> StepResult:
+        """Advance every planned sequence by what the runner computed and sampled."""
+        result = StepResult()
+        now = self._clock()
+        for chunk in plan.prefill:
+            chunk.seq.num_computed += chunk.num_tokens
+        for seq in plan.decode:
+            seq.num_computed += 1
+        for seq in [c.seq for c in plan.prefill if c.samples] + plan.decode:
+            self._append_token(seq, sampled[seq.seq_id], now, result)
+        return result
+
+    def fail(self, plan: StepPlan, error: EngineError) -> StepResult:
+        """The runner raised: fail and free every sequence of the plan."""
+        result = StepResult()
+        for seq in {id(s): s for s in [c.seq for c in plan.prefill] + plan.decode}.values():
+            self._release(seq, result)
+            result.failed.append((seq, error))
+        return result
+
+    # -- policy helpers ------------------------------------------------------------------------
+
+    def _drop_aborted(self, result: StepResult) -> None:
+        if not self._aborted:
+            return
+        aborted, self._aborted = self._aborted, set()
+        self.waiting = deque(s for s in self.waiting if s.seq_id not in aborted)
+        for seq in [s for s in self.running if s.seq_id in aborted]:
+            self._release(seq, result)
+
+    def _expire_deadlines(self, result: StepResult) -> None:
+        now = self._clock()
+
+        def expired(seq: Sequence) -> bool:
+            deadline = seq.request.deadline
+            return deadline is not None and now >= deadline
+
+        for seq in [s for s in self.waiting if expired(s)]:
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            result.failed.append((seq, DeadlineExceededError("deadline passed while waiting")))
+        for seq in [s for s in self.running if expired(s)]:
+            self._release(seq, result)
+            result.failed.append((seq, DeadlineExceededError("deadline passed while generating")))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_batch_size and self.slots.num_free:
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.allocate()
+            seq.status = SequenceStatus.RUNNING
+            seq.admitted_time = self._clock()
+            self.running.append(seq)
+
+    def _plan_prefill(self) -> list[PrefillChunk]:
+        budget = self.config.max_prefill_tokens
+        chunks: list[PrefillChunk] = []
+        for seq in self.running:
+            if budget <= 0:
+                break
+            remaining = seq.num_uncomputed
+            if remaining <= 1 and seq.num_computed > 0:
+                continue  # a decode
+            n = min(remaining, budget)
+            chunks.append(PrefillChunk(seq, seq.num_computed, n, samples=n == remaining))
+            budget -= n
+        return chunks
+
+    def _plan_decode(self) -> list[Sequence]:
+        ready = [s for s in self.running if s.num_uncomputed == 1 and s.num_computed > 0]
+        return sorted(ready, key=lambda s: s.slot if s.slot is not None else -1)
+
+    def _append_token(self, seq: Sequence, sampled: SampledToken, now: float, result: StepResult) -> None:
+        token_id = sampled.token_id
+        seq.tokens.append(token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        info = TokenInfo(
+            id=token_id,
+            text=self._token_text(token_id),
+            logprob=sampled.logprob,
+            top_logprobs=tuple(TopLogprob(i, self._token_text(i), lp) for i, lp in sampled.top_logprobs),
+        )
+        seq.token_infos.append(info)
+        stopping = seq.request.stopping
+        n = seq.num_output
+        past_min = n >= stopping.min_new_tokens
+
+        reason: FinishReason | None = None
+        stop_sequence: str | None = None
+        if token_id == self.config.eos_token_id and not stopping.ignore_eos and past_min:
+            reason = FinishReason.EOS
+            delta = ""
+        elif token_id in stopping.stop_token_ids and past_min:
+            reason = FinishReason.STOP_TOKEN
+            delta = seq.detokenizer.add(token_id, check_stops=False).delta if stopping.include_stop_in_output else ""
+        else:
+            update = seq.detokenizer.add(token_id, check_stops=past_min)
+            delta = update.delta
+            if update.stop is not None:
+                reason, stop_sequence = FinishReason.STOP_SEQUENCE, update.stop
+        if reason is None and n >= seq.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None and seq.window_len > self.config.context_window:
+            if seq.request.overflow is Overflow.STOP:
+                reason = FinishReason.CONTEXT_WINDOW
+            else:
+                self._shift(seq)
+
+        finished = None
+        if reason is not None:
+            if reason is not FinishReason.STOP_SEQUENCE:
+                delta += seq.detokenizer.flush()
+            finished = self._finished(seq, reason, stop_sequence, now)
+            self._release(seq, result)
+        result.outputs.append((seq, GenerationOutput(seq.request_id, (info,), delta, finished)))
+
+    def _shift(self, seq: Sequence) -> None:
+        """Forget the earliest tokens: keep the newest, to be re-encoded at positions 0..k-1."""
+        keep = min(self.config.context_shift_keep, self.config.context_window)
+        seq.window_start = len(seq.tokens) - keep
+        seq.num_computed = 0
+        seq.context_shifts += 1
+
+    def _finished(self, seq: Sequence, reason: FinishReason, stop: str | None, now: float) -> Finished:
+        admitted = seq.admitted_time if seq.admitted_time is not None else now
+        first = seq.first_token_time if seq.first_token_time is not None else now
+        return Finished(
+            reason=reason,
+            stop_sequence=stop,
+            text=seq.detokenizer.text,
+            token_ids=tuple(seq.output_ids),
+            usage=seq.usage(),
+            seed=seq.seed,
+            timing=Timing(
+                queue_seconds=admitted - seq.arrival_time,
+                time_to_first_token_seconds=first - seq.arrival_time,
+                total_seconds=now - seq.arrival_time,
+            ),
+        )
+
+    def _release(self, seq: Sequence, result: StepResult) -> None:
+        if seq.status is SequenceStatus.RUNNING and seq.slot is not None:
+            self.slots.free(seq.slot)
+            self.running.remove(seq)
+            result.released.append(seq)
+        seq.slot = None
+        seq.status = SequenceStatus.FINISHED
+
+    # -- introspection of the scheduler itself ---------------------------------------------------
+
+    def running_ids(self) -> Seq[int]:
+        return [s.seq_id for s in self.running]

@@ -1,0 +1,126 @@
+"""One generation's mutable state, and the events it produces. The only mutable per-request state.
+
+The sequence's tokens are ``prompt + output``. Its KV-cache window is ``tokens[window_start:]``,
+of which the first ``num_computed`` are in the cache at positions 0..num_computed-1. A context
+shift moves ``window_start`` forward and resets ``num_computed`` to 0 (the kept tokens are
+re-encoded at positions 0..k-1, since GPT-2's positions are learned absolute embeddings).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from gpt2_service.detokenizer import IncrementalDetokenizer
+from gpt2_service.request import FinishReason, GenerationRequest
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    text: str  # the token on its own (U+FFFD where it holds part of a character)
+    logprob: float  # under the model's raw distribution
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int  # after truncation
+    completion_tokens: int
+    truncated_prompt_tokens: int
+    context_shifts: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_seconds: float  # arrival -> admitted to the running batch
+    time_to_first_token_seconds: float  # arrival -> first token
+    total_seconds: float  # arrival -> finished
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    stop_sequence: str | None
+    text: str  # the whole output text
+    token_ids: tuple[int, ...]
+    usage: Usage
+    seed: int
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """What one engine step produced for one request: a token and its text delta, and, on the
+    last output of a request, how it finished."""
+
+    request_id: str
+    tokens: tuple[TokenInfo, ...]
+    text: str  # valid UTF-8 delta, never part of a stop string; may be empty
+    finished: Finished | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: GenerationRequest
+    prompt_ids: list[int]
+    seed: int
+    max_new_tokens: int
+    truncated_prompt_tokens: int
+    arrival_time: float
+    detokenizer: IncrementalDetokenizer
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)  # prompt + output
+    window_start: int = 0
+    num_computed: int = 0
+    context_shifts: int = 0
+    admitted_time: float | None = None
+    first_token_time: float | None = None
+    token_infos: list[TokenInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.prompt_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids):]
+
+    @property
+    def window_len(self) -> int:
+        return len(self.tokens) - self.window_start
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.window_len - self.num_computed
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.num_output,
+            truncated_prompt_tokens=self.truncated_prompt_tokens,
+            context_shifts=self.context_shifts,
+        )

