@@ -17,6 +17,7 @@ request; its KV-cache slot is freed at the next engine step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -221,8 +222,13 @@ class Engine:
         log.info(
             "engine ready: model=%s context_window=%d max_batch_size=%d kv_cache_slots=%d "
             "kv_cache_bytes=%d max_queue_size=%d max_prefill_tokens=%d",
-            self.loaded.name, self.context_window, self.config.max_batch_size, self.stats.kv_cache_slots,
-            self.stats.kv_cache_bytes, self.config.max_queue_size, self.config.max_prefill_tokens,
+            self.loaded.name,
+            self.context_window,
+            self.config.max_batch_size,
+            self.stats.kv_cache_slots,
+            self.stats.kv_cache_bytes,
+            self.config.max_queue_size,
+            self.config.max_prefill_tokens,
         )
 
     def stop_accepting(self) -> None:
@@ -252,9 +258,7 @@ class Engine:
     def add_step_observer(self, observer: Callable[[StepStats], None]) -> None:
         self._step_observers.append(observer)
 
-    def add_finish_observer(
-        self, observer: Callable[[Sequence, Finished | None, BaseException | None], None]
-    ) -> None:
+    def add_finish_observer(self, observer: Callable[[Sequence, Finished | None, BaseException | None], None]) -> None:
         self._finish_observers.append(observer)
 
     # -- requests ------------------------------------------------------------------------------
@@ -323,8 +327,13 @@ class Engine:
         if len(ids) > self.context_window:
             if request.truncation is Truncation.REJECT:
                 raise InvalidRequestError(
-                    [FieldViolation(field_name, f"prompt is {len(ids)} tokens; the context window is "
-                                                f"{self.context_window} and truncation is REJECT")],
+                    [
+                        FieldViolation(
+                            field_name,
+                            f"prompt is {len(ids)} tokens; the context window is "
+                            f"{self.context_window} and truncation is REJECT",
+                        )
+                    ],
                     reason="PROMPT_TOO_LONG",
                 )
             truncated = len(ids) - self.context_window
@@ -403,15 +412,15 @@ class Engine:
         else:
             try:
                 sampled = self.runner.execute(plan)
-            except Exception as exc:
+            except Exception:
                 ids = [c.seq.request_id for c in plan.prefill] + [s.request_id for s in plan.decode]
                 log.exception("forward pass failed; failing requests %s", ids)
                 result = self.scheduler.fail(plan, EngineError("internal error in the forward pass"))
             else:
                 result = self.scheduler.update_from_output(plan, sampled)
-        self._publish(early, plan)
-        self._publish(result, plan)
-        self._record_step(plan)
+        self._record_step(plan)  # before publishing: whoever sees an output sees this step's stats
+        self._publish(early)
+        self._publish(result)
 
     def _account_admitted(self, waiting_before: set[int]) -> None:
         still_waiting = {s.seq_id for s in self.scheduler.waiting}
@@ -420,7 +429,7 @@ class Engine:
             with self._queue_lock:
                 self._num_queued -= left
 
-    def _publish(self, result: StepResult, plan: StepPlan) -> None:
+    def _publish(self, result: StepResult) -> None:
         items: list[tuple[int, GenerationOutput | BaseException]] = []
         for seq, output in result.outputs:
             items.append((seq.seq_id, output))
@@ -475,10 +484,8 @@ class Engine:
 
     def _deliver_threadsafe(self, items: list[tuple[int, GenerationOutput | BaseException]]) -> None:
         assert self._loop is not None
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             self._loop.call_soon_threadsafe(self._deliver, items)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
 
     def _deliver(self, items: list[tuple[int, GenerationOutput | BaseException]]) -> None:
         """On the event loop: route each output to its stream."""

@@ -62,11 +62,7 @@ class SamplingParams:
 
     @property
     def needs_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(frozen=True)
@@ -117,48 +113,78 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> list[F
             bad.append(FieldViolation(name, why))
 
     s = request.sampling
-    check(_finite(s.temperature) and s.temperature >= 0, "sampling.temperature",
-          f"must be a finite number >= 0, got {s.temperature}")
+    check(
+        _finite(s.temperature) and s.temperature >= 0,
+        "sampling.temperature",
+        f"must be a finite number >= 0, got {s.temperature}",
+    )
     check(s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables it), got {s.top_k}")
     check(_finite(s.top_p) and 0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     check(_finite(s.min_p) and 0 <= s.min_p <= 1, "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
-    check(_finite(s.typical_p) and 0 < s.typical_p <= 1, "sampling.typical_p",
-          f"must be in (0, 1], got {s.typical_p}")
-    check(_finite(s.repetition_penalty) and s.repetition_penalty > 0, "sampling.repetition_penalty",
-          f"must be a finite number > 0 (1 disables it), got {s.repetition_penalty}")
+    check(_finite(s.typical_p) and 0 < s.typical_p <= 1, "sampling.typical_p", f"must be in (0, 1], got {s.typical_p}")
+    check(
+        _finite(s.repetition_penalty) and s.repetition_penalty > 0,
+        "sampling.repetition_penalty",
+        f"must be a finite number > 0 (1 disables it), got {s.repetition_penalty}",
+    )
     for name, value in (("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)):
-        check(_finite(value) and abs(value) <= MAX_ABS_PRESENCE_FREQUENCY_PENALTY, f"sampling.{name}",
-              f"must be in [-2, 2], got {value}")
+        check(
+            _finite(value) and abs(value) <= MAX_ABS_PRESENCE_FREQUENCY_PENALTY,
+            f"sampling.{name}",
+            f"must be in [-2, 2], got {value}",
+        )
     if s.seed is not None:
         check(0 <= s.seed <= MAX_SEED, "sampling.seed", f"must be in [0, 2^64-1], got {s.seed}")
 
     t = request.stopping
     if t.max_new_tokens is not None:
-        check(1 <= t.max_new_tokens <= limits.max_new_tokens_limit, "stopping.max_new_tokens",
-              f"must be in [1, {limits.max_new_tokens_limit}] (the server's limit), got {t.max_new_tokens}")
+        check(
+            1 <= t.max_new_tokens <= limits.max_new_tokens_limit,
+            "stopping.max_new_tokens",
+            f"must be in [1, {limits.max_new_tokens_limit}] (the server's limit), got {t.max_new_tokens}",
+        )
     max_new = t.max_new_tokens if t.max_new_tokens is not None else limits.max_new_tokens_limit
-    check(0 <= t.min_new_tokens <= max_new, "stopping.min_new_tokens",
-          f"must be in [0, max_new_tokens={max_new}], got {t.min_new_tokens}")
-    check(len(t.stop) <= MAX_STOP_STRINGS, "stopping.stop",
-          f"at most {MAX_STOP_STRINGS} stop strings, got {len(t.stop)}")
+    check(
+        0 <= t.min_new_tokens <= max_new,
+        "stopping.min_new_tokens",
+        f"must be in [0, max_new_tokens={max_new}], got {t.min_new_tokens}",
+    )
+    check(
+        len(t.stop) <= MAX_STOP_STRINGS, "stopping.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(t.stop)}"
+    )
     for i, text in enumerate(t.stop):
-        check(0 < len(text) <= MAX_STOP_STRING_CHARS, f"stopping.stop[{i}]",
-              f"must be 1 to {MAX_STOP_STRING_CHARS} characters, got {len(text)}")
-    check(len(t.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stopping.stop_token_ids",
-          f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(t.stop_token_ids)}")
+        check(
+            0 < len(text) <= MAX_STOP_STRING_CHARS,
+            f"stopping.stop[{i}]",
+            f"must be 1 to {MAX_STOP_STRING_CHARS} characters, got {len(text)}",
+        )
+    check(
+        len(t.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+        "stopping.stop_token_ids",
+        f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(t.stop_token_ids)}",
+    )
     for i, token_id in enumerate(t.stop_token_ids):
-        check(0 <= token_id < limits.vocab_size, f"stopping.stop_token_ids[{i}]",
-              f"must be a token id in [0, {limits.vocab_size}), got {token_id}")
+        check(
+            0 <= token_id < limits.vocab_size,
+            f"stopping.stop_token_ids[{i}]",
+            f"must be a token id in [0, {limits.vocab_size}), got {token_id}",
+        )
 
     if request.prompt_token_ids is not None:
         check(request.prompt is None, "prompt", "give either prompt or prompt_token_ids, not both")
         for i, token_id in enumerate(request.prompt_token_ids):
             if not 0 <= token_id < limits.vocab_size:
-                bad.append(FieldViolation(f"prompt_token_ids[{i}]",
-                                          f"must be a token id in [0, {limits.vocab_size}), got {token_id}"))
+                bad.append(
+                    FieldViolation(
+                        f"prompt_token_ids[{i}]", f"must be a token id in [0, {limits.vocab_size}), got {token_id}"
+                    )
+                )
                 break  # one is enough; a bad list can be long
-    check(0 <= request.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
-          f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}")
+    check(
+        0 <= request.top_logprobs <= MAX_TOP_LOGPROBS,
+        "top_logprobs",
+        f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}",
+    )
     return bad
 
 

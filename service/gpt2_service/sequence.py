@@ -107,7 +107,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.tokens[len(self.prompt_ids):]
+        return self.tokens[len(self.prompt_ids) :]
 
     @property
     def window_len(self) -> int:

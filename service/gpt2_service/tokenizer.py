@@ -107,9 +107,7 @@ class GPT2Tokenizer:
         ]
 
     def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
-        data = b"".join(
-            self.token_bytes[i] for i in token_ids if not (skip_special and i in self.special_ids)
-        )
+        data = b"".join(self.token_bytes[i] for i in token_ids if not (skip_special and i in self.special_ids))
         return data.decode("utf-8", errors="replace")
 
     def id_to_text(self, token_id: int) -> str:

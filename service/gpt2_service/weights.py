@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def load_model(
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if spec.startswith(RANDOM_PREFIX):
-        loaded = _random_model(spec[len(RANDOM_PREFIX):], seed)
+        loaded = _random_model(spec[len(RANDOM_PREFIX) :], seed)
     else:
         try:
             loaded = _load_checkpoint(spec)
@@ -80,7 +81,8 @@ def load_model(
             log.warning(
                 "FALLING BACK TO RANDOM WEIGHTS: serving random:%s instead of %r. "
                 "Output will be gibberish. Pass --no-random-fallback to refuse to start instead.",
-                size, spec,
+                size,
+                spec,
             )
             loaded = _random_model(size, seed)
     loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
@@ -96,8 +98,7 @@ def load_model(
 def _random_model(size: str, seed: int) -> LoadedModel:
     if size not in RANDOM_SIZES:
         raise ModelLoadError(
-            f"unknown random model size {size!r}; choose one of: "
-            + ", ".join(RANDOM_PREFIX + s for s in RANDOM_SIZES)
+            f"unknown random model size {size!r}; choose one of: " + ", ".join(RANDOM_PREFIX + s for s in RANDOM_SIZES)
         )
     model = GPT2(RANDOM_SIZES[size])
     model.init_random(seed)
@@ -120,8 +121,7 @@ def _load_checkpoint(spec: str) -> LoadedModel:
         tokenizer = GPT2Tokenizer.embedded()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ModelLoadError(
-            f"tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size}"
+            f"tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
         )
     return LoadedModel(model, tokenizer, spec, str(directory), False)
 
@@ -131,9 +131,13 @@ def _from_hf_cache(repo: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    # Read the cache location now, not at import time, so HF_HUB_CACHE / HF_HOME set later count.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if "HF_HOME" in os.environ else None
+    )
     for candidate in HUB_ALIASES.get(repo, (repo,)):
         try:
-            return Path(snapshot_download(candidate, local_files_only=True))
+            return Path(snapshot_download(candidate, local_files_only=True, cache_dir=cache_dir))
         except (LocalEntryNotFoundError, ValueError, OSError):
             continue
     raise ModelLoadError(
@@ -159,8 +163,13 @@ def _read_config(directory: Path) -> GPT2Config:
     if activation not in approximations:
         raise ModelLoadError(f"unsupported activation_function {activation!r} in {config_path}")
     unsupported = [
-        key for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                                 ("reorder_and_upcast_attn", False), ("tie_word_embeddings", True))
+        key
+        for key, default in (
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("reorder_and_upcast_attn", False),
+            ("tie_word_embeddings", True),
+        )
         if raw.get(key, default) != default
     ]
     if unsupported:
