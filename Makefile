@@ -27,6 +27,9 @@ check: $(STAMP)  ## lint, format check and strict typing
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+proto: $(STAMP)  ## regenerate client/gpt2_client/proto/ from proto/gpt2/v1/*.proto (tests fail when it is stale)
+	$(PY) proto/generate_python.py
+
 bench: $(STAMP)  ## engine and serving benchmarks; JSON and a plot under bench/results/
 	$(PY) bench/engine_bench.py
 

@@ -1,0 +1,139 @@
+"""``AsyncClient``: the asyncio twin of ``Client`` (same arguments, same results, same errors).
+
+Create it inside the event loop that uses it (gRPC's asyncio channels belong to one loop), and
+close it with ``await client.close()`` or ``async with``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any, Unpack
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gpt2_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, ChannelConfig, ChannelOption
+from gpt2_client.errors import error_from_rpc
+from gpt2_client.params import BatchItem, GenerationParams, Prompt, build_batch, build_request
+from gpt2_client.proto import generation_pb2 as pb
+from gpt2_client.proto import generation_pb2_grpc
+from gpt2_client.results import (
+    Generation,
+    HealthStatus,
+    ModelInfo,
+    StreamChunk,
+    chunk_from_proto,
+    generation_from_proto,
+    health_status_from_proto,
+    model_info_from_proto,
+)
+
+
+class AsyncClient:
+    """See ``Client`` for the arguments; every call is a coroutine, ``stream`` an async iterator."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        server_name_override: str | None = None,
+        load_balancing: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[ChannelOption] = (),
+    ) -> None:
+        self.config = ChannelConfig(
+            target=target if isinstance(target, str) else tuple(target),
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            server_name_override=server_name_override,
+            load_balancing=load_balancing,
+            max_message_bytes=max_message_bytes,
+            options=tuple(options),
+        )
+        self.timeout = timeout
+        self._channel = self.config.open_aio()
+        self._stub: generation_pb2_grpc.TextGenerationAsyncStub = generation_pb2_grpc.TextGenerationStub(self._channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self._channel)  # grpc-stubs type only the sync flavour
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: Prompt = "", *, timeout: float | None = None, **params: Unpack[GenerationParams]
+    ) -> Generation:
+        request = build_request(prompt, params)
+        try:
+            response = await self._stub.Generate(request, timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return generation_from_proto(response)
+
+    async def stream(
+        self, prompt: Prompt = "", *, timeout: float | None = None, **params: Unpack[GenerationParams]
+    ) -> AsyncIterator[StreamChunk]:
+        """Leaving the ``async for`` early (or cancelling the task) cancels the generation."""
+        request = build_request(prompt, params)
+        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout))
+        try:
+            async for response in call:
+                yield chunk_from_proto(response)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def generate_batch(
+        self,
+        prompts: Sequence[Prompt | BatchItem],
+        *,
+        timeout: float | None = None,
+        **params: Unpack[GenerationParams],
+    ) -> list[Generation]:
+        request = build_batch(prompts, params)
+        try:
+            response = await self._stub.GenerateBatch(request, timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return [generation_from_proto(r) for r in response.responses]
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        try:
+            response = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return model_info_from_proto(response)
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = await self._health.Check(request, timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as exc:
+            error = error_from_rpc(exc)
+            if error.code is grpc.StatusCode.NOT_FOUND:
+                return HealthStatus.SERVICE_UNKNOWN
+            raise error from None
+        return health_status_from_proto(response.status)

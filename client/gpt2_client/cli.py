@@ -1,0 +1,231 @@
+"""``gpt2-client``: generate text, show the model, or check health from the command line.
+
+    gpt2-client generate "The cat sat on the" --max-new-tokens 20 --temperature 0.8 --seed 1
+    gpt2-client generate "Once upon a time" --stream --stop "." --json
+    gpt2-client info
+    gpt2-client health --target gpt2.example:50051
+
+Text goes to stdout and a one-line summary to stderr; ``--json`` prints JSON instead (one object,
+or one per line with ``--stream``). Exit status: 0 ok, 1 the call failed (or health is not
+SERVING), 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt2_client.client import Client
+from gpt2_client.errors import GPT2Error
+from gpt2_client.results import Generation, HealthStatus, ModelInfo, StreamChunk
+
+TARGET_ENV = "GPT2_CLIENT_TARGET"
+DEFAULT_TARGET = "localhost:50051"
+
+
+def to_json(value: Any) -> Any:
+    """Dataclasses, enums and tuples as plain JSON values (enums by name)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(to_json(value), ensure_ascii=False), flush=True)
+
+
+def _summary(reason: str, tokens: int, seed: int | None, seconds: float, request_id: str) -> str:
+    return f"[{reason}: {tokens} tokens in {seconds:.2f}s, seed {seed}, request {request_id}]"
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "typical_p": args.typical_p, "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+        "seed": args.seed, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+        "stop": args.stop, "stop_token_ids": args.stop_token_id, "ignore_eos": args.ignore_eos or None,
+        "include_stop_in_output": args.include_stop or None, "top_logprobs": args.top_logprobs,
+        "truncation": args.truncation, "overflow": args.overflow, "request_id": args.request_id,
+    }  # fmt: skip
+
+
+def cmd_generate(client: Client, args: argparse.Namespace) -> int:
+    params = _generation_params(args)
+    if not args.stream:
+        result: Generation = client.generate(args.prompt, **params)
+        if args.json:
+            _print_json(result)
+        else:
+            print(result.text, flush=True)
+            print(_summary(result.finish_reason.name, result.usage.completion_tokens, result.seed,
+                           result.timing.total_seconds, result.request_id), file=sys.stderr)  # fmt: skip
+        return 0
+    last: StreamChunk | None = None
+    for chunk in client.stream(args.prompt, **params):
+        last = chunk
+        if args.json:
+            _print_json(chunk)
+        else:
+            print(chunk.text, end="", flush=True)
+    if not args.json and last is not None and last.usage is not None and last.timing is not None:
+        print(flush=True)
+        reason = last.finish_reason.name if last.finish_reason is not None else "?"
+        print(_summary(reason, last.usage.completion_tokens, last.seed, last.timing.total_seconds,
+                       last.request_id), file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _describe(info: ModelInfo) -> str:
+    counts, limits = info.parameter_counts, info.limits
+    rows = [
+        ("model", info.name + ("   ** RANDOM WEIGHTS: output is meaningless **" if info.random_weights else "")),
+        ("source", info.source),
+        ("architecture", f"{info.n_layer} layers, {info.n_head} heads, d_model {info.d_model}, d_ff {info.d_ff}"),
+        ("vocabulary", f"{info.vocab_size} tokens (eos {info.eos_token_id})"),
+        ("context window", f"{info.context_window} positions"),
+        ("dtype / device", f"{info.dtype} on {info.device}"),
+        ("parameters", f"{counts.total:,} total"),
+    ]
+    rows += [(f"  {f.name}", f"{getattr(counts, f.name):,}") for f in dataclasses.fields(counts) if f.name != "total"]
+    rows.append(("limits", ""))
+    rows += [(f"  {f.name}", str(getattr(limits, f.name))) for f in dataclasses.fields(limits)]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
+
+
+def cmd_info(client: Client, args: argparse.Namespace) -> int:
+    info = client.model_info()
+    if args.json:
+        _print_json(info)
+    else:
+        print(_describe(info))
+    return 0
+
+
+def cmd_health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    if args.json:
+        _print_json({"service": args.service, "status": status})
+    else:
+        print(status.name)
+    return 0 if status is HealthStatus.SERVING else 1
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Connection and output options; accepted before or after the command."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("connection and output")
+    group.add_argument("--target", default=default(os.environ.get(TARGET_ENV, DEFAULT_TARGET)),
+                       help=f"server address, gRPC target, or comma-separated ip:port list [env {TARGET_ENV}] "
+                            f"(default: {DEFAULT_TARGET})")  # fmt: skip
+    group.add_argument("--timeout", type=float, default=default(None), help="deadline of the call in seconds")
+    group.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of text")
+    group.add_argument("--tls", action="store_true", default=default(False), help="use TLS with the system's roots")
+    group.add_argument("--ca-cert", type=Path, default=default(None), help="PEM root certificates (implies TLS)")
+    group.add_argument("--client-cert", type=Path, default=default(None), help="PEM client certificate chain (mTLS)")
+    group.add_argument("--client-key", type=Path, default=default(None), help="PEM client private key (mTLS)")
+
+
+def _add_generate(commands: Any) -> None:
+    p = commands.add_parser("generate", help="generate a completion", description="Generate a completion.")
+    p.add_argument("prompt", nargs="?", default="", help="the text to continue (default: empty = <|endoftext|>)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (server default if unset)")
+    p.add_argument("--min-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--typical-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--presence-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float)
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling (server picks one if unset)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past <|endoftext|>")
+    p.add_argument("--include-stop", action="store_true", help="keep the matched stop string in the output")
+    p.add_argument("--top-logprobs", type=int, help="alternatives per token to report (0-20)")
+    p.add_argument("--truncation", choices=["truncate_left", "reject"])
+    p.add_argument("--overflow", choices=["shift", "stop"])
+    p.add_argument("--request-id")
+    _add_common(p, suppress=True)
+    p.set_defaults(run=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _add_common(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate(commands)
+    info = commands.add_parser("info", help="show the served model and the server's limits")
+    _add_common(info, suppress=True)
+    info.set_defaults(run=cmd_info)
+    health = commands.add_parser("health", help="check the server's health (exit 0 if SERVING)")
+    health.add_argument("--service", default="", help='service to ask about (default: "" = the whole server)')
+    _add_common(health, suppress=True)
+    health.set_defaults(run=cmd_health)
+    return parser
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    target: str | list[str] = args.target
+    if "," in args.target and not args.target.startswith(("ipv4:", "ipv6:")):
+        target = [part.strip() for part in args.target.split(",")]
+    try:
+        client = Client(
+            target,
+            timeout=args.timeout,
+            tls=args.tls,
+            root_certificates=_read(args.ca_cert),
+            certificate_chain=_read(args.client_cert),
+            private_key=_read(args.client_key),
+        )
+    except (ValueError, OSError) as exc:
+        print(f"gpt2-client: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        with client:
+            status = args.run(client, args)
+    except GPT2Error as exc:
+        code = exc.code.name if exc.code is not None else "ERROR"
+        print(f"error: {code}: {exc.message}" if not exc.violations else f"error: {code}:", file=sys.stderr)
+        for violation in exc.violations:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        status = 130
+    raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""``Client``: the synchronous client of gpt2.v1.TextGeneration (and the server's health).
+
+Contract: every method returns frozen dataclasses (gpt2_client.results) and raises only
+``GPT2Error`` subclasses (gpt2_client.errors) for failed calls; ``ValueError``/``TypeError``
+for arguments it can reject before sending. A client is thread-safe; close it (or use it as a
+context manager) to release its channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gpt2_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, ChannelConfig, ChannelOption
+from gpt2_client.errors import error_from_rpc
+from gpt2_client.params import BatchItem, GenerationParams, Prompt, build_batch, build_request
+from gpt2_client.proto import generation_pb2 as pb
+from gpt2_client.proto import generation_pb2_grpc
+from gpt2_client.results import (
+    Generation,
+    HealthStatus,
+    ModelInfo,
+    StreamChunk,
+    chunk_from_proto,
+    generation_from_proto,
+    health_status_from_proto,
+    model_info_from_proto,
+)
+
+
+class Client:
+    """Talk to one gpt2-serve deployment.
+
+    ``target``: ``host:port``, any gRPC target (``dns:///gpt2.svc:50051``), or a list of
+    ``ip:port`` addresses balanced round-robin. ``timeout``: default deadline of every call in
+    seconds (None = no deadline); each method's ``timeout=`` overrides it. TLS: ``tls=True``
+    (system roots) or ``root_certificates=`` (PEM); mutual TLS adds ``private_key=`` and
+    ``certificate_chain=``. ``load_balancing``: a gRPC policy name such as ``"round_robin"``.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        server_name_override: str | None = None,
+        load_balancing: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[ChannelOption] = (),
+    ) -> None:
+        self.config = ChannelConfig(
+            target=target if isinstance(target, str) else tuple(target),
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            server_name_override=server_name_override,
+            load_balancing=load_balancing,
+            max_message_bytes=max_message_bytes,
+            options=tuple(options),
+        )
+        self.timeout = timeout
+        self._channel = self.config.open()
+        self._stub = generation_pb2_grpc.TextGenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: Prompt = "", *, timeout: float | None = None, **params: Unpack[GenerationParams]
+    ) -> Generation:
+        """Generate one completion of ``prompt`` (text or token ids; "" = from <|endoftext|>)."""
+        request = build_request(prompt, params)
+        try:
+            response = self._stub.Generate(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return generation_from_proto(response)
+
+    def stream(
+        self, prompt: Prompt = "", *, timeout: float | None = None, **params: Unpack[GenerationParams]
+    ) -> Iterator[StreamChunk]:
+        """Stream one completion: chunks of text as they are generated; the last one has
+        ``finish_reason``. Leaving the loop early cancels the generation on the server."""
+        request = build_request(prompt, params)
+        return _iterate(self._stub.GenerateStream(request, timeout=self._timeout(timeout)))
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt | BatchItem],
+        *,
+        timeout: float | None = None,
+        **params: Unpack[GenerationParams],
+    ) -> list[Generation]:
+        """Generate one completion per item, in order. An item is a prompt (it takes ``params``)
+        or a ``BatchItem`` dict with ``prompt`` and its own parameters (they override ``params``)."""
+        request = build_batch(prompts, params)
+        try:
+            response = self._stub.GenerateBatch(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return [generation_from_proto(r) for r in response.responses]
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        try:
+            return model_info_from_proto(
+                self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
+        """The server's health ("" = overall; or e.g. "gpt2.v1.TextGeneration")."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = self._health.Check(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc)
+            if error.code is grpc.StatusCode.NOT_FOUND:
+                return HealthStatus.SERVICE_UNKNOWN
+            raise error from None
+        return health_status_from_proto(response.status)
+
+
+def _iterate(call: grpc.CallIterator[pb.GenerateStreamResponse]) -> Iterator[StreamChunk]:
+    try:
+        for response in call:
+            yield chunk_from_proto(response)
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from None
+    finally:
+        call.cancel()  # type: ignore[no-untyped-call]  # no-op when done; aborts if the caller left early

@@ -1,0 +1,101 @@
+"""The keyword arguments of a generation, and the GenerateRequest they become.
+
+Every parameter is optional; one left out takes the server's default (documented in
+proto/gpt2/v1/generation.proto): temperature 1, no top-k/top-p/min-p/typical-p filtering, no
+penalties, a server-chosen seed, the server's default max_new_tokens, no stop strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypedDict
+
+from gpt2_client.proto import common_pb2
+from gpt2_client.proto import generation_pb2 as pb
+
+Prompt = str | Sequence[int]  # text, or GPT-2 token ids
+
+
+class GenerationParams(TypedDict, total=False):
+    """Sampling and stopping, as plain keyword arguments (``temperature=0.7, stop=["\\n"]``)."""
+
+    temperature: float  # 0 = greedy
+    top_k: int
+    top_p: float
+    min_p: float
+    typical_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int
+    max_new_tokens: int
+    min_new_tokens: int
+    stop: str | Sequence[str]
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
+    include_stop_in_output: bool
+    truncation: Literal["truncate_left", "reject"]  # a prompt longer than the context window
+    overflow: Literal["shift", "stop"]  # a generation that fills the context window
+    top_logprobs: int  # 0-20 alternatives per token
+    request_id: str  # echoed back and logged by the server; generated if not given
+
+
+class BatchItem(GenerationParams, total=False):
+    """One item of ``generate_batch``: a prompt and its own parameters."""
+
+    prompt: Prompt
+
+
+SAMPLING_KEYS = (
+    "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+)  # fmt: skip
+STOPPING_KEYS = ("max_new_tokens", "min_new_tokens", "ignore_eos", "include_stop_in_output")
+KNOWN_KEYS = frozenset(GenerationParams.__optional_keys__)
+TRUNCATION = {"truncate_left": pb.TRUNCATE_LEFT, "reject": pb.REJECT}
+OVERFLOW = {"shift": pb.SHIFT, "stop": pb.STOP}
+
+
+def _choice(table: Mapping[str, int], name: str, value: str) -> Any:
+    if value not in table:
+        raise ValueError(f"{name} must be one of {', '.join(table)}, got {value!r}")
+    return table[value]
+
+
+def build_request(prompt: Prompt, params: Mapping[str, Any]) -> pb.GenerateRequest:
+    """A GenerateRequest; parameters that are None or absent are left unset (server default)."""
+    unknown = set(params) - KNOWN_KEYS
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in params.items() if v is not None}
+    request = pb.GenerateRequest(request_id=given.get("request_id", ""), top_logprobs=given.get("top_logprobs", 0))
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.CopyFrom(common_pb2.TokenIds(ids=list(prompt)))
+    for key in SAMPLING_KEYS:
+        if key in given:
+            setattr(request.sampling, key, given[key])
+    for key in STOPPING_KEYS:
+        if key in given:
+            setattr(request.stopping, key, given[key])
+    stop = given.get("stop", ())
+    request.stopping.stop.extend([stop] if isinstance(stop, str) else stop)
+    request.stopping.stop_token_ids.extend(given.get("stop_token_ids", ()))
+    if "truncation" in given:
+        request.truncation = _choice(TRUNCATION, "truncation", given["truncation"])
+    if "overflow" in given:
+        request.overflow = _choice(OVERFLOW, "overflow", given["overflow"])
+    return request
+
+
+def build_batch(items: Sequence[Prompt | BatchItem], params: Mapping[str, Any]) -> pb.GenerateBatchRequest:
+    """Each item is a prompt (taking ``params``) or a BatchItem (its keys override ``params``)."""
+    requests = []
+    for item in items:
+        if isinstance(item, Mapping):
+            merged: dict[str, Any] = {**params, **item}
+            requests.append(build_request(merged.pop("prompt", ""), merged))
+        else:
+            requests.append(build_request(item, params))
+    return pb.GenerateBatchRequest(requests=requests)

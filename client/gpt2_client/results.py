@@ -1,0 +1,233 @@
+"""What the client returns: frozen dataclasses and enums, converted from the gpt2.v1 messages.
+
+Callers never see protobuf: ``Generation`` (a whole completion), ``StreamChunk`` (one streamed
+text delta; the last one says how the generation finished), ``ModelInfo``, ``HealthStatus``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from gpt2_client.proto import common_pb2
+from gpt2_client.proto import generation_pb2 as pb
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    EOS = "eos"  # the model produced <|endoftext|>
+    STOP_SEQUENCE = "stop_sequence"  # a stop string appeared (see stop_sequence)
+    STOP_TOKEN = "stop_token"  # one of stop_token_ids was produced
+    CONTEXT_WINDOW = "context_window"  # the window filled up and overflow is "stop"
+
+
+class HealthStatus(enum.Enum):
+    UNKNOWN = "unknown"
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"  # loading, draining, or broken
+    SERVICE_UNKNOWN = "service_unknown"  # the server does not know the service asked about
+
+
+_FINISH_REASONS = {
+    pb.LENGTH: FinishReason.LENGTH,
+    pb.EOS: FinishReason.EOS,
+    pb.STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+    pb.STOP_TOKEN: FinishReason.STOP_TOKEN,
+    pb.CONTEXT_WINDOW: FinishReason.CONTEXT_WINDOW,
+}
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token: its id, its text on its own (U+FFFD for part of a character), its
+    log-probability, and the most likely alternatives if ``top_logprobs`` was asked for."""
+
+    id: int
+    text: str
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int  # after truncation
+    completion_tokens: int
+    truncated_prompt_tokens: int
+    context_shifts: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A whole completion (``text`` excludes the prompt)."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    tokens: tuple[Token, ...]
+    finish_reason: FinishReason
+    stop_sequence: str | None  # the stop string that matched, if finish_reason is STOP_SEQUENCE
+    usage: Usage
+    seed: int  # pass it back as seed= to reproduce a sampled completion
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed text delta and the tokens it covers. The last chunk of a stream has
+    ``finish_reason`` (and usage, seed, timing) set; its text may be empty."""
+
+    request_id: str
+    text: str
+    tokens: tuple[Token, ...]
+    finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+    usage: Usage | None = None
+    seed: int | None = None
+    timing: Timing | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    token_embedding: int
+    position_embedding: int
+    attention: int
+    feed_forward: int
+    layer_norm: int
+    lm_head: int  # tied to the token embedding; not counted again in total
+    total: int
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int
+    max_queue_size: int
+    max_new_tokens_limit: int
+    default_max_new_tokens: int
+    kv_cache_slots: int
+    max_prefill_tokens: int
+    max_stop_strings: int
+    max_stop_string_chars: int
+    max_stop_token_ids: int
+    max_top_logprobs: int
+    max_batch_requests: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str
+    random_weights: bool  # True: untrained weights, meaningless text
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_ff: int
+    vocab_size: int
+    context_window: int
+    dtype: str
+    device: str
+    eos_token_id: int
+    parameter_counts: ParameterCounts
+    limits: EngineLimits
+
+
+# -- from protobuf -------------------------------------------------------------------------------
+
+
+def token_from_proto(t: pb.TokenInfo) -> Token:
+    return Token(t.id, t.text, t.logprob, tuple(TopLogprob(x.id, x.text, x.logprob) for x in t.top_logprobs))
+
+
+def _usage(u: pb.Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.truncated_prompt_tokens, u.context_shifts)
+
+
+def _timing(t: pb.Timing) -> Timing:
+    return Timing(t.queue_seconds, t.time_to_first_token_seconds, t.total_seconds)
+
+
+def generation_from_proto(r: pb.GenerateResponse) -> Generation:
+    return Generation(
+        request_id=r.request_id,
+        text=r.text,
+        token_ids=tuple(r.token_ids),
+        tokens=tuple(token_from_proto(t) for t in r.tokens),
+        finish_reason=_FINISH_REASONS[r.finish_reason],
+        stop_sequence=r.stop_sequence or None,
+        usage=_usage(r.usage),
+        seed=r.seed,
+        timing=_timing(r.timing),
+    )
+
+
+def chunk_from_proto(r: pb.GenerateStreamResponse) -> StreamChunk:
+    tokens = tuple(token_from_proto(t) for t in r.tokens)
+    if r.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        return StreamChunk(r.request_id, r.text, tokens)
+    return StreamChunk(
+        request_id=r.request_id,
+        text=r.text,
+        tokens=tokens,
+        finish_reason=_FINISH_REASONS[r.finish_reason],
+        stop_sequence=r.stop_sequence or None,
+        usage=_usage(r.usage),
+        seed=r.seed if r.HasField("seed") else None,
+        timing=_timing(r.timing),
+    )
+
+
+def model_info_from_proto(m: common_pb2.ModelInfo) -> ModelInfo:
+    c, lim = m.parameter_counts, m.limits
+    return ModelInfo(
+        name=m.name,
+        source=m.source,
+        random_weights=m.random_weights,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        d_model=m.d_model,
+        d_ff=m.d_ff,
+        vocab_size=m.vocab_size,
+        context_window=m.context_window,
+        dtype=m.dtype,
+        device=m.device,
+        eos_token_id=m.eos_token_id,
+        parameter_counts=ParameterCounts(
+            c.token_embedding, c.position_embedding, c.attention, c.feed_forward, c.layer_norm, c.lm_head, c.total
+        ),
+        limits=EngineLimits(
+            max_batch_size=lim.max_batch_size,
+            max_queue_size=lim.max_queue_size,
+            max_new_tokens_limit=lim.max_new_tokens_limit,
+            default_max_new_tokens=lim.default_max_new_tokens,
+            kv_cache_slots=lim.kv_cache_slots,
+            max_prefill_tokens=lim.max_prefill_tokens,
+            max_stop_strings=lim.max_stop_strings,
+            max_stop_string_chars=lim.max_stop_string_chars,
+            max_stop_token_ids=lim.max_stop_token_ids,
+            max_top_logprobs=lim.max_top_logprobs,
+            max_batch_requests=lim.max_batch_requests,
+        ),
+    )
+
+
+def health_status_from_proto(value: int) -> HealthStatus:
+    # grpc.health.v1.HealthCheckResponse.ServingStatus: UNKNOWN=0, SERVING=1, NOT_SERVING=2,
+    # SERVICE_UNKNOWN=3 (only Watch sends the last one).
+    return [HealthStatus.UNKNOWN, HealthStatus.SERVING, HealthStatus.NOT_SERVING, HealthStatus.SERVICE_UNKNOWN][value]

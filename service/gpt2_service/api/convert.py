@@ -1,0 +1,288 @@
+"""Conversions between gpt2.v1 protobuf messages and the engine's value types.
+
+Also the checks only the API layer can make (enum values outside the proto's range, a
+too-long request_id, an empty or oversized batch, a deadline too short to meet); they raise the
+engine's ``InvalidRequestError`` / ``DeadlineExceededError`` so the one error table applies.
+Field paths are protobuf paths: ``sampling.top_p``, ``prompt_token_ids.ids[3]``,
+``requests[2].stopping.stop[0]``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Iterable
+
+from gpt2_client.proto import common_pb2
+from gpt2_client.proto import generation_pb2 as pb
+
+from gpt2_service.api.logs import new_request_id
+from gpt2_service.engine import Engine
+from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError
+from gpt2_service.request import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+    FinishReason,
+    GenerationRequest,
+    Overflow,
+    RequestLimits,
+    SamplingParams,
+    StoppingCriteria,
+    Truncation,
+    find_violations,
+    validate,
+)
+from gpt2_service.sequence import Finished, GenerationOutput, TokenInfo
+
+MAX_REQUEST_ID_CHARS = 128
+# A call with less time left than this cannot get through the queue and one engine step; it is
+# refused up front instead of taking a batch place it would give up at once.
+MIN_TIME_REMAINING_SECONDS = 0.01
+
+TRUNCATION_FROM_PROTO = {
+    pb.TRUNCATION_UNSPECIFIED: Truncation.TRUNCATE_LEFT,
+    pb.TRUNCATE_LEFT: Truncation.TRUNCATE_LEFT,
+    pb.REJECT: Truncation.REJECT,
+}
+OVERFLOW_FROM_PROTO = {
+    pb.OVERFLOW_UNSPECIFIED: Overflow.SHIFT,
+    pb.SHIFT: Overflow.SHIFT,
+    pb.STOP: Overflow.STOP,
+}
+FINISH_REASON_TO_PROTO = {
+    FinishReason.LENGTH: pb.LENGTH,
+    FinishReason.EOS: pb.EOS,
+    FinishReason.STOP_SEQUENCE: pb.STOP_SEQUENCE,
+    FinishReason.STOP_TOKEN: pb.STOP_TOKEN,
+    FinishReason.CONTEXT_WINDOW: pb.CONTEXT_WINDOW,
+}
+
+_ENGINE_TOKEN_ID_PATH = re.compile(r"(^|\.)prompt_token_ids\[")
+
+
+def proto_field_path(engine_path: str, prefix: str = "") -> str:
+    """The engine names ``prompt_token_ids[i]``; in the proto the ids sit in a TokenIds message."""
+    return prefix + _ENGINE_TOKEN_ID_PATH.sub(r"\1prompt_token_ids.ids[", engine_path)
+
+
+def with_prefix(error: InvalidRequestError, prefix: str) -> InvalidRequestError:
+    """The same error with every field path put under ``prefix`` (e.g. ``requests[3].``)."""
+    violations = [FieldViolation(proto_field_path(v.field, prefix), v.description) for v in error.violations]
+    return InvalidRequestError(violations, reason=error.reason)
+
+
+def request_id_of(msg: pb.GenerateRequest) -> str:
+    """The caller's request_id, or a new one when it is empty or unusable (too long to log)."""
+    if 0 < len(msg.request_id) <= MAX_REQUEST_ID_CHARS:
+        return msg.request_id
+    return new_request_id()
+
+
+def deadline_from_time_remaining(remaining: float | None, now: float | None = None) -> float | None:
+    """A time.monotonic() deadline from gRPC's time_remaining(); refuses one too short to meet."""
+    if remaining is None:
+        return None
+    if remaining < MIN_TIME_REMAINING_SECONDS:
+        raise DeadlineExceededError(
+            f"the call's deadline leaves {max(remaining, 0.0) * 1000:.1f} ms; "
+            f"at least {MIN_TIME_REMAINING_SECONDS * 1000:.0f} ms are needed to start a generation"
+        )
+    return (time.monotonic() if now is None else now) + remaining
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def to_engine_request(
+    msg: pb.GenerateRequest, request_id: str, deadline: float | None, limits: RequestLimits
+) -> GenerationRequest:
+    """The engine request of ``msg``. Raises InvalidRequestError for what only the proto can get
+    wrong (together with the engine's own findings, so one answer names every bad field); the
+    engine validates the rest when the request is submitted."""
+    bad: list[FieldViolation] = []
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
+        bad.append(
+            FieldViolation("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(msg.request_id)}")
+        )
+    truncation = TRUNCATION_FROM_PROTO.get(msg.truncation)
+    if truncation is None:
+        bad.append(FieldViolation("truncation", f"unknown Truncation value {msg.truncation}"))
+    overflow = OVERFLOW_FROM_PROTO.get(msg.overflow)
+    if overflow is None:
+        bad.append(FieldViolation("overflow", f"unknown Overflow value {msg.overflow}"))
+    which = msg.WhichOneof("input")
+    request = GenerationRequest(
+        request_id=request_id,
+        prompt=msg.prompt if which != "prompt_token_ids" else None,
+        prompt_token_ids=tuple(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        sampling=to_sampling_params(msg.sampling),
+        stopping=to_stopping_criteria(msg.stopping),
+        truncation=truncation or Truncation.TRUNCATE_LEFT,
+        overflow=overflow or Overflow.SHIFT,
+        top_logprobs=msg.top_logprobs,
+        deadline=deadline,
+    )
+    if bad:
+        bad += [FieldViolation(proto_field_path(v.field), v.description) for v in find_violations(request, limits)]
+        raise InvalidRequestError(bad)
+    return request
+
+
+def to_sampling_params(s: pb.SamplingParams) -> SamplingParams:
+    d = SamplingParams()
+    return SamplingParams(
+        temperature=s.temperature if s.HasField("temperature") else d.temperature,
+        top_k=s.top_k if s.HasField("top_k") else d.top_k,
+        top_p=s.top_p if s.HasField("top_p") else d.top_p,
+        min_p=s.min_p if s.HasField("min_p") else d.min_p,
+        typical_p=s.typical_p if s.HasField("typical_p") else d.typical_p,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else d.repetition_penalty,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else d.presence_penalty,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else d.frequency_penalty,
+        seed=s.seed if s.HasField("seed") else d.seed,
+    )
+
+
+def to_stopping_criteria(s: pb.StoppingCriteria) -> StoppingCriteria:
+    return StoppingCriteria(
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else None,
+        min_new_tokens=s.min_new_tokens,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        include_stop_in_output=s.include_stop_in_output,
+    )
+
+
+def to_engine_batch(
+    request: pb.GenerateBatchRequest, deadline: float | None, limits: RequestLimits
+) -> list[GenerationRequest]:
+    """Every item, converted and validated first, so one answer names every bad field of every
+    item (as ``requests[i].<field>``)."""
+    items: list[GenerationRequest] = []
+    violations: list[FieldViolation] = []
+    for i, item in enumerate(request.requests):
+        try:
+            converted = to_engine_request(item, request_id_of(item), deadline, limits)
+            validate(converted, limits)
+        except InvalidRequestError as exc:
+            violations += with_prefix(exc, f"requests[{i}].").violations
+            continue
+        items.append(converted)
+    if violations:
+        raise InvalidRequestError(violations)
+    return items
+
+
+def check_batch_size(num_requests: int, max_batch_requests: int) -> None:
+    if not 1 <= num_requests <= max_batch_requests:
+        raise InvalidRequestError(
+            [FieldViolation("requests", f"must hold 1 to {max_batch_requests} requests, got {num_requests}")]
+        )
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def to_token_info(token: TokenInfo) -> pb.TokenInfo:
+    return pb.TokenInfo(
+        id=token.id,
+        text=token.text,
+        logprob=token.logprob,
+        top_logprobs=[pb.TopLogprob(id=t.id, text=t.text, logprob=t.logprob) for t in token.top_logprobs],
+    )
+
+
+def _usage(finished: Finished) -> pb.Usage:
+    u = finished.usage
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        truncated_prompt_tokens=u.truncated_prompt_tokens,
+        context_shifts=u.context_shifts,
+    )
+
+
+def _timing(finished: Finished) -> pb.Timing:
+    t = finished.timing
+    return pb.Timing(
+        queue_seconds=t.queue_seconds,
+        time_to_first_token_seconds=t.time_to_first_token_seconds,
+        total_seconds=t.total_seconds,
+    )
+
+
+def to_response(request_id: str, outputs: Iterable[GenerationOutput], finished: Finished) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=request_id,
+        text=finished.text,
+        token_ids=finished.token_ids,
+        tokens=[to_token_info(t) for out in outputs for t in out.tokens],
+        finish_reason=FINISH_REASON_TO_PROTO[finished.reason],
+        stop_sequence=finished.stop_sequence or "",
+        usage=_usage(finished),
+        seed=finished.seed,
+        timing=_timing(finished),
+    )
+
+
+def to_stream_response(
+    request_id: str, tokens: Iterable[TokenInfo], text: str, finished: Finished | None
+) -> pb.GenerateStreamResponse:
+    response = pb.GenerateStreamResponse(request_id=request_id, text=text, tokens=[to_token_info(t) for t in tokens])
+    if finished is not None:
+        response.finish_reason = FINISH_REASON_TO_PROTO[finished.reason]
+        response.stop_sequence = finished.stop_sequence or ""
+        response.usage.CopyFrom(_usage(finished))
+        response.seed = finished.seed
+        response.timing.CopyFrom(_timing(finished))
+    return response
+
+
+async def to_stream_responses(
+    request_id: str, outputs: AsyncIterator[GenerationOutput]
+) -> AsyncIterator[pb.GenerateStreamResponse]:
+    """One message per non-empty text delta. Tokens whose text is held back (part of a character
+    or of a possible stop string) ride along with the next message that has text, or the last."""
+    pending: list[TokenInfo] = []
+    async for out in outputs:
+        pending.extend(out.tokens)
+        if out.text or out.finished is not None:
+            yield to_stream_response(request_id, pending, out.text, out.finished)
+            pending = []
+
+
+def to_model_info(engine: Engine, max_batch_requests: int) -> common_pb2.ModelInfo:
+    loaded, config = engine.loaded, engine.config
+    model_config = loaded.model.config
+    counts = loaded.model.parameter_counts()
+    return common_pb2.ModelInfo(
+        name=loaded.name,
+        source=loaded.source,
+        random_weights=loaded.random_weights,
+        n_layer=model_config.n_layer,
+        n_head=model_config.n_head,
+        d_model=model_config.n_embd,
+        d_ff=model_config.d_ff,
+        vocab_size=engine.limits.vocab_size,
+        context_window=engine.context_window,
+        dtype=config.dtype,
+        device=str(engine.runner.device),
+        parameter_counts=common_pb2.ParameterCounts(**counts),
+        limits=common_pb2.EngineLimits(
+            max_batch_size=config.max_batch_size,
+            max_queue_size=config.max_queue_size,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            default_max_new_tokens=config.default_max_new_tokens,
+            kv_cache_slots=engine.stats.kv_cache_slots,
+            max_prefill_tokens=config.max_prefill_tokens,
+            max_stop_strings=MAX_STOP_STRINGS,
+            max_stop_string_chars=MAX_STOP_STRING_CHARS,
+            max_stop_token_ids=MAX_STOP_TOKEN_IDS,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
+            max_batch_requests=max_batch_requests,
+        ),
+        eos_token_id=engine.tokenizer.eos_token_id,
+    )

@@ -1,0 +1,161 @@
+"""``gpt2-serve``: the gRPC server's entry point: flags, logging, and the process's lifecycle.
+
+Flags are generated from the fields of ``EngineConfig`` and ``ServerConfig`` (one source of
+truth for names, defaults and help); each has an environment twin ``GPT2_SERVE_<FLAG>`` that
+replaces its default. SIGTERM or SIGINT drains the server (see api/server.py) and the process
+exits 0; a second signal cuts the grace period short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from gpt2_service.api.logs import configure_logging
+from gpt2_service.api.server import GenerationServer, ServerConfig
+from gpt2_service.config import EngineConfig
+from gpt2_service.engine import Engine
+from gpt2_service.errors import ModelLoadError
+from gpt2_service.weights import DTYPES, load_model
+
+log = logging.getLogger("gpt2_service.server")
+
+ENV_PREFIX = "GPT2_SERVE_"
+CHOICES: dict[str, Sequence[str]] = {
+    "dtype": tuple(DTYPES),
+    "log_format": ("text", "json"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+C = TypeVar("C")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _from_env(raw: str, kind: type, name: str) -> Any:
+    if kind is bool:
+        if raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ValueError(f"{name}={raw!r} is not a boolean (use true/false)")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[Any], title: str, environ: Mapping[str, str]) -> None:
+    """One flag per dataclass field: ``--field-name``, typed, help from ``metadata["help"]``,
+    default from ``GPT2_SERVE_FIELD_NAME`` if set, else the field's default."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        env = env_name(f.name)
+        default = f.default
+        if env in environ:
+            try:
+                default = _from_env(environ[env], kind, env)
+            except ValueError as exc:
+                parser.error(str(exc))
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {env}]"
+        if kind is bool:  # --flag / --no-flag
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        else:
+            group.add_argument(
+                flag, dest=f.name, type=kind, default=default, choices=CHOICES.get(f.name),
+                metavar=f.name.upper(), help=help_text,
+            )  # fmt: skip
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2-serve",
+        description="Serve GPT-2 text generation over gRPC (gpt2.v1.TextGeneration, health, reflection).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_flags(parser, EngineConfig, "engine", environ)
+    add_config_flags(parser, ServerConfig, "server", environ)
+    return parser
+
+
+async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; the exit status (1 if the model cannot be loaded)."""
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: stopping without waiting for running requests", signal.Signals(signum).name)
+            force.set()
+        else:
+            log.info("%s received: draining", signal.Signals(signum).name)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _serve_until(stop, force, engine_config, server_config)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_until(
+    stop: asyncio.Event, force: asyncio.Event, engine_config: EngineConfig, server_config: ServerConfig
+) -> int:
+    server = GenerationServer(server_config)
+    port = await server.start()
+    log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", server_config.host, port)
+    try:
+        loaded = await asyncio.to_thread(
+            load_model, engine_config.model, dtype=engine_config.dtype, device=engine_config.device,
+            allow_random_fallback=engine_config.random_fallback, seed=engine_config.seed,
+        )  # fmt: skip
+    except ModelLoadError as exc:
+        log.error("cannot load model %r: %s", engine_config.model, exc)
+        await server.stop()
+        return 1
+    engine = Engine(loaded, engine_config)
+    await engine.start()
+    if loaded.random_weights:
+        log.warning("serving RANDOM WEIGHTS (%s): generated text is meaningless", loaded.name)
+    if not stop.is_set():
+        await server.attach(engine)
+    await stop.wait()
+    await server.drain(server_config.grace_period, force)
+    await engine.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser(os.environ)
+    args = parser.parse_args(argv)
+    engine_config = config_from_args(EngineConfig, args)
+    server_config = config_from_args(ServerConfig, args)
+    configure_logging(server_config.log_format, server_config.log_level)
+    log.info("engine config: %s", engine_config)
+    log.info("server config: %s", server_config)
+    raise SystemExit(asyncio.run(serve(engine_config, server_config)))
+
+
+if __name__ == "__main__":
+    main()
