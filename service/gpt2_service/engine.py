@@ -64,6 +64,9 @@ class StepStats:
     num_running: int
     num_waiting: int
     times: StepTimes
+    # every sequence that got a token this step (completed prefills, then decodes); metrics uses
+    # it for per-token gaps and first-token accounting without a timestamp per sequence
+    sampled: list[Sequence] = field(default_factory=list)
 
 
 @dataclass
@@ -418,7 +421,7 @@ class Engine:
                 result = self.scheduler.fail(plan, EngineError("internal error in the forward pass"))
             else:
                 result = self.scheduler.update_from_output(plan, sampled)
-        self._record_step(plan)  # before publishing: whoever sees an output sees this step's stats
+        self._record_step(plan, result)  # before publishing: whoever sees an output sees this step's stats
         self._publish(early)
         self._publish(result)
 
@@ -453,7 +456,7 @@ class Engine:
             except Exception:
                 log.exception("finish observer failed")
 
-    def _record_step(self, plan: StepPlan) -> None:
+    def _record_step(self, plan: StepPlan, result: StepResult) -> None:
         s = self.stats
         s.num_steps += 1
         s.num_running = len(self.scheduler.running)
@@ -475,6 +478,7 @@ class Engine:
                 num_running=s.num_running,
                 num_waiting=s.num_waiting,
                 times=times,
+                sampled=[seq for seq, _ in result.outputs],
             )
             for observer in self._step_observers:
                 try:
