@@ -16,6 +16,7 @@ from gpt2_client.proto import generation_pb2_grpc
 from gpt2_service.api.server import GenerationServer, ServerConfig
 from gpt2_service.config import EngineConfig
 from gpt2_service.engine import Engine
+from gpt2_service.metrics import Metrics
 from gpt2_service.weights import LoadedModel
 from grpc_status import rpc_status
 
@@ -53,11 +54,15 @@ async def serve(
     engine_config: EngineConfig = API_ENGINE_CONFIG,
     server_config: ServerConfig = API_SERVER_CONFIG,
     attach: bool = True,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Served]:
-    """A started server with a started engine (attached unless ``attach=False``)."""
-    server = GenerationServer(server_config)
+    """A started server with a started engine (attached unless ``attach=False``), counting into
+    ``metrics`` if given."""
+    server = GenerationServer(server_config, metrics=metrics)
     port = await server.start()
     engine = Engine(loaded, engine_config)
+    if metrics is not None:
+        metrics.attach(engine)
     await engine.start()
     try:
         if attach:

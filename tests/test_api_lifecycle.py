@@ -32,7 +32,7 @@ async def _start_server(*flags: str) -> tuple[asyncio.subprocess.Process, int, l
     """gpt2-serve in a subprocess; returns it, its port, and (growing) list of its log lines."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gpt2_service.server", "--model", "random:tiny", "--host", "127.0.0.1",
-        "--port", "0", "--context-window", "128", *flags,
+        "--port", "0", "--metrics-port", "0", "--context-window", "128", *flags,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stderr is not None
@@ -92,7 +92,7 @@ async def test_sigterm_drains_in_flight_streams_and_exits_zero() -> None:
 
 async def test_unloadable_model_without_fallback_ends_serve_with_status_1(caplog: pytest.LogCaptureFixture) -> None:
     engine_config = EngineConfig(model="/nonexistent/checkpoint", random_fallback=False)
-    server_config = ServerConfig(host="127.0.0.1", port=0)
+    server_config = ServerConfig(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
     with caplog.at_level(logging.ERROR):
         assert await asyncio.wait_for(serve(engine_config, server_config), timeout=30) == 1
     assert any("cannot load model" in r.getMessage() for r in caplog.records)

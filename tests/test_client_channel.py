@@ -1,4 +1,4 @@
-"""Client channel options: address lists balanced round-robin, TLS and mutual TLS."""
+"""Client channel options: round-robin balancing, the retry policy, TLS and mutual TLS."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool
 from gpt2_client import AsyncClient, Client, HealthStatus, UnavailableError
-from gpt2_client.channel import ChannelConfig, multi_address_target
+from gpt2_client.channel import RETRIED_METHODS, ChannelConfig, multi_address_target
+from gpt2_client.proto import generation_pb2, introspection_pb2  # noqa: F401  (register their services)
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.weights import LoadedModel
 from grpc_health.v1 import health, health_pb2_grpc
@@ -36,15 +39,65 @@ def test_bad_address_list_is_refused(addresses: list[str]) -> None:
         multi_address_target(addresses)
 
 
-def test_lists_balance_round_robin_and_single_targets_keep_grpc_default() -> None:
-    def policy(config: ChannelConfig) -> object:
-        options = dict(config.channel_options())
-        raw = options.get("grpc.service_config")
-        return json.loads(str(raw))["loadBalancingConfig"] if raw is not None else None
+def _service_config(config: ChannelConfig) -> dict[str, Any]:
+    options = dict(config.channel_options())
+    parsed: dict[str, Any] = json.loads(str(options["grpc.service_config"]))
+    return parsed
 
-    assert policy(ChannelConfig(target=("127.0.0.1:1", "127.0.0.1:2"))) == [{"round_robin": {}}]
-    assert policy(ChannelConfig(target="dns:///gpt2.svc:50051", load_balancing="round_robin")) == [{"round_robin": {}}]
-    assert policy(ChannelConfig(target="localhost:50051")) is None
+
+@pytest.mark.parametrize(
+    "target",
+    [("127.0.0.1:1", "127.0.0.1:2"), "dns:///gpt2.ns.svc.cluster.local:50051", "ipv4:10.0.0.1:1,10.0.0.2:1"],
+    ids=["address-list", "dns", "ipv4-target"],
+)
+def test_dns_and_multi_address_targets_balance_round_robin(target: str | tuple[str, ...]) -> None:
+    assert _service_config(ChannelConfig(target=target))["loadBalancingConfig"] == [{"round_robin": {}}]
+
+
+def test_a_single_host_port_keeps_grpc_default_policy_unless_asked() -> None:
+    assert "loadBalancingConfig" not in _service_config(ChannelConfig(target="localhost:50051"))
+    asked = ChannelConfig(target="localhost:50051", load_balancing="round_robin")
+    assert _service_config(asked)["loadBalancingConfig"] == [{"round_robin": {}}]
+
+
+def test_unary_methods_retry_on_unavailable_and_streams_do_not() -> None:
+    (method_config,) = _service_config(ChannelConfig())["methodConfig"]
+    names = {(n["service"], n.get("method")) for n in method_config["name"]}
+    assert ("gpt2.v1.TextGeneration", "Generate") in names
+    assert ("gpt2.v1.TextGeneration", "GenerateStream") not in names
+    assert ("gpt2.v1.TextGeneration", None) not in names  # not the whole service: it has a stream
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert 3 <= method_config["retryPolicy"]["maxAttempts"] <= 5
+    assert dict(ChannelConfig().channel_options())["grpc.enable_retries"] == 1
+    assert "methodConfig" not in _service_config(ChannelConfig(max_attempts=1))
+
+
+def test_every_retried_method_is_unary() -> None:
+    """A retried server stream could be replayed after sending tokens; the list names none."""
+    pool = descriptor_pool.Default()
+    for name in RETRIED_METHODS:
+        service = pool.FindServiceByName(name["service"])  # registered by the generated modules
+        methods = [service.methods_by_name[name["method"]]] if "method" in name else list(service.methods)
+        for method in methods:
+            assert not (method.client_streaming or method.server_streaming), method.full_name
+
+
+def test_a_service_config_in_options_replaces_the_default() -> None:
+    mine = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"pick_first": {}}]}))
+    options = ChannelConfig(target="dns:///x:1", options=(mine,)).channel_options()
+    assert [value for key, value in options if key == "grpc.service_config"] == [mine[1]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"tls_cert": b"pem"}, {"tls_key": b"pem"}, {"max_attempts": 0}, {"max_attempts": 6}, {"token": "two words"},
+     {"token": ""}, {"token": "line\nbreak"}],
+    ids=["cert-without-key", "key-without-cert", "no-attempts", "too-many-attempts", "token-with-space",
+         "empty-token", "token-with-newline"],
+)  # fmt: skip
+def test_bad_channel_settings_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        ChannelConfig(**kwargs)
 
 
 class CountingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -91,9 +144,9 @@ async def tls_health_server(require_client_cert: bool) -> AsyncIterator[str]:
         await server.stop(0)
 
 
-async def test_tls_with_root_certificates() -> None:
+async def test_tls_with_a_private_ca() -> None:
     async with tls_health_server(require_client_cert=False) as target:
-        with Client(target, root_certificates=(TLS / "ca.pem").read_bytes(), timeout=10) as client:
+        with Client(target, tls_ca=(TLS / "ca.pem").read_bytes(), timeout=10) as client:
             assert await asyncio.to_thread(client.health) is HealthStatus.SERVING
         with Client(target, timeout=10) as plaintext, pytest.raises(UnavailableError):
             await asyncio.to_thread(plaintext.health)
@@ -103,12 +156,12 @@ async def test_mutual_tls_with_a_client_certificate() -> None:
     async with tls_health_server(require_client_cert=True) as target:
         async with AsyncClient(
             target,
-            root_certificates=(TLS / "ca.pem").read_bytes(),
-            private_key=(TLS / "client.key").read_bytes(),
-            certificate_chain=(TLS / "client.pem").read_bytes(),
+            tls_ca=TLS / "ca.pem",  # a path or the PEM bytes
+            tls_cert=TLS / "client.pem",
+            tls_key=TLS / "client.key",
             timeout=10,
         ) as client:
             assert await client.health() is HealthStatus.SERVING
-        async with AsyncClient(target, root_certificates=(TLS / "ca.pem").read_bytes(), timeout=10) as anonymous:
+        async with AsyncClient(target, tls_ca=TLS / "ca.pem", timeout=10) as anonymous:
             with pytest.raises(UnavailableError):
                 await anonymous.health()

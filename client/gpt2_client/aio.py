@@ -7,6 +7,7 @@ close it with ``await client.close()`` or ``async with``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from functools import cached_property
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -14,8 +15,17 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gpt2_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, ChannelConfig, ChannelOption
+from gpt2_client.channel import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    ChannelConfig,
+    ChannelOption,
+    PemSource,
+    read_pem,
+)
 from gpt2_client.errors import error_from_rpc
+from gpt2_client.inspect import AsyncInspect
 from gpt2_client.params import BatchItem, GenerationParams, Prompt, build_batch, build_request
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
@@ -40,22 +50,26 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
         server_name_override: str | None = None,
         load_balancing: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[ChannelOption] = (),
     ) -> None:
         self.config = ChannelConfig(
             target=target if isinstance(target, str) else tuple(target),
             tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
+            tls_ca=read_pem(tls_ca),
+            tls_cert=read_pem(tls_cert),
+            tls_key=read_pem(tls_key),
+            token=token,
             server_name_override=server_name_override,
             load_balancing=load_balancing,
+            max_attempts=max_attempts,
             max_message_bytes=max_message_bytes,
             options=tuple(options),
         )
@@ -126,6 +140,11 @@ class AsyncClient:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         return model_info_from_proto(response)
+
+    @cached_property
+    def inspect(self) -> AsyncInspect:
+        """The Introspection calls (gpt2_client.inspect): tokens, embeddings, attention, hidden states, ..."""
+        return AsyncInspect(self._channel, self._timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         request = health_pb2.HealthCheckRequest(service=service)

@@ -1,17 +1,27 @@
-"""How a client reaches the servers: target, TLS credentials, load balancing and channel options.
+"""How a client reaches the servers: target, TLS credentials, bearer token, load balancing,
+retries and channel options.
 
 A target is one address (``host:port``, or any gRPC target such as ``dns:///gpt2.svc:50051``)
-or a list of ``ip:port`` addresses, which becomes an ``ipv4:``/``ipv6:`` target balanced
-round-robin per request. ``dns:///`` targets are balanced round-robin over every address the
-name resolves to when ``load_balancing="round_robin"`` (e.g. a Kubernetes headless service).
+or a list of ``ip:port`` addresses, which becomes an ``ipv4:``/``ipv6:`` target. ``dns:///``
+targets and address lists are balanced ``round_robin`` per call over every address (in
+Kubernetes: a headless Service); a plain ``host:port`` keeps gRPC's default (``pick_first``).
+
+Unary calls that fail with UNAVAILABLE (the server is unreachable, still loading, or draining;
+in each case before any work) are retried on the next address, up to ``max_attempts`` in all.
+Streams are not retried: the retry policy names the unary methods only. A stream that has
+delivered tokens cannot be replayed, and one refused at its start (e.g. by a draining server)
+raises ``UnavailableError`` so the caller decides.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -55,19 +65,59 @@ def multi_address_target(addresses: Sequence[str]) -> str:
     return f"{scheme}:{','.join(parts)}"
 
 
+TEXT_GENERATION = "gpt2.v1.TextGeneration"
+INTROSPECTION = "gpt2.v1.Introspection"
+# Unary methods: safe to retry on UNAVAILABLE, which the server answers before any work (and a
+# generation has no side effects to repeat). A server-streaming method is never in this list.
+RETRIED_METHODS: tuple[dict[str, str], ...] = (
+    {"service": TEXT_GENERATION, "method": "Generate"},
+    {"service": TEXT_GENERATION, "method": "GenerateBatch"},
+    {"service": TEXT_GENERATION, "method": "GetModelInfo"},
+    {"service": INTROSPECTION},  # every method of it is unary
+)
+HEALTH_CHECK_SERVICE = ""  # the whole server, in grpc.health.v1 terms
+DEFAULT_MAX_ATTEMPTS = 3
+MAX_ATTEMPTS_LIMIT = 5  # gRPC caps retryPolicy.maxAttempts at 5
+
+PemSource = bytes | str | os.PathLike[str]
+
+
+def read_pem(source: PemSource | None) -> bytes | None:
+    """PEM data as bytes: ``bytes`` are the PEM itself, a ``str`` or path names a file."""
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+def _check_token(token: str | None) -> None:
+    if token is None:
+        return
+    if not token or not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError("token must be non-empty printable ASCII without spaces")
+
+
 @dataclass(frozen=True)
 class ChannelConfig:
     """Everything needed to open a channel, sync or asyncio."""
 
     target: str | Sequence[str] = DEFAULT_TARGET
-    tls: bool = False  # implied by any of the three below; alone it uses the system's roots
-    root_certificates: bytes | None = None  # PEM; None = the system's trust store
-    private_key: bytes | None = None  # PEM client key (mutual TLS), with certificate_chain
-    certificate_chain: bytes | None = None  # PEM client certificate chain (mutual TLS)
+    tls: bool = False  # implied by tls_ca / tls_cert; alone it trusts the system's roots
+    tls_ca: bytes | None = None  # PEM root certificates to trust; None = the system's trust store
+    tls_cert: bytes | None = None  # PEM client certificate chain (mutual TLS), with tls_key
+    tls_key: bytes | None = None  # PEM client private key (mutual TLS), with tls_cert
+    token: str | None = None  # sent as 'authorization: Bearer <token>' on every call
     server_name_override: str | None = None  # check the server certificate against this name
-    load_balancing: str | None = None  # "round_robin", "pick_first"; None = round_robin for lists
+    load_balancing: str | None = None  # "round_robin", "pick_first"; None = by target (module doc)
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # of a unary call that fails with UNAVAILABLE; 1 = no retry
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     options: tuple[ChannelOption, ...] = ()  # further raw gRPC channel arguments
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("mutual TLS takes both tls_cert and tls_key")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValueError(f"max_attempts must be 1-{MAX_ATTEMPTS_LIMIT}, got {self.max_attempts}")
+        _check_token(self.token)
 
     @property
     def grpc_target(self) -> str:
@@ -75,36 +125,142 @@ class ChannelConfig:
 
     @property
     def secure(self) -> bool:
-        return self.tls or any(
-            x is not None for x in (self.root_certificates, self.private_key, self.certificate_chain)
-        )
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
 
     @property
     def lb_policy(self) -> str | None:
         if self.load_balancing is not None:
             return self.load_balancing
-        return None if isinstance(self.target, str) else "round_robin"
+        if not isinstance(self.target, str) or self.target.startswith(("dns:", "ipv4:", "ipv6:")):
+            return "round_robin"
+        return None
+
+    def service_config(self) -> dict[str, Any]:
+        """The gRPC service config: load-balancing policy and the unary calls' retry policy."""
+        config: dict[str, Any] = {}
+        if self.lb_policy is not None:
+            config["loadBalancingConfig"] = [{self.lb_policy: {}}]
+        if self.lb_policy == "round_robin":
+            # Client-side health checking (gRFC A17): each subchannel watches the server's health
+            # and round_robin picks only SERVING ones, so a replica that starts draining (or is
+            # still loading) gets no new calls while its running streams go on.
+            config["healthCheckConfig"] = {"serviceName": HEALTH_CHECK_SERVICE}
+        if self.max_attempts > 1:
+            retry_policy = {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            }
+            config["methodConfig"] = [{"name": list(RETRIED_METHODS), "retryPolicy": retry_policy}]
+        return config
 
     def channel_options(self) -> list[ChannelOption]:
         options: list[ChannelOption] = [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.enable_retries", 1),
         ]
-        if self.lb_policy is not None:
-            options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{self.lb_policy: {}}]})))
+        own_service_config = any(key == "grpc.service_config" for key, _ in self.options)
+        if not own_service_config:  # a service config in `options` replaces this one
+            options.append(("grpc.service_config", json.dumps(self.service_config())))
         if self.server_name_override is not None:
             options.append(("grpc.ssl_target_name_override", self.server_name_override))
         return options + list(self.options)
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+        """TLS credentials; with a token, composed with call credentials that send it (gRPC sends
+        call credentials only over a secure channel)."""
+        tls = grpc.ssl_channel_credentials(self.tls_ca, self.tls_key, self.tls_cert)
+        if self.token is None:
+            return tls
+        return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(self.token))
 
     def open(self) -> grpc.Channel:
         if self.secure:
             return grpc.secure_channel(self.grpc_target, self.credentials(), options=self.channel_options())
-        return grpc.insecure_channel(self.grpc_target, options=self.channel_options())
+        channel = grpc.insecure_channel(self.grpc_target, options=self.channel_options())
+        if self.token is None:
+            return channel
+        return grpc.intercept_channel(channel, _BearerMetadata(self.token))
 
     def open_aio(self) -> grpc.aio.Channel:
         if self.secure:
             return grpc.aio.secure_channel(self.grpc_target, self.credentials(), options=self.channel_options())
-        return grpc.aio.insecure_channel(self.grpc_target, options=self.channel_options())
+        interceptors = _aio_bearer_interceptors(self.token) if self.token is not None else None
+        return grpc.aio.insecure_channel(self.grpc_target, options=self.channel_options(), interceptors=interceptors)
+
+
+# -- the token on plaintext channels ---------------------------------------------------------------
+# gRPC refuses call credentials on an insecure channel, so there the token goes in as metadata
+# added to every call by an interceptor (handy on loopback and in tests; in production use TLS).
+
+
+def _authorization(token: str) -> tuple[str, str]:
+    return ("authorization", f"Bearer {token}")
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, header: tuple[str, str]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = (*(details.metadata or ()), header)
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = details.compression
+
+
+class _BearerMetadata(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a sync channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = _authorization(token)
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(_CallDetails(details, self._header), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(_CallDetails(details, self._header), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(_CallDetails(details, self._header), requests)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(_CallDetails(details, self._header), requests)
+
+
+def _aio_details(details: Any, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), header)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+def _aio_bearer_interceptors(token: str) -> list[Any]:
+    """Interceptors that add ``authorization: Bearer <token>`` to every call of an asyncio
+    channel (grpc.aio takes one interceptor per call kind)."""
+    header = _authorization(token)
+
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+        async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+            return await continuation(_aio_details(details, header), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+        async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+            return await continuation(_aio_details(details, header), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+        async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+            return await continuation(_aio_details(details, header), requests)
+
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+        async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+            return await continuation(_aio_details(details, header), requests)
+
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]

@@ -4,6 +4,11 @@
     gpt2-client generate "Once upon a time" --stream --stop "." --json
     gpt2-client info
     gpt2-client health --target gpt2.example:50051
+    gpt2-client --target dns:///gpt2.ns.svc.cluster.local:50051 --tls-ca ca.pem info
+
+Connection options have environment twins: GPT2_CLIENT_TARGET, GPT2_CLIENT_TLS_CA,
+GPT2_CLIENT_TLS_CERT, GPT2_CLIENT_TLS_KEY and GPT2_CLIENT_TOKEN (prefer it to --token, which
+other users of the machine can see in the process list).
 
 Text goes to stdout and a one-line summary to stderr; ``--json`` prints JSON instead (one object,
 or one per line with ``--stream``). Exit status: 0 ok, 1 the call failed (or health is not
@@ -22,11 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gpt2_client.cli_inspect import add_inspect_command
 from gpt2_client.client import Client
 from gpt2_client.errors import GPT2Error
 from gpt2_client.results import Generation, HealthStatus, ModelInfo, StreamChunk
 
 TARGET_ENV = "GPT2_CLIENT_TARGET"
+TLS_CA_ENV = "GPT2_CLIENT_TLS_CA"
+TLS_CERT_ENV = "GPT2_CLIENT_TLS_CERT"
+TLS_KEY_ENV = "GPT2_CLIENT_TLS_KEY"
+TOKEN_ENV = "GPT2_CLIENT_TOKEN"
 DEFAULT_TARGET = "localhost:50051"
 
 
@@ -131,6 +141,10 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
 # -- command line --------------------------------------------------------------------------------
 
 
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None  # set but empty = unset
+
+
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """Connection and output options; accepted before or after the command."""
 
@@ -144,9 +158,29 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group.add_argument("--timeout", type=float, default=default(None), help="deadline of the call in seconds")
     group.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of text")
     group.add_argument("--tls", action="store_true", default=default(False), help="use TLS with the system's roots")
-    group.add_argument("--ca-cert", type=Path, default=default(None), help="PEM root certificates (implies TLS)")
-    group.add_argument("--client-cert", type=Path, default=default(None), help="PEM client certificate chain (mTLS)")
-    group.add_argument("--client-key", type=Path, default=default(None), help="PEM client private key (mTLS)")
+    group.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=default(_env(TLS_CA_ENV)),
+        help=f"PEM file of the CA that signed the server certificate (implies TLS) [env {TLS_CA_ENV}]",
+    )
+    group.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=default(_env(TLS_CERT_ENV)),
+        help=f"PEM client certificate chain, for mutual TLS (with --tls-key) [env {TLS_CERT_ENV}]",
+    )
+    group.add_argument(
+        "--tls-key",
+        type=Path,
+        default=default(_env(TLS_KEY_ENV)),
+        help=f"PEM client private key, for mutual TLS [env {TLS_KEY_ENV}]",
+    )
+    group.add_argument(
+        "--token",
+        default=default(_env(TOKEN_ENV)),
+        help=f"bearer token sent with every call [env {TOKEN_ENV}: safer, ps shows flags to other users]",
+    )
 
 
 def _add_generate(commands: Any) -> None:
@@ -189,11 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help='service to ask about (default: "" = the whole server)')
     _add_common(health, suppress=True)
     health.set_defaults(run=cmd_health)
+    add_inspect_command(commands, _add_common)
     return parser
-
-
-def _read(path: Path | None) -> bytes | None:
-    return path.read_bytes() if path is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -206,9 +237,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             target,
             timeout=args.timeout,
             tls=args.tls,
-            root_certificates=_read(args.ca_cert),
-            certificate_chain=_read(args.client_cert),
-            private_key=_read(args.client_key),
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=args.token,
         )
     except (ValueError, OSError) as exc:
         print(f"gpt2-client: {exc}", file=sys.stderr)

@@ -9,14 +9,24 @@ context manager) to release its channel.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from types import TracebackType
 from typing import Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gpt2_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, ChannelConfig, ChannelOption
+from gpt2_client.channel import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    ChannelConfig,
+    ChannelOption,
+    PemSource,
+    read_pem,
+)
 from gpt2_client.errors import error_from_rpc
+from gpt2_client.inspect import Inspect
 from gpt2_client.params import BatchItem, GenerationParams, Prompt, build_batch, build_request
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
@@ -35,11 +45,19 @@ from gpt2_client.results import (
 class Client:
     """Talk to one gpt2-serve deployment.
 
-    ``target``: ``host:port``, any gRPC target (``dns:///gpt2.svc:50051``), or a list of
-    ``ip:port`` addresses balanced round-robin. ``timeout``: default deadline of every call in
-    seconds (None = no deadline); each method's ``timeout=`` overrides it. TLS: ``tls=True``
-    (system roots) or ``root_certificates=`` (PEM); mutual TLS adds ``private_key=`` and
-    ``certificate_chain=``. ``load_balancing``: a gRPC policy name such as ``"round_robin"``.
+    ``target``: ``host:port``, any gRPC target, or a list of ``ip:port`` addresses. A
+    ``dns:///`` target (``dns:///gpt2.<namespace>.svc.cluster.local:50051`` for a headless
+    Service) or a list is balanced ``round_robin`` per call; ``load_balancing`` names another
+    gRPC policy. ``timeout``: default deadline of every call in seconds (None = no deadline);
+    each method's ``timeout=`` overrides it.
+
+    TLS: ``tls=True`` (system roots) or ``tls_ca=`` (the CA to trust); mutual TLS adds
+    ``tls_cert=`` and ``tls_key=`` (the client's certificate chain and key). Each is PEM
+    ``bytes`` or the path of a PEM file. ``token``: sent as ``authorization: Bearer <token>`` on
+    every call (as call credentials over TLS; as plain metadata on a plaintext channel).
+
+    Unary calls that fail with UNAVAILABLE are retried, on the next server of a balanced
+    target, up to ``max_attempts`` attempts in all (1 = no retries); streams are not retried.
     """
 
     def __init__(
@@ -48,22 +66,26 @@ class Client:
         *,
         timeout: float | None = None,
         tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
         server_name_override: str | None = None,
         load_balancing: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[ChannelOption] = (),
     ) -> None:
         self.config = ChannelConfig(
             target=target if isinstance(target, str) else tuple(target),
             tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
+            tls_ca=read_pem(tls_ca),
+            tls_cert=read_pem(tls_cert),
+            tls_key=read_pem(tls_key),
+            token=token,
             server_name_override=server_name_override,
             load_balancing=load_balancing,
+            max_attempts=max_attempts,
             max_message_bytes=max_message_bytes,
             options=tuple(options),
         )
@@ -132,6 +154,11 @@ class Client:
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
+
+    @cached_property
+    def inspect(self) -> Inspect:
+        """The Introspection calls (gpt2_client.inspect): tokens, embeddings, attention, hidden states, ..."""
+        return Inspect(self._channel, self._timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """The server's health ("" = overall; or e.g. "gpt2.v1.TextGeneration")."""

@@ -393,6 +393,8 @@ class Engine:
                 self.scheduler.abort(payload)
             elif kind == "job":
                 self._run_job(*payload)
+                if self.scheduler.has_work:
+                    return True  # one job between two steps: running streams wait for one pass at most
             elif kind == "stop":
                 return False
 

@@ -3,7 +3,8 @@
 Flags are generated from the fields of ``EngineConfig`` and ``ServerConfig`` (one source of
 truth for names, defaults and help); each has an environment twin ``GPT2_SERVE_<FLAG>`` that
 replaces its default. SIGTERM or SIGINT drains the server (see api/server.py) and the process
-exits 0; a second signal cuts the grace period short.
+exits 0; a second signal cuts the grace period short. Prometheus metrics (metrics.py) are served
+on their own HTTP port from the start; the engine's series appear once the model is loaded.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIServer
 
-from gpt2_service.api.logs import configure_logging
+from gpt2_service.api.auth import SecurityConfigError, load_security
+from gpt2_service.api.gate import ServingGate
+from gpt2_service.api.introspection import introspection_service
+from gpt2_service.api.logs import configure_logging, log_fields
 from gpt2_service.api.server import GenerationServer, ServerConfig
 from gpt2_service.config import EngineConfig
 from gpt2_service.engine import Engine
 from gpt2_service.errors import ModelLoadError
+from gpt2_service.metrics import Metrics
 from gpt2_service.weights import DTYPES, load_model
 
 log = logging.getLogger("gpt2_service.server")
@@ -88,7 +95,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2-serve",
-        description="Serve GPT-2 text generation over gRPC (gpt2.v1.TextGeneration, health, reflection).",
+        description="Serve GPT-2 over gRPC (gpt2.v1.TextGeneration and Introspection, health, reflection).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_flags(parser, EngineConfig, "engine", environ)
@@ -121,9 +128,19 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
 async def _serve_until(
     stop: asyncio.Event, force: asyncio.Event, engine_config: EngineConfig, server_config: ServerConfig
 ) -> int:
-    server = GenerationServer(server_config)
+    gate = ServingGate()
+    metrics = Metrics() if server_config.metrics_port >= 0 else None
+    server = GenerationServer(
+        server_config, extra_services=[introspection_service(gate, server_config)], gate=gate, metrics=metrics
+    )
     port = await server.start()
     log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", server_config.host, port)
+    try:
+        metrics_http = _start_metrics_http(metrics, server_config)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", server_config.metrics_host, server_config.metrics_port, exc)
+        await server.stop()
+        return 1
     try:
         loaded = await asyncio.to_thread(
             load_model, engine_config.model, dtype=engine_config.dtype, device=engine_config.device,
@@ -132,9 +149,14 @@ async def _serve_until(
     except ModelLoadError as exc:
         log.error("cannot load model %r: %s", engine_config.model, exc)
         await server.stop()
+        _stop_metrics_http(metrics_http)
         return 1
     engine = Engine(loaded, engine_config)
+    if metrics is not None:
+        metrics.set_model_info(loaded, engine_config.dtype, str(engine.runner.device))
+        metrics.attach(engine)  # before the engine's first step
     await engine.start()
+    _log_model(engine, server_config)
     if loaded.random_weights:
         log.warning("serving RANDOM WEIGHTS (%s): generated text is meaningless", loaded.name)
     if not stop.is_set():
@@ -142,8 +164,68 @@ async def _serve_until(
     await stop.wait()
     await server.drain(server_config.grace_period, force)
     await engine.shutdown()
+    _stop_metrics_http(metrics_http)
     log.info("stopped")
     return 0
+
+
+MetricsHttp = tuple[WSGIServer, threading.Thread]
+
+
+def _start_metrics_http(metrics: Metrics | None, config: ServerConfig) -> MetricsHttp | None:
+    if metrics is None:
+        log.info("metrics: off (--metrics-port %d)", config.metrics_port)
+        return None
+    http = metrics.start_http_server(config.metrics_host, config.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", config.metrics_host, http[0].server_port)
+    return http
+
+
+def _stop_metrics_http(http: MetricsHttp | None) -> None:
+    if http is not None:
+        server, thread = http
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _log_model(engine: Engine, server_config: ServerConfig) -> None:
+    """What an operator checks first: which weights, on what, and the budget and limits."""
+    loaded, config, stats = engine.loaded, engine.config, engine.stats
+    model = {
+        "model": loaded.name,
+        "source": loaded.source,
+        "random_weights": loaded.random_weights,
+        "dtype": config.dtype,
+        "device": str(engine.runner.device),
+        "parameters": loaded.model.parameter_counts()["total"],
+        "context_window": engine.context_window,
+    }
+    log_fields(log, logging.INFO, "model loaded", model)
+    limits = {
+        "kv_cache_slots": stats.kv_cache_slots,
+        "kv_cache_bytes": stats.kv_cache_bytes,
+        "kv_cache_bytes_per_slot": stats.kv_cache_bytes_per_slot,
+        "max_batch_size": config.max_batch_size,
+        "max_queue_size": config.max_queue_size,
+        "max_prefill_tokens": config.max_prefill_tokens,
+        "max_new_tokens_limit": config.max_new_tokens_limit,
+        "default_max_new_tokens": config.default_max_new_tokens,
+        "max_batch_requests": server_config.max_batch_requests,
+        "max_message_bytes": server_config.max_message_bytes,
+    }
+    log_fields(log, logging.INFO, "KV-cache budget and limits", limits)
+
+
+def check_server_config(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
+    """Refuse flags that cannot work before anything starts: one line on stderr, exit 2."""
+    try:
+        # The server reads the files again when it starts; this is only to fail early and plainly.
+        load_security(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file)
+        if config.health_port and config.health_port == config.port:
+            raise SecurityConfigError(f"--health-port {config.health_port} must differ from --port")
+    except SecurityConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -151,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     engine_config = config_from_args(EngineConfig, args)
     server_config = config_from_args(ServerConfig, args)
+    check_server_config(parser, server_config)
     configure_logging(server_config.log_format, server_config.log_level)
     log.info("engine config: %s", engine_config)
     log.info("server config: %s", server_config)

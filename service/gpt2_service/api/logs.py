@@ -3,6 +3,9 @@
 The API layer sets ``request_id_var`` for the task that serves a request; ``RequestIdFilter``
 copies it onto every log record, so any line logged while serving it (by any module) carries
 the id. asyncio tasks copy the context when created, so concurrent requests do not mix.
+
+A record may also carry structured fields (``log_fields``): the text format appends them as
+``key=value`` pairs, the JSON format gives each its own key.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextvars
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 NO_REQUEST = "-"
@@ -32,10 +36,51 @@ class RequestIdFilter(logging.Filter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+FIELDS_ATTR = "fields"  # the LogRecord attribute that holds a record's structured fields
+
+
+def log_fields(
+    logger: logging.Logger,
+    level: int,
+    message: str,
+    fields: Mapping[str, object],
+    request_id: str | None = None,
+) -> None:
+    """Log ``message`` with structured ``fields`` (JSON-serialisable values; None = unknown).
+    ``request_id`` overrides the context's."""
+    extra: dict[str, object] = {FIELDS_ATTR: dict(fields)}
+    if request_id is not None:
+        extra["request_id"] = request_id
+    logger.log(level, message, extra=extra)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    fields = getattr(record, FIELDS_ATTR, None)
+    return fields if isinstance(fields, dict) else {}
+
+
+def _text_value(value: object) -> str:
+    if isinstance(value, str) and value and not any(c.isspace() or c in '"=' for c in value):
+        return value
+    # JSON: strings quoted and kept on one line whatever they hold, lists without spaces
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, then the record's fields as ``key=value`` pairs (unknown ones left out)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        pairs = [f"{key}={_text_value(value)}" for key, value in _fields(record).items() if value is not None]
+        return " ".join([line, *pairs])
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, request_id, message (and exc_info)."""
+    """One JSON object per line: time, level, logger, request_id, message, then the record's
+    fields each under its own key (null when unknown), and exc_info."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -45,16 +90,18 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", NO_REQUEST),
             "message": record.getMessage(),
         }
+        for key, value in _fields(record).items():
+            entry.setdefault(key, value)  # a field never hides one of the keys above
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def configure_logging(log_format: str, level: str) -> None:
     """Route the root logger to stderr in ``text`` or ``json`` format, with request ids."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

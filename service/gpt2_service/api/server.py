@@ -4,11 +4,15 @@ Lifecycle: ``start()`` listens at once with health NOT_SERVING (so probes answer
 loads); ``attach(engine)`` after the engine's warm-up pass flips health to SERVING; ``drain()``
 flips it back to NOT_SERVING, refuses new RPCs with UNAVAILABLE, lets running ones finish within
 the grace period, then stops the server (cancelling whatever is left).
+
+Security (api/auth.py): optional TLS or mutual TLS on the gRPC port, optional bearer tokens;
+``--health-port`` adds a plaintext port that serves only the health service, for probes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,9 +23,12 @@ from gpt2_client.proto import generation_pb2, generation_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gpt2_service.api.auth import BearerTokenInterceptor, load_security
 from gpt2_service.api.gate import ServingGate
+from gpt2_service.api.interceptors import RpcAccounting, note_rejected
 from gpt2_service.api.servicer import TextGenerationServicer
 from gpt2_service.engine import Engine
+from gpt2_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +51,36 @@ class ServerConfig:
     grace_period: float = _opt(30.0, "seconds running requests get to finish after SIGTERM/SIGINT")
     max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message received or sent, in bytes")
     max_batch_requests: int = _opt(64, "most requests in one GenerateBatch call")
+    max_introspection_bytes: int = _opt(
+        16 * 1024 * 1024,
+        "largest Introspection response, in bytes; bigger requests get INVALID_ARGUMENT naming what to narrow "
+        "(capped at --max-message-bytes less 64 KiB of framing)",
+    )
     reflection: bool = _opt(True, "serve gRPC server reflection (for grpcurl and other generic clients)")
+    max_connection_age: float = _opt(
+        0.0, "seconds after which a client connection is closed with a GOAWAY (gRPC adds +-10 percent jitter), "
+        "so clients re-resolve and spread over new replicas; 0 = never (the Kubernetes manifests set 300)"
+    )  # fmt: skip
+    max_connection_age_grace: float = _opt(
+        60.0, "seconds the calls running on a connection at its max age get to finish before it is closed; 0 = no limit"
+    )
+    tls_cert: str = _opt("", "PEM certificate chain: serve the gRPC port over TLS (with --tls-key); empty = plaintext")
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt("", "PEM CA bundle: mutual TLS, clients must present a certificate signed by it")
+    auth_token_file: str = _opt(
+        "", "file of accepted bearer tokens, one per line: every call but health and reflection must send "
+        "'authorization: Bearer <token>'; empty = no token auth"
+    )  # fmt: skip
+    health_port: int = _opt(
+        0, "also serve grpc.health.v1.Health alone, in plaintext, on this port (kubelet probes under TLS); 0 = off"
+    )
+    metrics_host: str = _opt("0.0.0.0", "address the Prometheus /metrics endpoint listens on")
+    metrics_port: int = _opt(
+        9090, "port of the Prometheus /metrics endpoint (plain HTTP); 0 = pick a free one, -1 = no metrics"
+    )
     log_format: str = _opt("text", "log format: text or json (one JSON object per line)")
     log_level: str = _opt("info", "log level: debug, info, warning or error")
+    log_prompts: bool = _opt(False, "put each request's prompt in its log line (prompts may hold private data)")
 
 
 @dataclass(frozen=True)
@@ -64,9 +98,15 @@ class GenerationServer:
         config: ServerConfig,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         extra_services: Sequence[ExtraService] = (),
+        gate: ServingGate | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: where RPCs are counted (None: only logged). ``interceptors`` run after the
+        one that counts and logs every RPC, so it sees the calls they refuse."""
         self.config = config
-        self.gate = ServingGate()
+        self.accounting = RpcAccounting(metrics, log_prompts=config.log_prompts)
+        self.security = load_security(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file)
+        self.gate = gate if gate is not None else ServingGate()  # shared with extra services that need the engine
         self.servicer = TextGenerationServicer(self.gate, config.max_batch_requests)
         self.health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped in grpc-stubs
         self.services = [TEXT_GENERATION_SERVICE, *(s.name for s in extra_services)]
@@ -74,8 +114,13 @@ class GenerationServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            *_connection_age_options(config),
         ]
-        self.server = grpc.aio.server(interceptors=list(interceptors), options=options)
+        interceptors = [self.accounting, *interceptors]
+        if self.security.token_digests:  # innermost: the others still see the calls it rejects
+            on_reject = functools.partial(note_rejected, "unauthenticated")
+            interceptors.append(BearerTokenInterceptor(self.security, on_reject=on_reject))
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
         generation_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for service in extra_services:
@@ -83,19 +128,47 @@ class GenerationServer:
         if config.reflection:
             names = [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME]
             reflection.enable_server_reflection(names, self.server)
+        # Plaintext, health only, same servicer (so the same statuses): for probes that cannot do (m)TLS.
+        self.health_server: grpc.aio.Server | None = None
+        if config.health_port:
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.port: int | None = None
+        self.health_port: int | None = None
 
     async def start(self) -> int:
         """Listen (health NOT_SERVING until ``attach``); returns the bound port."""
         for name in (OVERALL_HEALTH, *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
-        port = self.server.add_insecure_port(address)
+        credentials = self.security.server_credentials()
+        if credentials is not None:
+            port = self.server.add_secure_port(address, credentials)
+        else:
+            port = self.server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
+        if self.health_server is not None:
+            health_address = f"{self.config.host}:{self.config.health_port}"
+            self.health_port = self.health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {health_address} (--health-port)")
+            await self.health_server.start()
         await self.server.start()
         self.port = port
+        self._log_security()
         return port
+
+    def _log_security(self) -> None:
+        transport = "plaintext"
+        if self.security.tls:
+            transport = "mutual TLS (client certificates required)" if self.security.client_ca else "TLS"
+        auth = f"{len(self.security.token_digests)} bearer token(s)" if self.security.token_digests else "none"
+        log.info("gRPC port %s: %s; auth: %s", self.port, transport, auth)
+        if self.health_port is not None:
+            log.info("health only, plaintext, on port %d", self.health_port)
+        if self.security.token_digests and not self.security.tls:
+            log.warning("bearer tokens over plaintext: anyone on the network path can read them (use --tls-cert)")
 
     async def attach(self, engine: Engine) -> None:
         """The engine is started (its warm-up forward pass has run): serve."""
@@ -122,8 +195,25 @@ class GenerationServer:
             log.warning("grace period over: cancelling %d RPCs still in flight", self.gate.num_active)
         # Idle: a moment for the last statuses to go out (long-lived health watches would hold a
         # longer grace). Not idle: the grace is spent, gRPC cancels what is left.
+        self.accounting.server_stopping()
         await self.server.stop(0.0 if self.gate.num_active else 0.5)
+        if self.health_server is not None:
+            await self.health_server.stop(0.5)
 
     async def stop(self) -> None:
         """Stop at once (no drain), e.g. when the model could not be loaded."""
+        self.accounting.server_stopping()
         await self.server.stop(0)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """A max connection age makes clients reconnect, re-resolve the service name and spread
+    over the replicas that exist now (see docs/deploy.md, load balancing)."""
+    if config.max_connection_age <= 0:
+        return []
+    options = [("grpc.max_connection_age_ms", round(config.max_connection_age * 1000))]
+    if config.max_connection_age_grace > 0:
+        options.append(("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace * 1000)))
+    return options

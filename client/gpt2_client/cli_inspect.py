@@ -1,0 +1,423 @@
+"""``gpt2-client inspect``: look inside GPT-2 from the command line (the Introspection service).
+
+    gpt2-client inspect tokens "cat sat on the"
+    gpt2-client inspect embed "bank is near the river bank" --png similarity.png
+    gpt2-client inspect embed "cat dog king queen apple" --pca --png pca.png
+    gpt2-client inspect attention "cat sat on the" --layer 0 --head 1 --scores --png head.png
+    gpt2-client inspect attention "cat sat on the" --layer 5 --png heads.png
+    gpt2-client inspect hidden "cat sat on the" --png norms.png
+    gpt2-client inspect next "cat sat on the" --top-k 50 --temperature 0.7 --seed 1 --png next.png
+    gpt2-client inspect trace "cat sat on the"
+
+Tables go to stdout (tokens with visible whitespace: ␣ for a space, ↵ for a newline); ``--json``
+prints the whole result instead; ``--png FILE`` also draws it (needs matplotlib: the ``plot``
+extra). ``--ids`` reads the input as token ids ("9246 3332 319 262"). Registered by cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gpt2_client.client import Client
+from gpt2_client.inspect import (
+    AttentionResult,
+    Candidate,
+    EmbedResult,
+    HiddenStatesResult,
+    InputToken,
+    PredictNextResult,
+    TokenizeResult,
+    TraceResult,
+)
+from gpt2_client.params import Prompt
+from gpt2_client.plots import token_label
+from gpt2_client.tensors import TensorDtype
+
+MAX_MATRIX_TOKENS = 16  # wider than this and a [seq, seq] matrix is summarised instead of printed
+MAX_NORM_COLUMNS = 8  # more tokens than this and hidden-state norms are summarised per layer
+TOP_KEYS = 3  # keys listed per query when an attention matrix is too wide to print
+
+AddCommon = Callable[[argparse.ArgumentParser, bool], None]
+
+
+# -- output helpers ------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "") -> str:
+    """Aligned columns: numbers right-aligned, text left-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    numeric = [all(isinstance(row[i], int | float) for row in rows) if rows else False for i in range(len(headers))]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return (indent + "  ".join(parts)).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in cells)])
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "-inf" if value < 0 else "inf"
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.2e}"  # e.g. the probabilities of a 50257-way softmax
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def show(token: InputToken | Candidate | str) -> str:
+    """A token's text with visible whitespace; raw bytes for a piece of a character."""
+    if isinstance(token, InputToken) and token.partial:
+        return "<" + " ".join(f"{b:02x}" for b in token.data) + ">"
+    return token_label(token if isinstance(token, str) else token.text)
+
+
+def to_json(value: Any) -> Any:
+    """Results as JSON values: dataclasses as objects, arrays as nested lists, bytes as hex."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, np.ndarray):
+        return [to_json(v) for v in value] if value.ndim else to_json(value.item())
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no inf/nan
+    if isinstance(value, np.floating):
+        return to_json(float(value))
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(to_json(value), ensure_ascii=False), flush=True)
+
+
+def _labels(tokens: Sequence[InputToken]) -> list[str]:
+    return [show(t) for t in tokens]
+
+
+def _plot(draw: Callable[[], Path]) -> int:
+    """Run one plots.py call; 0, or 2 when matplotlib is missing."""
+    try:
+        path = draw()
+    except ImportError:
+        print("gpt2-client: --png needs matplotlib: pip install 'gpt2-serve[plot]'", file=sys.stderr)
+        return 2
+    print(f"[wrote {path}]", file=sys.stderr)
+    return 0
+
+
+def _prompt(args: argparse.Namespace) -> Prompt:
+    if not args.ids:
+        text: str = args.text
+        return text
+    try:
+        return [int(part) for part in args.text.replace(",", " ").split()]
+    except ValueError:
+        print(f"gpt2-client: --ids takes token ids separated by spaces or commas, got {args.text!r}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_tokens(client: Client, args: argparse.Namespace) -> int:
+    result: TokenizeResult = client.inspect.tokenize(_prompt(args))
+    if args.json:
+        _print_json({**to_json(result), "token_ids": result.token_ids})
+        return 0
+    print(f"text: {json.dumps(result.text, ensure_ascii=False)}  ({len(result.tokens)} tokens)")
+    print(f"ids:  {result.token_ids}")
+    rows = [(i, t.id, show(t), t.start, t.end, json.dumps(result.text[t.start : t.end], ensure_ascii=False))
+            for i, t in enumerate(result.tokens)]  # fmt: skip
+    if rows:
+        print(table(["#", "id", "token", "start", "end", "text[start:end]"], rows))
+    return 0
+
+
+def cmd_embed(client: Client, args: argparse.Namespace) -> int:
+    result: EmbedResult = client.inspect.embed(_prompt(args), dtype=args.dtype)
+    if args.json:
+        _print_json(result)
+    else:
+        _print_embed(result)
+    if args.png is None:
+        return 0
+    from gpt2_client import plots
+
+    labels = _labels(result.tokens)
+    if args.pca:
+        vectors = {"token": result.token_embeddings, "position": result.position_embeddings,
+                   "input": result.input_embeddings}[args.embedding]  # fmt: skip
+        title = f"{args.embedding} embeddings, first two principal components"
+        return _plot(lambda: plots.embedding_pca(vectors, labels, args.png, title=title))
+    return _plot(lambda: plots.similarity_matrix(result.cosine_similarity, labels, args.png,
+                                                 title="cosine similarity of input embeddings"))  # fmt: skip
+
+
+def _print_embed(result: EmbedResult) -> None:
+    seq, d_model = result.input_embeddings.shape
+    print(f"{seq} tokens, d_model {d_model}; input embedding = token embedding (wte) + position embedding (wpe)")
+    norms = [np.linalg.norm(x, axis=-1) for x in (result.token_embeddings, result.position_embeddings,
+                                                   result.input_embeddings)]  # fmt: skip
+    rows = [(i, t.id, show(t), float(norms[0][i]), float(norms[1][i]), float(norms[2][i]),
+             " ".join(f"{v:+.3f}" for v in result.token_embeddings[i, :4]))
+            for i, t in enumerate(result.tokens)]  # fmt: skip
+    print(table(["#", "id", "token", "|token|", "|position|", "|input|", "token embedding[:4]"], rows))
+    print()
+    print("cosine similarity of the input embeddings:")
+    print(_matrix(result.cosine_similarity, result.tokens))
+    if seq > 1:
+        first, last = result.tokens[0], result.tokens[-1]
+        value = float(result.cosine_similarity[0, -1])
+        print(f"\nfirst vs last token ({show(first)} @0, {show(last)} @{seq - 1}): {value:.4f}")
+
+
+def _matrix(matrix: npt.NDArray[np.float32], tokens: Sequence[InputToken]) -> str:
+    """A [seq, seq] matrix with token labels, or a note when too wide to read."""
+    seq = matrix.shape[0]
+    if seq > MAX_MATRIX_TOKENS:
+        return f"  ({seq}x{seq}: too wide to print; use --png or --json)"
+    labels = [f"{i}:{show(t)}" for i, t in enumerate(tokens)]
+    rows = [[labels[i], *(float(v) for v in matrix[i])] for i in range(seq)]
+    return table(["", *labels], rows, indent="  ")
+
+
+def cmd_attention(client: Client, args: argparse.Namespace) -> int:
+    heads = [args.head] if args.head is not None else None
+    result: AttentionResult = client.inspect.attention(
+        _prompt(args), layers=[args.layer], heads=heads, include_scores=args.scores, dtype=args.dtype
+    )
+    if args.json:
+        _print_json(result)
+    elif args.head is not None:
+        _print_one_head(result)
+    else:
+        _print_heads(result)
+    if args.png is None:
+        return 0
+    from gpt2_client import plots
+
+    labels = _labels(result.tokens)
+    if args.head is not None:
+        title = f"attention, layer {args.layer} head {args.head}"
+        return _plot(lambda: plots.attention_heatmap(result.weights[0, 0], labels, args.png, title=title))
+    return _plot(lambda: plots.attention_grid(result.weights[0], labels, args.png, heads=result.heads,
+                                              title=f"attention by head, layer {args.layer}"))  # fmt: skip
+
+
+def _print_one_head(result: AttentionResult) -> None:
+    layer, head = result.layers[0], result.heads[0]
+    weights = result.weights[0, 0]
+    if result.scores is not None:
+        print(f"layer {layer} head {head}: scaled scores q.k/sqrt(d_head), causal mask (-inf above the diagonal)")
+        print(_matrix(result.scores[0, 0], result.tokens))
+        print()
+    print(f"layer {layer} head {head}: attention weights = softmax(scores); row = query, column = key")
+    if weights.shape[0] <= MAX_MATRIX_TOKENS:
+        print(_matrix(weights, result.tokens))
+        return
+    rows = []
+    for q, token in enumerate(result.tokens):
+        top = np.argsort(-weights[q, : q + 1], kind="stable")[:TOP_KEYS]
+        rows.append((q, show(token), "  ".join(f"{k}:{show(result.tokens[k])} {weights[q, k]:.2f}" for k in top)))
+    print(table(["#", "query", f"top {TOP_KEYS} keys (position:token weight)"], rows))
+
+
+def _print_heads(result: AttentionResult) -> None:
+    """Per head of one layer: where attention goes on average, the usual head types' signatures."""
+    weights = result.weights[0]  # (heads, seq, seq)
+    seq = weights.shape[-1]
+    print(f"layer {result.layers[0]}: mean attention per query, by head ({seq} tokens; --head H for one head)")
+    rows = []
+    for i, head in enumerate(result.heads):
+        w = weights[i].astype(np.float64)
+        entropy = -(w * np.log(np.where(w > 0, w, 1.0))).sum(axis=-1)
+        previous = float(np.diagonal(w, offset=-1).mean()) if seq > 1 else 0.0
+        rows.append((head, float(np.diagonal(w).mean()), previous, float(w[:, 0].mean()), float(entropy.mean())))
+    print(table(["head", "self", "previous", "first token", "entropy (nats)"], rows))
+
+
+def cmd_hidden(client: Client, args: argparse.Namespace) -> int:
+    result: HiddenStatesResult = client.inspect.hidden_states(
+        _prompt(args), layers=args.layers or None, last_token_only=args.last_token_only, dtype=args.dtype
+    )
+    if args.json:
+        _print_json(result)
+    else:
+        n_layer = client.model_info().n_layer if args.layers else max(result.layers)
+        _print_hidden(result, n_layer)
+    if args.png is None:
+        return 0
+    from gpt2_client import plots
+
+    labels = [show(result.tokens[p]) for p in result.positions]
+    return _plot(lambda: plots.hidden_state_norms(result.norms, args.png, layers=result.layers, tokens=labels))
+
+
+def _print_hidden(result: HiddenStatesResult, n_layer: int) -> None:
+    print("L2 norm of each hidden state (Hugging Face's output_hidden_states indices)")
+    names = [_state_name(layer, n_layer) for layer in result.layers]
+    if len(result.positions) <= MAX_NORM_COLUMNS:
+        headers = ["state", "", *(f"{p}:{show(result.tokens[p])}" for p in result.positions)]
+        rows = [[layer, name, *(float(v) for v in norms)]
+                for layer, name, norms in zip(result.layers, names, result.norms, strict=True)]  # fmt: skip
+    else:
+        headers = ["state", "", "mean", "min", "max", f"last ({show(result.tokens[result.positions[-1]])})"]
+        rows = [[layer, name, float(n.mean()), float(n.min()), float(n.max()), float(n[-1])]
+                for layer, name, n in zip(result.layers, names, result.norms, strict=True)]  # fmt: skip
+    print(table(headers, rows))
+
+
+def _state_name(layer: int, n_layer: int) -> str:
+    """Hidden state ``layer``: 0 = the input embeddings, i = the residual stream after block i-1
+    (blocks numbered from 0, as in ``attention --layer``), n_layer = after the final LayerNorm."""
+    if layer == 0:
+        return "embeddings"
+    if layer == n_layer:
+        return f"after block {layer - 1} + ln_f"
+    return f"after block {layer - 1}"
+
+
+def cmd_next(client: Client, args: argparse.Namespace) -> int:
+    result: PredictNextResult = client.inspect.predict_next(
+        _prompt(args), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        num_samples=args.num_samples, num_candidates=args.candidates,
+    )  # fmt: skip
+    if args.json:
+        _print_json(result)
+    else:
+        _print_prediction(result)
+    if args.png is None:
+        return 0
+    from gpt2_client import plots
+
+    labels = [show(c) for c in result.candidates]
+    return _plot(lambda: plots.top_k_bar(
+        labels, [c.probability for c in result.candidates], args.png,
+        sampled_probabilities=[c.sampled_probability for c in result.candidates],
+        title=f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)}",
+    ))  # fmt: skip
+
+
+def _input_text(tokens: Sequence[InputToken]) -> str:
+    text = "".join(t.text for t in tokens)
+    return text if len(text) <= 40 else "…" + text[-39:]
+
+
+def _print_prediction(result: PredictNextResult) -> None:
+    print(f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)} "
+          f"({len(result.tokens)} tokens); entropy {result.entropy:.3f} nats")  # fmt: skip
+    rows = [(rank, c.id, show(c), c.logit, c.probability, c.sampled_probability)
+            for rank, c in enumerate(result.candidates, start=1)]  # fmt: skip
+    print(table(["rank", "id", "token", "logit", "probability", "after temperature/filters"], rows))
+    greedy = result.greedy_token
+    print(f"greedy: {show(greedy)} (id {greedy.id}, p={_cell(greedy.probability)})")
+    if result.sampled_tokens:
+        drawn = " ".join(show(c) for c in result.sampled_tokens)
+        print(f"sampled ({len(result.sampled_tokens)}, seed {result.seed}): {drawn}")
+
+
+def cmd_trace(client: Client, args: argparse.Namespace) -> int:
+    result: TraceResult = client.inspect.trace(
+        _prompt(args), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        num_samples=args.num_samples, num_candidates=args.candidates,
+    )  # fmt: skip
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"one forward pass over {len(result.tokens)} tokens: " + " ".join(show(t) for t in result.tokens))
+    rows = []
+    for stage in result.stages:
+        stats = stage.output_stats
+        numbers: list[object] = (
+            [stats.mean, stats.std, stats.l2_norm, stats.min, stats.max] if stats is not None else [""] * 5
+        )
+        rows.append([stage.name, _shape(stage.input_shape), _shape(stage.output_shape),
+                     stage.seconds * 1000, *numbers])  # fmt: skip
+    print(table(["stage", "input", "output", "ms", "mean", "std", "l2 norm", "min", "max"], rows))
+    print(f"total {result.seconds * 1000:.2f} ms")
+    print()
+    _print_prediction(result.prediction)
+    return 0
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def add_inspect_command(commands: Any, add_common: AddCommon) -> None:
+    """``gpt2-client inspect <what> TEXT``; ``add_common(parser, suppress)`` adds cli.py's
+    connection and output flags to each subcommand."""
+    inspect = commands.add_parser("inspect", help="look inside the model: tokens, embeddings, attention, ...",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_common(inspect, True)
+    what = inspect.add_subparsers(dest="what", required=True, metavar="{tokens,embed,attention,hidden,next,trace}")
+
+    def add(name: str, help: str, run: Callable[[Client, argparse.Namespace], int], png: str | None) -> Any:
+        p = what.add_parser(name, help=help, description=help)
+        p.add_argument("text", help="the input text (or token ids with --ids)")
+        p.add_argument("--ids", action="store_true", help='TEXT is token ids, e.g. "9246 3332 319 262"')
+        if png is not None:
+            p.add_argument("--png", type=Path, metavar="FILE", help=f"also draw {png} into FILE (needs matplotlib)")
+        add_common(p, True)
+        p.set_defaults(run=run, png=None)
+        return p
+
+    add("tokens", "token ids, pieces and character offsets", cmd_tokens, None)
+
+    embed = add("embed", "token + position embeddings and their cosine similarity", cmd_embed,
+                "the cosine-similarity matrix (or, with --pca, a 2-D PCA of the embeddings)")  # fmt: skip
+    embed.add_argument("--pca", action="store_true", help="--png draws a 2-D PCA of the embeddings instead")
+    embed.add_argument("--embedding", choices=["token", "position", "input"], default="token",
+                       help="which embeddings the PCA projects (default: token)")  # fmt: skip
+    _add_dtype(embed)
+
+    attention = add("attention", "causal self-attention of one layer: one head, or every head", cmd_attention,
+                    "a heatmap of --head, or a grid of every head of --layer")  # fmt: skip
+    attention.add_argument("--layer", type=int, default=0, help="the block (default 0)")
+    attention.add_argument("--head", type=int, help="one head (default: every head of the layer)")
+    attention.add_argument("--scores", action="store_true", help="also the scaled scores before softmax (masked)")
+    _add_dtype(attention)
+
+    hidden = add("hidden", "hidden-state norms by layer (0 = embeddings ... last = after ln_f)", cmd_hidden,
+                 "the norms by layer")  # fmt: skip
+    hidden.add_argument("--layers", type=int, nargs="+", help="hidden states to show (default: all)")
+    hidden.add_argument("--last-token-only", action="store_true", help="only the last position")
+    _add_dtype(hidden)
+
+    next_token = add("next", "the LM head: most likely next tokens, temperature, top-k/top-p, draws", cmd_next,
+                     "the candidates' probabilities as bars")  # fmt: skip
+    _add_sampling(next_token, candidates=10)
+
+    trace = add("trace", "the dataflow of one forward pass, stage by stage", cmd_trace, None)
+    _add_sampling(trace, candidates=5)
+
+
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=[d.value for d in TensorDtype], default="float32",
+                   help="how tensors travel (float16/bfloat16 halve the bytes; default float32)")  # fmt: skip
+
+
+def _add_sampling(p: argparse.ArgumentParser, candidates: int) -> None:
+    p.add_argument("--candidates", type=int, default=candidates, help=f"candidates to list (default {candidates})")
+    p.add_argument("--temperature", type=float, help="softmax temperature (default 1; 0 = greedy)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens before sampling (default off)")
+    p.add_argument("--top-p", type=float, help="nucleus filter (default off)")
+    p.add_argument("--seed", type=int, help="seed of the draws (server picks one if unset)")
+    p.add_argument("--num-samples", type=int, help="draws from the filtered distribution (default 1)")

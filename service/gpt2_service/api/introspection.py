@@ -1,0 +1,265 @@
+"""The gpt2.v1.Introspection servicer: convert the request, run the Inspector, convert back.
+
+Model RPCs run on the engine thread between two generation steps (``engine.run_exclusive``), so
+they never race a forward pass and delay running streams by one introspection pass at most.
+Tokenize and Detokenize need no model: they run on a worker thread and never hold up the engine.
+Errors, the serving gate and request ids are TextGeneration's (``rpc_scope``). Not here: the
+numbers themselves (gpt2_service.introspection) and the Tensor byte layout (gpt2_client.tensors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import grpc
+from gpt2_client.proto import introspection_pb2 as pb
+from gpt2_client.proto import introspection_pb2_grpc
+from gpt2_client.tensors import DTYPE_FROM_PROTO, TensorDtype, encode_tensor
+
+from gpt2_service.api.gate import ServingGate
+from gpt2_service.api.logs import new_request_id
+from gpt2_service.api.server import ExtraService, ServerConfig
+from gpt2_service.api.servicer import Context, rpc_scope
+from gpt2_service.engine import Engine
+from gpt2_service.errors import FieldViolation, InvalidRequestError
+from gpt2_service.introspection import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    AttentionResult,
+    Candidate,
+    EmbedResult,
+    HiddenStatesResult,
+    Inspector,
+    PredictNextResult,
+    StageTrace,
+    TokenInfo,
+    TokenizeResult,
+    TraceResult,
+)
+
+INTROSPECTION_SERVICE = pb.DESCRIPTOR.services_by_name["Introspection"].full_name
+# Room left in a gRPC message for what the Inspector's size estimate leaves out (message framing).
+FRAMING_BYTES = 64 * 1024
+
+# Request fields passed to the Inspector only when set, so that its defaults apply.
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed", "num_samples", "num_candidates")
+
+
+class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
+    """Answers through the engine the gate lets in; ``max_response_bytes`` bounds every answer."""
+
+    def __init__(self, gate: ServingGate, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+        self._gate = gate
+        self._max_response_bytes = max_response_bytes
+        self._inspector: tuple[Engine, Inspector] | None = None
+
+    @asynccontextmanager
+    async def _call(self, rpc: str, context: Context) -> AsyncIterator[tuple[Engine, Inspector]]:
+        async with rpc_scope(self._gate, rpc, context, new_request_id()) as engine:
+            if self._inspector is None or self._inspector[0] is not engine:
+                self._inspector = (engine, Inspector(engine.loaded, self._max_response_bytes, engine.context_window))
+            try:
+                yield self._inspector
+            except InvalidRequestError as exc:
+                raise _with_proto_paths(exc) from None
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        text, token_ids = _input(request)
+        async with self._call("Tokenize", context) as (_, inspector):
+            result = await asyncio.to_thread(inspector.tokenize, text, token_ids)
+            return to_tokenize_response(result)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context: Context) -> pb.DetokenizeResponse:
+        ids = list(request.token_ids.ids)
+        async with self._call("Detokenize", context) as (_, inspector):
+            return pb.DetokenizeResponse(text=await asyncio.to_thread(inspector.detokenize, ids))
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        text, token_ids = _input(request)
+        async with self._call("Embed", context) as (engine, inspector):
+            dtype = tensor_dtype(request.dtype)
+            result = await engine.run_exclusive(lambda: inspector.embed(text, token_ids))
+            return await asyncio.to_thread(to_embed_response, result, dtype)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    async def Attention(self, request: pb.AttentionRequest, context: Context) -> pb.AttentionResponse:
+        text, token_ids = _input(request)
+        layers, heads, include_scores = list(request.layers), list(request.heads), request.include_scores
+        async with self._call("Attention", context) as (engine, inspector):
+            dtype = tensor_dtype(request.dtype)
+            result = await engine.run_exclusive(
+                lambda: inspector.attention(text, token_ids, layers, heads, include_scores)
+            )
+            return await asyncio.to_thread(to_attention_response, result, dtype)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    async def HiddenStates(self, request: pb.HiddenStatesRequest, context: Context) -> pb.HiddenStatesResponse:
+        text, token_ids = _input(request)
+        layers, last_only, vectors = list(request.layers), request.last_token_only, request.include_vectors
+        async with self._call("HiddenStates", context) as (engine, inspector):
+            dtype = tensor_dtype(request.dtype)
+            result = await engine.run_exclusive(
+                lambda: inspector.hidden_states(text, token_ids, layers, last_only, vectors)
+            )
+            return await asyncio.to_thread(to_hidden_states_response, result, dtype)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    async def PredictNext(self, request: pb.PredictNextRequest, context: Context) -> pb.PredictNextResponse:
+        text, token_ids = _input(request)
+        options = _set_fields(request, SAMPLING_FIELDS)
+        async with self._call("PredictNext", context) as (engine, inspector):
+            result = await engine.run_exclusive(lambda: inspector.predict_next(text, token_ids, **options))
+            return to_predict_next_response(result)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    async def Trace(self, request: pb.TraceRequest, context: Context) -> pb.TraceResponse:
+        text, token_ids = _input(request)
+        options = _set_fields(request, SAMPLING_FIELDS)
+        async with self._call("Trace", context) as (engine, inspector):
+            result = await engine.run_exclusive(lambda: inspector.trace(text, token_ids, **options))
+            return to_trace_response(result)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+
+def max_response_bytes(config: ServerConfig) -> int:
+    """--max-introspection-bytes, capped so that a response always fits in one gRPC message."""
+    return max(1, min(config.max_introspection_bytes, config.max_message_bytes - FRAMING_BYTES))
+
+
+def introspection_service(gate: ServingGate, config: ServerConfig) -> ExtraService:
+    """Introspection for ``GenerationServer(extra_services=...)``, answering through ``gate``
+    (pass the same gate to the server, so loading and draining apply to it too)."""
+    servicer = IntrospectionServicer(gate, max_response_bytes(config))
+
+    def add(server: grpc.aio.Server) -> None:
+        introspection_pb2_grpc.add_IntrospectionServicer_to_server(servicer, server)
+
+    return ExtraService(INTROSPECTION_SERVICE, add)
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def _input(request: Any) -> tuple[str | None, list[int] | None]:
+    """(text, token_ids) of a request's ``input`` oneof; both None when neither is set."""
+    which = request.WhichOneof("input")
+    if which == "text":
+        return request.text, None
+    if which == "token_ids":
+        return None, list(request.token_ids.ids)
+    return None, None
+
+
+def tensor_dtype(value: int) -> TensorDtype:
+    """The dtype a request asks for (UNSPECIFIED = float32); an unknown value is invalid."""
+    if value == pb.TENSOR_DTYPE_UNSPECIFIED:
+        return TensorDtype.FLOAT32
+    dtype = DTYPE_FROM_PROTO.get(cast("pb.TensorDtype.ValueType", value))
+    if dtype is None:
+        raise InvalidRequestError([FieldViolation("dtype", f"unknown TensorDtype value {value}")])
+    return dtype
+
+
+def _set_fields(request: Any, names: Iterable[str]) -> dict[str, Any]:
+    """The optional fields the request sets, by name (unset ones keep the Inspector's defaults)."""
+    return {name: getattr(request, name) for name in names if request.HasField(name)}
+
+
+def _with_proto_paths(error: InvalidRequestError) -> InvalidRequestError:
+    """The Inspector names the id list ``token_ids``; in the proto it is ``token_ids.ids``."""
+    violations = [
+        FieldViolation("token_ids.ids" if v.field == "token_ids" else v.field, v.description) for v in error.violations
+    ]
+    return InvalidRequestError(violations, reason=error.reason)
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def to_input_tokens(tokens: Sequence[TokenInfo]) -> list[pb.InputToken]:
+    return [
+        pb.InputToken(
+            id=t.id, text=t.text, data=t.data if t.partial else b"", partial=t.partial, start=t.start, end=t.end
+        )
+        for t in tokens
+    ]
+
+
+def to_tokenize_response(result: TokenizeResult) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(text=result.text, tokens=to_input_tokens(result.tokens))
+
+
+def to_embed_response(result: EmbedResult, dtype: TensorDtype) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        tokens=to_input_tokens(result.tokens),
+        token_embeddings=encode_tensor(result.token_embeddings, dtype),
+        position_embeddings=encode_tensor(result.position_embeddings, dtype),
+        input_embeddings=encode_tensor(result.input_embeddings, dtype),
+        cosine_similarity=encode_tensor(result.cosine_similarity, dtype),
+    )
+
+
+def to_attention_response(result: AttentionResult, dtype: TensorDtype) -> pb.AttentionResponse:
+    return pb.AttentionResponse(
+        tokens=to_input_tokens(result.tokens),
+        layers=result.layers,
+        heads=result.heads,
+        weights=encode_tensor(result.weights, dtype),
+        scores=encode_tensor(result.scores, dtype) if result.scores is not None else None,
+    )
+
+
+def to_hidden_states_response(result: HiddenStatesResult, dtype: TensorDtype) -> pb.HiddenStatesResponse:
+    return pb.HiddenStatesResponse(
+        tokens=to_input_tokens(result.tokens),
+        layers=result.layers,
+        positions=result.positions,
+        norms=encode_tensor(result.norms, dtype),
+        vectors=encode_tensor(result.vectors, dtype) if result.vectors is not None else None,
+    )
+
+
+def _candidate(c: Candidate) -> pb.Candidate:
+    return pb.Candidate(
+        id=c.id, text=c.text, logit=c.logit, probability=c.probability, sampled_probability=c.sampled_probability
+    )
+
+
+def to_predict_next_response(result: PredictNextResult) -> pb.PredictNextResponse:
+    return pb.PredictNextResponse(
+        tokens=to_input_tokens(result.tokens),
+        candidates=[_candidate(c) for c in result.candidates],
+        greedy_token=_candidate(result.greedy_token),
+        sampled_tokens=[_candidate(c) for c in result.sampled_tokens],
+        seed=result.seed,
+        entropy=result.entropy,
+    )
+
+
+def _stage(stage: StageTrace) -> pb.Stage:
+    stats = stage.output_stats
+    return pb.Stage(
+        name=stage.name,
+        layer=stage.layer,
+        input_shape=stage.input_shape,
+        output_shape=stage.output_shape,
+        seconds=stage.seconds,
+        output_stats=(
+            pb.TensorStats(mean=stats.mean, std=stats.std, l2_norm=stats.l2_norm, min=stats.min, max=stats.max)
+            if stats is not None
+            else None
+        ),
+    )
+
+
+def to_trace_response(result: TraceResult) -> pb.TraceResponse:
+    return pb.TraceResponse(
+        tokens=to_input_tokens(result.tokens),
+        stages=[_stage(s) for s in result.stages],
+        prediction=to_predict_next_response(result.prediction),
+        seconds=result.seconds,
+    )
