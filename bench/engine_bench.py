@@ -2,7 +2,8 @@
 
 In one run and one process: tokens/s of greedy generation (prompt 16 tokens, 64 new tokens,
 EOS ignored) at batch 1, 8, 32 and 64 for
-- ours: every request submitted at once through the engine API (``Engine.submit``);
+- ours: every request submitted at once through the engine API (``Engine.submit``), with the
+  default kernels and in batch-invariant mode (``EngineConfig.batch_invariant``);
 - HF generate: ``GPT2LMHeadModel.generate`` on a static batch of the same size, at torch's
   default thread count, and again at our engine's thread count when that differs;
 - HF generate_batch: Hugging Face's continuous batching;
@@ -96,8 +97,10 @@ class Systems:
         self.vocab_size = loaded.model.config.vocab_size
         self.hf = to_hf(loaded.model)
         self.engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size))
+        self.invariant_engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, batch_invariant=True))
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.engine.start())
+        self.loop.run_until_complete(self.invariant_engine.start())
         self.step_stats: list[StepStats] = []
         self.engine.add_step_observer(self.step_stats.append)
         self.cb_error = _continuous_batching_unavailable()
@@ -105,12 +108,13 @@ class Systems:
         # torch's thread count is per thread: HF runs on this thread (and generate_batch on a new
         # one, which inherits the last value set anywhere), our engine on its own thread.
         self.default_threads = torch.get_num_threads()
-        self.engine_threads = getattr(self.engine.runner, "num_threads", torch.get_num_threads())
+        self.engine_threads = self.engine.runner.num_threads
 
     def labels(self) -> dict[str, str]:
         """Table labels of the systems, with their torch thread counts."""
         return {
             "ours": f"ours ({self.engine_threads}t)",
+            "ours_invariant": f"ours batch-invariant ({self.engine_threads}t)",
             "hf_static": f"HF generate ({self.default_threads}t)",
             "hf_static_same_threads": f"HF generate ({self.engine_threads}t)",
             "hf_continuous": f"HF generate_batch ({self.default_threads}t)",
@@ -118,17 +122,27 @@ class Systems:
 
     def runners(self) -> dict[str, Callable[[list[list[int]]], tuple[float, list[list[int]]]]]:
         """The systems to compare, by name; HF also at our engine's thread count when it differs."""
-        runners = {"ours": self.ours, "hf_static": self.hf_static, "hf_continuous": self.hf_continuous}
+        runners = {
+            "ours": self.ours,
+            "ours_invariant": self.ours_invariant,
+            "hf_static": self.hf_static,
+            "hf_continuous": self.hf_continuous,
+        }
         if self.engine_threads != self.default_threads:
             runners["hf_static_same_threads"] = lambda prompts: self.hf_static(prompts, self.engine_threads)
         return runners
 
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.shutdown())
+        self.loop.run_until_complete(self.invariant_engine.shutdown())
         self.loop.close()
 
     def ours(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
         run = self.loop.run_until_complete(run_batch(self.engine, prompts, NEW_TOKENS))
+        return run.num_tokens / run.seconds, run.token_ids
+
+    def ours_invariant(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+        run = self.loop.run_until_complete(run_batch(self.invariant_engine, prompts, NEW_TOKENS))
         return run.num_tokens / run.seconds, run.token_ids
 
     def hf_static(self, prompts: list[list[int]], threads: int | None = None) -> tuple[float, list[list[int]]]:

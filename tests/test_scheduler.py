@@ -177,3 +177,22 @@ def test_a_waiting_sequence_past_its_deadline_is_never_admitted() -> None:
     sched.add(s)
     plan, result = sched.schedule()
     assert plan.is_empty and [x for x, _ in result.failed] == [s] and sched.slots.num_free == 4
+
+
+def test_fixed_prefill_chunks_end_at_multiples_of_the_budget_whatever_shares_the_step() -> None:
+    """Batch-invariant mode: a prompt's chunks are the same alone and behind another prompt."""
+
+    def chunks_of(target_prompt: int, others: list[int]) -> list[tuple[int, int]]:
+        sched = Scheduler(config(max_prefill_tokens=16, fixed_prefill_chunks=True), TOK.id_to_text)
+        seqs = [seq(list(range(n)), max_new=1) for n in others]
+        target = seq(list(range(target_prompt)), max_new=1)
+        for s in [*seqs, target]:
+            sched.add(s)
+        runner = FakeRunner({s.seq_id: [5] for s in [*seqs, target]})
+        drive(sched, runner)
+        return [(c.start, c.num_tokens) for p in runner.plans for c in p.prefill if c.seq is target]
+
+    alone = chunks_of(40, [])
+    assert alone == [(0, 16), (16, 16), (32, 8)]
+    assert chunks_of(40, [5]) == alone  # budget 16 - 5 = 11 < 16: the first chunk waits whole
+    assert chunks_of(40, [21, 3]) == alone

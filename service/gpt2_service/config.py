@@ -34,6 +34,12 @@ class EngineConfig:
     )
     max_new_tokens_limit: int = _opt(2048, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = _opt(64, "max_new_tokens of a request that does not set it")
+    num_threads: int = _opt(0, "torch intra-op threads of the engine thread; 0 = torch's default (the cores)")
+    batch_invariant: bool = _opt(
+        False,
+        "bitwise the same results for a request whatever shares its batch (CPU float32 only; "
+        "costs speed, see the README)",
+    )
     stage_timing: bool = _opt(True, "time embedding/attention/mlp/lm_head/sampling per step (CPU only)")
     seed: int = _opt(0, "seed of the random weights of random:<size> models")
 

@@ -41,6 +41,7 @@ from gpt2_service.errors import (
     InvalidRequestError,
 )
 from gpt2_service.kv_cache import KVCache
+from gpt2_service.model import onednn_applies
 from gpt2_service.request import GenerationRequest, RequestLimits, Truncation, validate
 from gpt2_service.runner import ModelRunner, StepTimes
 from gpt2_service.scheduler import Scheduler, SchedulerConfig, StepPlan, StepResult
@@ -166,6 +167,11 @@ class Engine:
         if num_slots < config.max_batch_size:
             raise ValueError(f"kv_cache_slots ({num_slots}) must be >= max_batch_size ({config.max_batch_size})")
         parameter = next(loaded.model.parameters())
+        if config.batch_invariant and not onednn_applies(parameter):
+            raise ValueError(
+                "batch_invariant needs float32 weights on CPU and a torch built with oneDNN; "
+                f"this engine has {parameter.dtype} on {parameter.device}"
+            )
         self.cache = KVCache(
             n_layer=model_config.n_layer,
             num_slots=num_slots,
@@ -184,6 +190,7 @@ class Engine:
                 max_prefill_tokens=config.max_prefill_tokens,
                 context_shift_keep=min(shift_keep, self.context_window),
                 eos_token_id=self.tokenizer.eos_token_id,
+                fixed_prefill_chunks=config.batch_invariant,
             ),
             token_text=self.tokenizer.id_to_text,
         )
@@ -192,6 +199,8 @@ class Engine:
             self.cache,
             self.tokenizer.eos_token_id,
             stage_timing=config.stage_timing and parameter.device.type == "cpu",
+            num_threads=config.num_threads,
+            batch_invariant=config.batch_invariant,
         )
         self.limits = RequestLimits(
             vocab_size=self.tokenizer.vocab_size, max_new_tokens_limit=config.max_new_tokens_limit

@@ -2,8 +2,8 @@
 
 Token + position embedding, n_layer blocks of (pre-LayerNorm masked multi-head attention,
 pre-LayerNorm GELU MLP, each with a residual), a final LayerNorm and the LM head tied to the
-token embedding. Parameter names and layouts match Hugging Face checkpoints (``Conv1D`` weights
-are stored (in, out)), so a state dict loads as it is.
+token embedding. Parameter names and shapes match Hugging Face checkpoints (``Conv1D`` weights
+read (in, out); in memory they are (out, in), see ``Conv1D``), so a state dict loads as it is.
 
 The forward pass works on a padded batch of sequences of different lengths. Keys and values come
 either from the KV-cache (generation: ``AttentionLayout`` says where each token is written and
@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -50,8 +53,16 @@ class AttentionLayout:
     """Where a batch's tokens live in the KV-cache. Built once per forward, shared by all layers.
 
     write_slots/write_positions list the (slot, position) of every real (non-padding) token in
-    row-major order of the (B, T) input. Each query attends to cached positions 0..num_keys-1 of
-    its row's slot, limited by ``mask`` (B, 1, T, num_keys): True where the key is visible.
+    row-major order of the (B, T) input; ``write_span`` (first, end) says instead that every row
+    writes positions first..end-1, with no padding (a slice copy rather than a scatter). Each query
+    attends to cached positions 0..num_keys-1 of its row's slot, limited by ``mask``
+    (B, 1, T, num_keys): True where the key is visible. ``mask`` is None when causality alone
+    decides and T == 1 or T == num_keys: every row decodes at position num_keys-1, or every row
+    prefills positions 0..T-1.
+
+    ``rows`` (batch-invariant mode) lists each row's (slot, first position, real tokens): attention
+    then runs row by row at the row's exact size, so padding and neighbours cannot change a bit of
+    it (``mask`` is unused).
     """
 
     slots: Tensor  # (B,) slot of each row
@@ -60,7 +71,9 @@ class AttentionLayout:
     write_slots: Tensor  # (N,)
     write_positions: Tensor  # (N,)
     num_keys: int
-    mask: Tensor  # (B, 1, T, num_keys) bool
+    mask: Tensor | None  # (B, 1, T, num_keys) bool
+    write_span: tuple[int, int] | None = None
+    rows: tuple[tuple[int, int, int], ...] | None = None
 
 
 @dataclass
@@ -109,16 +122,63 @@ class StageTimer:
         self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + elapsed
 
 
+# oneDNN's fp32 linear (what torch.compile's CPU backend calls) beat MKL's sgemm by 1.3-2x for
+# 2 to 64 rows on the AMD EPYC we measured, and streamed a one-row product's weights 1.3-1.9x
+# faster than MKL's matrix-vector product.
+_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise")  # registered only in builds with oneDNN
+
+
+def onednn_applies(x: Tensor) -> bool:
+    """Whether ``linear`` sends x to oneDNN (CPU, float32, a torch built with oneDNN)."""
+    return _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+_MIN_ROWS: ContextVar[int] = ContextVar("gpt2_linear_min_rows", default=1)
+
+
+@contextmanager
+def batch_invariant_kernels() -> Iterator[None]:
+    """Within the block (on this thread), ``linear`` computes each row bitwise the same whatever
+    the number of rows: oneDNN does so for 2 rows and more (checked for 2..2048 in
+    tests/test_batch_invariance.py) but takes another path for one row, so one row is padded to
+    two. Attention is made invariant separately (``AttentionLayout.rows``)."""
+    token = _MIN_ROWS.set(2)
+    try:
+        yield
+    finally:
+        _MIN_ROWS.reset(token)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` for x (..., in) and a row-major weight (out, in), as F.linear;
+    on CPU in float32 with oneDNN's kernel."""
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    n = rows.shape[0]
+    min_rows = _MIN_ROWS.get()
+    out: Tensor
+    if onednn_applies(rows) and weight.is_contiguous():
+        if n < min_rows:
+            rows = torch.cat([rows, rows.new_zeros(min_rows - n, rows.shape[1])])
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")[:n]
+    else:
+        out = F.linear(rows, weight, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class Conv1D(nn.Module):
-    """A linear layer with the weight stored (in, out), as in GPT-2 checkpoints."""
+    """A linear layer whose ``weight`` reads (in, out), the layout of GPT-2 checkpoints.
+
+    In memory the weight is (out, in), row-major, as the matmul kernels want it: ``weight`` is a
+    transposed view, so state dicts load (and read) in the checkpoint layout with no copy.
+    """
 
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.weight = nn.Parameter(torch.empty(n_out, n_in).t())
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        return linear(x, self.weight.t(), self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -147,41 +207,75 @@ class CausalSelfAttention(nn.Module):
         if cache is None or layout is None:
             keys, values, mask = k, v, None  # attend within the input only, causally
         else:
-            keys, values = self._write_and_read(cache, layout, k, v)
+            self._write(cache, layout, k, v)
+            if layout.rows is not None and capture is None:
+                y = self._attention_by_row(q, cache, layout.rows)
+                return self._project(y)
+            keys, values = self._read(cache, layout)
             mask = layout.mask
 
-        if capture is not None and capture.wants_layer(self.layer) and (
-            capture.attention_weights or capture.attention_scores
+        if (
+            capture is not None
+            and capture.wants_layer(self.layer)
+            and (capture.attention_weights or capture.attention_scores)
         ):
             y = self._explicit_attention(q, keys, values, mask, capture)
         elif mask is None:
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
-        return self.c_proj(y)
+        return self._project(y)
 
-    def _write_and_read(
-        self, cache: KVCache, layout: AttentionLayout, k: Tensor, v: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def _project(self, y: Tensor) -> Tensor:
+        B, _, T, _ = y.shape
+        out: Tensor = self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return out
+
+    def _attention_by_row(self, q: Tensor, cache: KVCache, rows: tuple[tuple[int, int, int], ...]) -> Tensor:
+        """Each row against its own cached keys 0..start+n-1, one SDPA call per row (shapes that
+        depend on the row alone). Padding queries get zeros."""
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+        y = q.new_zeros(q.shape)
+        for b, (slot, start, n) in enumerate(rows):
+            end = start + n
+            qb, kb, vb = q[b : b + 1, :, :n], k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end]
+            if n == 1 or start == 0:
+                y[b : b + 1, :, :n] = F.scaled_dot_product_attention(qb, kb, vb, is_causal=n > 1)
+            else:  # a later prefill chunk: query i sees keys 0..start+i
+                mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(start)
+                y[b : b + 1, :, :n] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+        return y
+
+    def _write(self, cache: KVCache, layout: AttentionLayout, k: Tensor, v: Tensor) -> None:
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (S, nh, L, hs)
-        k_rows = k.transpose(1, 2)  # (B, T, nh, hs)
-        v_rows = v.transpose(1, 2)
-        if layout.valid is not None:
-            k_rows, v_rows = k_rows[layout.valid], v_rows[layout.valid]  # (N, nh, hs)
+        if layout.write_span is not None:  # every row writes the same positions: copy slices
+            start, end = layout.write_span
+            if layout.slot_range is not None:
+                first, last = layout.slot_range
+                k_cache[first:last, :, start:end] = k
+                v_cache[first:last, :, start:end] = v
+            else:
+                k_cache[:, :, start:end].index_copy_(0, layout.slots, k)
+                v_cache[:, :, start:end].index_copy_(0, layout.slots, v)
         else:
-            k_rows, v_rows = k_rows.reshape(-1, *k_rows.shape[2:]), v_rows.reshape(-1, *v_rows.shape[2:])
-        k_cache[layout.write_slots, :, layout.write_positions] = k_rows
-        v_cache[layout.write_slots, :, layout.write_positions] = v_rows
+            k_rows = k.transpose(1, 2)  # (B, T, nh, hs)
+            v_rows = v.transpose(1, 2)
+            if layout.valid is not None:
+                k_rows, v_rows = k_rows[layout.valid], v_rows[layout.valid]  # (N, nh, hs)
+            else:
+                k_rows, v_rows = k_rows.reshape(-1, *k_rows.shape[2:]), v_rows.reshape(-1, *v_rows.shape[2:])
+            k_cache[layout.write_slots, :, layout.write_positions] = k_rows
+            v_cache[layout.write_slots, :, layout.write_positions] = v_rows
+
+    def _read(self, cache: KVCache, layout: AttentionLayout) -> tuple[Tensor, Tensor]:
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (S, nh, L, hs)
         n = layout.num_keys
         if layout.slot_range is not None:
             first, end = layout.slot_range
             return k_cache[first:end, :, :n], v_cache[first:end, :, :n]
         return k_cache[:, :, :n].index_select(0, layout.slots), v_cache[:, :, :n].index_select(0, layout.slots)
 
-    def _explicit_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, capture: Capture
-    ) -> Tensor:
+    def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, capture: Capture) -> Tensor:
         T, Tk = q.shape[2], k.shape[2]
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
         if mask is None:
@@ -203,7 +297,8 @@ class MLP(nn.Module):
         self.approximate = config.activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        out: Tensor = self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        return out
 
 
 class Block(nn.Module):
@@ -224,7 +319,8 @@ class Block(nn.Module):
     ) -> Tensor:
         if timer is None and capture is None:  # the hot path
             x = x + self.attn(self.ln_1(x), layout, cache, None)
-            return x + self.mlp(self.ln_2(x))
+            out: Tensor = x + self.mlp(self.ln_2(x))
+            return out
         layer = self.attn.layer
         if timer is not None:
             timer.start("attention")
@@ -292,7 +388,7 @@ class GPT2(nn.Module):
                 capture.hidden.append(x)
         if timer is not None:
             timer.start("final_layer_norm")
-        out = t.ln_f(x)
+        out: Tensor = t.ln_f(x)
         if timer is not None:
             timer.stop()
         if capture is not None:
@@ -307,7 +403,7 @@ class GPT2(nn.Module):
         """The tied LM head: (..., d) -> (..., vocab_size), float32."""
         if timer is not None:
             timer.start("lm_head")
-        out = (hidden @ self.transformer.wte.weight.t()).float()
+        out = linear(hidden, self.transformer.wte.weight).float()
         if timer is not None:
             timer.stop()
         return out
@@ -330,8 +426,7 @@ class GPT2(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by component; the LM head shares the token embedding (tied)."""
-        counts = {"token_embedding": 0, "position_embedding": 0, "attention": 0, "feed_forward": 0,
-                  "layer_norm": 0}
+        counts = {"token_embedding": 0, "position_embedding": 0, "attention": 0, "feed_forward": 0, "layer_norm": 0}
         for name, p in self.named_parameters():
             if ".wte." in name:
                 counts["token_embedding"] += p.numel()

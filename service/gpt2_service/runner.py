@@ -3,6 +3,15 @@
 ``execute(plan)`` runs the prefill chunks as one padded batch and the decodes as another
 (one token per row), samples every sequence that completed its window, and returns plain
 ``SampledToken``s keyed by sequence id. It keeps one ``torch.Generator`` per sampled sequence.
+
+Threads: ``execute`` sets the calling (engine) thread's torch intra-op pool to ``num_threads``
+(default: torch's default, the cores). Fewer leaves the event loop a core of its own, which can
+help a server that streams to many clients from a small machine; see EngineConfig.num_threads.
+
+Batch-invariant mode (``batch_invariant=True``): every row's numbers are bitwise independent of
+the rest of its batch. Linear layers pad one row to two (see ``model.linear``) and attention runs
+row by row at each row's exact size (``AttentionLayout.rows``); the scheduler keeps prefill
+chunk boundaries independent of the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import torch
 from torch import Tensor
 
 from gpt2_service.kv_cache import KVCache
-from gpt2_service.model import GPT2, AttentionLayout, StageTimer
+from gpt2_service.model import GPT2, AttentionLayout, StageTimer, batch_invariant_kernels
 from gpt2_service.sampler import RowState, Sampler
 from gpt2_service.scheduler import PrefillChunk, SampledToken, StepPlan
 from gpt2_service.sequence import Sequence
@@ -36,12 +45,22 @@ def _slot_range(slots: list[int]) -> tuple[int, int] | None:
 
 
 class ModelRunner:
-    def __init__(self, model: GPT2, cache: KVCache, eos_token_id: int, stage_timing: bool = True) -> None:
+    def __init__(
+        self,
+        model: GPT2,
+        cache: KVCache,
+        eos_token_id: int,
+        stage_timing: bool = True,
+        num_threads: int = 0,
+        batch_invariant: bool = False,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.eos_token_id = eos_token_id
         self.device = next(model.parameters()).device
         self.stage_timing = stage_timing
+        self.num_threads = num_threads or torch.get_num_threads()
+        self.batch_invariant = batch_invariant
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
         self.last_times = StepTimes()
@@ -50,6 +69,14 @@ class ModelRunner:
         self._generators.pop(seq_id, None)
 
     def execute(self, plan: StepPlan) -> dict[int, SampledToken]:
+        if torch.get_num_threads() != self.num_threads:  # per thread: applies to the caller only
+            torch.set_num_threads(self.num_threads)
+        if self.batch_invariant:
+            with batch_invariant_kernels():
+                return self._execute(plan)
+        return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> dict[int, SampledToken]:
         timer = StageTimer() if self.stage_timing else None
         times = StepTimes()
         hidden_rows: list[Tensor] = []
@@ -101,31 +128,41 @@ class ModelRunner:
             positions[b, :n] = torch.arange(c.start, c.start + n)
             positions[b, n:] = c.start + n - 1  # padding queries look at real keys; output unused
             valid[b, :n] = True
-        slots = [c.seq.slot for c in chunks]
-        assert all(s is not None for s in slots)
-        slot_list = [int(s) for s in slots if s is not None]
+        slot_list = self._slots([c.seq for c in chunks])
         num_keys = int(positions.max()) + 1
-        key_pos = torch.arange(num_keys)
-        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, Tk)
+        start = chunks[0].start
+        unpadded = all(c.num_tokens == T for c in chunks)
+        aligned = unpadded and all(c.start == start for c in chunks)  # every row at the same positions
+        mask = None
+        if not (aligned and start == 0):
+            mask = (torch.arange(num_keys)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, Tk)
         slot_tensor = torch.tensor(slot_list, dtype=torch.long)
         layout = AttentionLayout(
             slots=slot_tensor.to(self.device),
             slot_range=_slot_range(slot_list),
-            valid=None if bool(valid.all()) else valid.to(self.device),
+            valid=None if unpadded else valid.to(self.device),
             write_slots=slot_tensor[:, None].expand(B, T)[valid].to(self.device),
             write_positions=positions[valid].to(self.device),
             num_keys=num_keys,
-            mask=mask.to(self.device),
+            mask=None if mask is None else mask.to(self.device),
+            write_span=(start, start + T) if aligned else None,
+            rows=tuple((s, c.start, c.num_tokens) for s, c in zip(slot_list, chunks, strict=True))
+            if self.batch_invariant
+            else None,
         )
-        return self.model(ids.to(self.device), positions.to(self.device), layout, self.cache, timer=timer)
+        hidden: Tensor = self.model(ids.to(self.device), positions.to(self.device), layout, self.cache, timer=timer)
+        return hidden
 
     def _decode(self, seqs: list[Sequence], timer: StageTimer | None) -> Tensor:
-        slot_list = [int(s.slot) for s in seqs if s.slot is not None]
+        slot_list = self._slots(seqs)
         positions_l = [s.num_computed for s in seqs]
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long)
         positions = torch.tensor(positions_l, dtype=torch.long)
         num_keys = max(positions_l) + 1
-        mask = (torch.arange(num_keys)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
+        aligned = min(positions_l) == num_keys - 1  # every row sees every key: no mask needed
+        mask = None
+        if not aligned:
+            mask = (torch.arange(num_keys)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
         slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
         layout = AttentionLayout(
             slots=slot_tensor,
@@ -134,9 +171,22 @@ class ModelRunner:
             write_slots=slot_tensor,
             write_positions=positions.to(self.device),
             num_keys=num_keys,
-            mask=mask.to(self.device),
+            mask=None if mask is None else mask.to(self.device),
+            write_span=(num_keys - 1, num_keys) if aligned else None,
+            rows=tuple((s, p, 1) for s, p in zip(slot_list, positions_l, strict=True))
+            if self.batch_invariant
+            else None,
         )
-        return self.model(ids.to(self.device), positions[:, None].to(self.device), layout, self.cache, timer=timer)
+        hidden: Tensor = self.model(
+            ids.to(self.device), positions[:, None].to(self.device), layout, self.cache, timer=timer
+        )
+        return hidden
+
+    @staticmethod
+    def _slots(seqs: list[Sequence]) -> list[int]:
+        slots = [s.slot for s in seqs]
+        assert all(s is not None for s in slots), "a scheduled sequence has no KV-cache slot"
+        return [s for s in slots if s is not None]
 
     # -- sampling ------------------------------------------------------------------------------
 

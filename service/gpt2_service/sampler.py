@@ -73,11 +73,11 @@ def apply_filters(logits: Tensor, f: FilterParams) -> Tensor:
     vocab = logits.shape[-1]
     if bool((f.top_k > 0).any()):
         k = torch.where(f.top_k > 0, f.top_k.clamp(max=vocab), vocab)
-        sorted_desc = logits.sort(dim=-1, descending=True).values
+        sorted_desc = logits.sort(dim=-1, descending=True, stable=True).values
         kth = sorted_desc.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, NEG_INF)
     if bool((f.top_p < 1.0).any()):
-        sorted_asc, order = logits.sort(dim=-1)
+        sorted_asc, order = logits.sort(dim=-1, stable=True)
         cumulative = sorted_asc.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= (1 - f.top_p)[:, None]
         remove[:, -1] = False
@@ -95,9 +95,13 @@ def apply_filters(logits: Tensor, f: FilterParams) -> Tensor:
 def _typical(logits: Tensor, mass: Tensor) -> Tensor:
     """Locally typical sampling (Meister et al.), as Hugging Face's TypicalLogitsWarper."""
     log_probs = logits.log_softmax(dim=-1)
-    entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+    probs = log_probs.exp()
+    terms = torch.where(probs > 0, log_probs * probs, 0.0)  # 0 * -inf of filtered tokens counts 0
+    # a running sum's last value, not .sum(): a sum over one row is split across threads (its
+    # rounding then depends on the batch size), a cumulative sum is one sequential pass per row
+    entropy = -terms.cumsum(dim=-1)[:, -1:]
     surprise_gap = (-log_probs - entropy).abs()
-    sorted_gap, order = surprise_gap.sort(dim=-1)
+    sorted_gap, order = surprise_gap.sort(dim=-1, stable=True)
     cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
     last = (cumulative < mass[:, None]).sum(dim=1).clamp(max=logits.shape[-1] - 1)
     remove = sorted_gap > sorted_gap.gather(1, last[:, None])

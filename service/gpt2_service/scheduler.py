@@ -8,7 +8,8 @@ Policy, each in a small helper below:
 - admission: waiting requests join the running batch, first come first served, while there is
   a batch place and a KV-cache slot; expired deadlines are never admitted;
 - prefill is chunked: at most ``max_prefill_tokens`` prompt tokens per step across newcomers,
-  so a long prompt delays running streams by at most one chunk per step;
+  so a long prompt delays running streams by at most one chunk per step (with
+  ``fixed_prefill_chunks``, chunks end at multiples of it, whatever the batch);
 - every running sequence with exactly one uncomputed token decodes in the same step;
 - a finished, aborted or expired sequence frees its slot in the step it is seen.
 """
@@ -43,6 +44,9 @@ class SchedulerConfig:
     max_prefill_tokens: int
     context_shift_keep: int
     eos_token_id: int
+    # batch-invariant mode: prompts are cut at multiples of max_prefill_tokens and a chunk that does
+    # not fit this step's budget waits whole, so chunk boundaries never depend on the batch
+    fixed_prefill_chunks: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,13 @@ class Scheduler:
             remaining = seq.num_uncomputed
             if remaining <= 1 and seq.num_computed > 0:
                 continue  # a decode
-            n = min(remaining, budget)
+            if self.config.fixed_prefill_chunks:
+                size = self.config.max_prefill_tokens
+                n = min(remaining, size - seq.num_computed % size)
+                if n > budget:
+                    break  # first come, first served: later sequences wait too
+            else:
+                n = min(remaining, budget)
             chunks.append(PrefillChunk(seq, seq.num_computed, n, samples=n == remaining))
             budget -= n
         return chunks

@@ -1,0 +1,103 @@
+"""Batch-invariant mode (``EngineConfig.batch_invariant``): a request's numbers do not depend, to
+the last bit, on what else shares its batch. Built from three properties tested here: oneDNN's
+linear computes each row the same for any row count >= 2, the sampler treats rows independently,
+and attention runs row by row; then the engine-level property over several scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from gpt2_service.config import EngineConfig
+from gpt2_service.engine import Engine
+from gpt2_service.model import batch_invariant_kernels, linear, onednn_applies
+from gpt2_service.request import SamplingParams
+from gpt2_service.sampler import RowState, Sampler
+from gpt2_service.weights import LoadedModel, load_model
+
+from tests.engine_helpers import request, run
+from tests.test_engine_batching import MIXED
+
+pytestmark = pytest.mark.skipif(
+    not onednn_applies(torch.zeros(1)), reason="batch-invariant mode needs a torch built with oneDNN"
+)
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(768, 2304), (3072, 768), (64, 50257)])
+def test_linear_rows_are_bitwise_the_same_for_any_row_count(n_in: int, n_out: int) -> None:
+    gen = torch.Generator().manual_seed(n_in)
+    weight = torch.randn(n_out, n_in, generator=gen) * 0.02
+    bias = torch.randn(n_out, generator=gen) * 0.01
+    x = torch.randn(2048, n_in, generator=gen)
+    for threads in (1, torch.get_num_threads()):
+        torch.set_num_threads(threads)
+        with batch_invariant_kernels():
+            full = linear(x, weight, bias)
+            for rows in (1, 2, 3, 7, 64, 257, 2048):
+                assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), f"{rows} rows, {threads} threads"
+            assert torch.equal(linear(x[5][None, None], weight, bias)[0, 0], full[5])  # any leading shape
+
+
+def test_the_sampler_treats_each_row_on_its_own() -> None:
+    """Each row draws the token, log-probabilities and alternatives it draws alone (rows of eight
+    kinds of parameters on near-uniform logits, as random weights give). Last-bit differences
+    rarely change a draw here; the engine test below is the sensitive one."""
+    gen = torch.Generator().manual_seed(0)
+    rows = 64
+    params = [SamplingParams(**MIXED[i % len(MIXED)]) for i in range(rows)]  # type: ignore[arg-type]
+    logits = torch.randn(rows, 50257, generator=gen) * 0.05 - 10.8
+
+    def state(i: int) -> RowState:
+        p = params[i]
+        return RowState(
+            params=p,
+            generator=None if p.greedy else torch.Generator().manual_seed(100 + i),
+            context_ids=list(range(i, 5 * i + 1)),
+            output_ids=list(range(i, 2 * i + 1)),
+            top_logprobs=5,
+        )
+
+    for _ in range(3):
+        together = Sampler().sample(logits, [state(i) for i in range(rows)])
+        for i in range(rows):
+            alone = Sampler().sample(logits[i : i + 1], [state(i)])
+            assert alone.token_ids[0] == together.token_ids[i], f"row {i}: {MIXED[i % len(MIXED)]}"
+            assert alone.logprobs[0] == together.logprobs[i]
+            assert alone.top_logprobs[0] == together.top_logprobs[i]
+        logits = logits + torch.randn(logits.shape, generator=gen) * 0.01
+
+
+@pytest.fixture
+async def invariant_engine(tiny: LoadedModel) -> Engine:
+    eng = Engine(tiny, EngineConfig(model="random:tiny", max_batch_size=8, max_prefill_tokens=64, batch_invariant=True))
+    await eng.start()
+    yield eng  # type: ignore[misc]
+    await eng.shutdown()
+
+
+@pytest.mark.parametrize("variation", range(6))
+async def test_a_request_gives_bitwise_the_same_result_alone_and_in_a_batch_of_eight(
+    invariant_engine: Engine, variation: int
+) -> None:
+    """Eight requests of different lengths (3..80 tokens: chunked prefills with a budget of 64) and
+    parameters (greedy, temperature, top-k, top-p, min-p, typical-p, penalties), alone and together:
+    the same tokens, log-probabilities and top alternatives, bit for bit."""
+    offset = 7 * variation
+    prompts = [list(range(100 * i + 1 + offset, 100 * i + 4 + offset + 11 * i)) for i in range(8)]
+    params = [{**kw, "seed": kw["seed"] + 100 * variation} if "seed" in kw else kw for kw in MIXED]
+    reqs = [
+        request(p, max_new_tokens=20, request_id=str(i), top_logprobs=3, **params[i]) for i, p in enumerate(prompts)
+    ]
+    alone = [await run(invariant_engine, r) for r in reqs]
+    together = await asyncio.gather(*(run(invariant_engine, r) for r in reqs))
+    assert invariant_engine.stats.max_decode_batch_size == 8
+    for i, ((a_out, a_fin), (t_out, t_fin)) in enumerate(zip(alone, together, strict=True)):
+        assert t_fin.token_ids == a_fin.token_ids, f"request {i} ({params[i]})"
+        assert [t for o in t_out for t in o.tokens] == [t for o in a_out for t in o.tokens], f"request {i}"
+
+
+async def test_batch_invariant_mode_is_refused_where_it_cannot_hold() -> None:
+    half = load_model("random:tiny", dtype="bfloat16")
+    with pytest.raises(ValueError, match="batch_invariant needs float32 weights on CPU"):
+        Engine(half, EngineConfig(model="random:tiny", batch_invariant=True))
