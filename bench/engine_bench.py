@@ -11,10 +11,10 @@ and the decode step time at context ~20 vs ~900 (the KV-cache keeps it nearly fl
 
 Measurements alternate between systems, after a warm-up. Ours and HF generate (the targets) take
 the median of a few repetitions, since the machine is noisy; the other columns run once each,
-which keeps the full run near 10 minutes. Prints a markdown table, writes
+which keeps the full run near 12 minutes. Prints a markdown table, writes
 ``bench/results/engine.json`` and ``engine.png``, and (full runs) the table in ``bench/README.md``.
 
-    make bench                                  # full run (~10 minutes on 2 CPU cores)
+    make bench                                  # full run (~12 minutes on 2 CPU cores)
     .venv/bin/python bench/engine_bench.py --quick
 """
 
@@ -236,11 +236,12 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def planned_runs(name: str, batch_size: int, repeats: int) -> int:
-    """Runs of one system at one batch size, to keep a full run near ten minutes: the target pair
-    ``repeats`` times (one fewer from batch 32 up, the slowest), HF at our thread count once at
-    the target batch sizes, HF continuous once."""
+    """Runs of one system at one batch size, to keep a full run near twelve minutes: the target
+    pair ``2 * repeats + 1`` times at batch 1 and 8 (seconds each, and the noisiest) and
+    ``repeats`` times from batch 32 up; HF at our thread count once at the target batch sizes;
+    the others once."""
     if name in TARGET_SYSTEMS:
-        return repeats if batch_size < 32 else max(1, repeats - 1)
+        return 2 * repeats + 1 if batch_size <= 8 else repeats
     if name == "hf_static_same_threads":
         return 1 if batch_size in TARGETS else 0
     return 1
@@ -270,14 +271,15 @@ def measure(systems: Systems, batch_sizes: list[int], repeats: int) -> dict[int,
 
     names = list(runners)
     last_tokens: dict[tuple[int, str], list[list[int]]] = {}
-    for rep in range(repeats):
+    rounds = max(planned_runs(n, b, repeats) for n in names for b in batch_sizes)
+    for rep in range(rounds):
         for b in batch_sizes:
             due = [n for n in names if rep < planned_runs(n, b, repeats)]
             shift = rep % len(due) if due else 0
             for name in due[shift:] + due[:shift]:  # rotate who goes first
                 tps, last_tokens[b, name] = runners[name](all_prompts[:b])
                 results[b][name].tokens_per_s.append(tps)
-                log.info("rep %d/%d batch %2d %-22s %7.1f tok/s", rep + 1, repeats, b, name, tps)
+                log.info("round %d/%d batch %2d %-22s %7.1f tok/s", rep + 1, rounds, b, name, tps)
     for (b, name), tokens in last_tokens.items():
         if name != "ours":
             results[b][name].same_tokens_as_ours = tokens == last_tokens[b, "ours"]
@@ -436,7 +438,11 @@ def update_readme(report: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, one repetition, batch-1 contexts")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1 and 8, --repeats 1 (three runs of the target pair), batch-1 contexts",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 32 64")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per measurement (default 3)")
     parser.add_argument(
@@ -467,8 +473,9 @@ def main() -> None:
     env = environment()
     report = (
         f"Engine benchmark: {MODEL} (random weights), prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
-        f"greedy, EOS ignored; tokens/s of the whole batch (prefill included), median of {repeats} runs "
-        "for ours and HF generate (see planned_runs), one run for the others; "
+        f"greedy, EOS ignored; tokens/s of the whole batch (prefill included), median of "
+        f"{planned_runs('ours', 1, repeats)} runs (batch <= 8) or {planned_runs('ours', 32, repeats)} (batch >= 32) "
+        "for ours and HF generate, one run for the others; "
         f"torch {env['torch']} on {env['machine']}; (Nt) = torch intra-op threads; {env['date']}.\n\n"
         + throughput_table(results, labels)
         + f"\n\nDecode step time with every sequence at context ~{SHORT_CONTEXT} vs ~{LONG_CONTEXT} "

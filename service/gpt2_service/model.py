@@ -130,10 +130,10 @@ _ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise")  # registered on
 
 def onednn_applies(x: Tensor) -> bool:
     """Whether ``linear`` sends x to oneDNN (CPU, float32, a torch built with oneDNN)."""
-    return _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+    return _ONEDNN_LINEAR and x.is_cpu and x.dtype is torch.float32
 
 
-_MIN_ROWS: ContextVar[int] = ContextVar("gpt2_linear_min_rows", default=1)
+_PAD_ONE_ROW: ContextVar[bool] = ContextVar("gpt2_linear_pad_one_row", default=False)
 
 
 @contextmanager
@@ -142,27 +142,31 @@ def batch_invariant_kernels() -> Iterator[None]:
     the number of rows: oneDNN does so for 2 rows and more (checked for 2..2048 in
     tests/test_batch_invariance.py) but takes another path for one row, so one row is padded to
     two. Attention is made invariant separately (``AttentionLayout.rows``)."""
-    token = _MIN_ROWS.set(2)
+    token = _PAD_ONE_ROW.set(True)
     try:
         yield
     finally:
-        _MIN_ROWS.reset(token)
+        _PAD_ONE_ROW.reset(token)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` for x (..., in) and a row-major weight (out, in), as F.linear;
     on CPU in float32 with oneDNN's kernel."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    n = rows.shape[0]
-    min_rows = _MIN_ROWS.get()
     out: Tensor
     if onednn_applies(rows) and weight.is_contiguous():
-        if n < min_rows:
-            rows = torch.cat([rows, rows.new_zeros(min_rows - n, rows.shape[1])])
-        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")[:n]
+        if rows.shape[0] == 1 and _PAD_ONE_ROW.get():  # batch-invariant mode: see batch_invariant_kernels
+            out = _onednn_linear(torch.cat([rows, torch.zeros_like(rows)]), weight, bias)[:1]
+        else:
+            out = _onednn_linear(rows, weight, bias)
     else:
         out = F.linear(rows, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _onednn_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    out: Tensor = torch.ops.mkldnn._linear_pointwise.default(rows, weight, bias, "none", [], "")
+    return out
 
 
 class Conv1D(nn.Module):

@@ -6,7 +6,9 @@ top-p -> min-p -> typical-p and a draw. Each filter runs once over the whole bat
 values for rows that do not use it, and is skipped when no row does.
 
 A draw uses one uniform number from the row's own ``torch.Generator`` and the inverse CDF of the
-row's distribution, so a seeded request gets the same tokens whatever else shares its batch.
+row's distribution, so a seeded request's draws do not depend on what else shares its batch, and
+each row's arithmetic is its own (stable sorts; no one-row reductions that threads would split):
+given the same logits, a row gets the same tokens alone or batched, bit for bit.
 Log-probabilities are those of the model's raw distribution (before penalties and filters).
 """
 
