@@ -5,8 +5,10 @@ One engine and one gRPC server serve both configurations, so the only difference
 - the engine recorder (``EngineRecorder.on_step`` / ``on_finish``) records, or returns at once;
 - the RPC interceptor counts each RPC into ``gpt2_requests_total`` (and rejections,
   cancellations), or does not;
-- a ``/metrics`` HTTP endpoint is started for the round and scraped every second from its own
-  thread, or does not exist.
+- a ``/metrics`` HTTP endpoint is started for the round and scraped every second, or does not
+  exist. The scraper is a separate process, as Prometheus is: its HTTP client's CPU time and GIL
+  are not the server's (it still shares the machine's cores). It runs for the whole benchmark and
+  scrapes only while a control file names an endpoint.
 The switch is bench-local: subclasses of ``EngineRecorder`` and ``Metrics`` whose observer methods
 forward to the real ones only while switched on. The recorder is attached once, so the engine's
 observer lists are the same in both configurations; "off" therefore still builds one
@@ -43,7 +45,10 @@ import json
 import logging
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,7 +65,6 @@ from gpt2_service.metrics import EngineRecorder, Metrics
 from gpt2_service.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metrics_overhead import Scraper
 from serving_bench import RequestTrace, grpc_request, run_level
 
 if TYPE_CHECKING:
@@ -75,6 +79,47 @@ REQUESTS_OK = ("gpt2_requests_total", {"rpc": "GenerateStream", "code": "OK"})
 RESULTS = Path(__file__).resolve().parent / "results" / "serving_metrics_overhead.json"
 
 log = logging.getLogger("serving_metrics_overhead")
+
+# The scraper process: every ``interval`` seconds, GET the URL the control file names (if any).
+SCRAPER = """
+import sys, time, urllib.request
+control, interval = sys.argv[1], float(sys.argv[2])
+while True:
+    time.sleep(interval)
+    with open(control) as f:
+        url = f.read().strip()
+    if url:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+        print("scraped", flush=True)
+"""
+
+
+class ProcessScraper:
+    """A scraper in its own process, pointed at an endpoint (``scrape``) or at nothing (``None``)."""
+
+    def __init__(self, interval: float) -> None:
+        self._control = Path(tempfile.mkstemp(prefix="scrape-target-")[1])
+        self._control.write_text("")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", SCRAPER, str(self._control), str(interval)], stdout=subprocess.PIPE, text=True
+        )
+        self.num_scrapes = 0
+        self._reader = threading.Thread(target=self._count, daemon=True)
+        self._reader.start()
+
+    def _count(self) -> None:
+        assert self._proc.stdout is not None
+        for _ in self._proc.stdout:
+            self.num_scrapes += 1
+
+    def scrape(self, url: str | None) -> None:
+        self._control.write_text(url or "")
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait()
+        self._control.unlink(missing_ok=True)
 
 
 # -- the switch ----------------------------------------------------------------------------------
@@ -154,6 +199,7 @@ async def one_round(
     metrics: SwitchableMetrics,
     server: GenerationServer,
     stub: generation_pb2_grpc.TextGenerationAsyncStub,
+    scraper: ProcessScraper,
     args: argparse.Namespace,
 ) -> Round:
     async def request(prompt: list[int], new_tokens: int, index: int) -> RequestTrace:
@@ -167,9 +213,11 @@ async def one_round(
     cpu_start = time.process_time()
     if on:
         http_server, http_thread = metrics.start_http_server("127.0.0.1", 0)
-        with Scraper(f"http://127.0.0.1:{http_server.server_port}/metrics", args.scrape_interval) as scraper:
-            result = await run_level(request, args.concurrency, PROMPT_TOKENS, args.new_tokens)
-        num_scrapes = scraper.num_scrapes
+        scrapes_before = scraper.num_scrapes
+        scraper.scrape(f"http://127.0.0.1:{http_server.server_port}/metrics")
+        result = await run_level(request, args.concurrency, PROMPT_TOKENS, args.new_tokens)
+        scraper.scrape(None)
+        num_scrapes = scraper.num_scrapes - scrapes_before
         await asyncio.to_thread(http_server.shutdown)
         http_server.server_close()
         http_thread.join()
@@ -261,11 +309,12 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
     await server.attach(engine)
     rounds: list[Round] = []
     schedule = [(p, c) for p in range(-args.warmup, args.rounds) for c in abba(p)]  # ABBA throughout
+    scraper = ProcessScraper(args.scrape_interval)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub: generation_pb2_grpc.TextGenerationAsyncStub = generation_pb2_grpc.TextGenerationStub(channel)
             for pair, name in schedule:
-                r = await one_round(pair, name, metrics, server, stub, args)
+                r = await one_round(pair, name, metrics, server, stub, scraper, args)
                 rounds.append(r)
                 log.info(
                     "%s %d metrics %-3s: %6.1f tokens/s, %5.2f CPU ms/token, %d scrapes",
@@ -277,6 +326,7 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
                     r.num_scrapes,
                 )
     finally:
+        scraper.close()
         await server.stop()
         await engine.shutdown()
     # The switch worked: the counters hold the "on" rounds (warm-up included) and nothing else.
