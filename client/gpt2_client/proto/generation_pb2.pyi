@@ -163,8 +163,9 @@ class SamplingParams(_message.Message):
     """
     seed: _builtins.int
     """Seed of this request's random generator: the same seeded request gives the same tokens
-    whatever else shares its batch. Default: the server picks one and reports it in the
-    response's `seed`.
+    whatever else shares its batch, bit for bit on a server run with --batch-invariant, up to
+    float rounding otherwise (README, "Kernels and batch invariance"). Default: the server picks
+    one and reports it in the response's `seed`.
     """
     def __init__(
         self,
