@@ -200,6 +200,8 @@ def _log_model(engine: Engine, server_config: ServerConfig) -> None:
         "device": str(engine.runner.device),
         "parameters": loaded.model.parameter_counts()["total"],
         "context_window": engine.context_window,
+        "engine_threads": engine.runner.num_threads,
+        "batch_invariant": config.batch_invariant,
     }
     log_fields(log, logging.INFO, "model loaded", model)
     limits = {
