@@ -5,7 +5,7 @@ EOS ignored) at batch 1, 8, 32 and 64 for
 - ours: every request submitted at once through the engine API (``Engine.submit``), with the
   default kernels and in batch-invariant mode (``EngineConfig.batch_invariant``);
 - HF generate: ``GPT2LMHeadModel.generate`` on a static batch of the same size, at torch's
-  default thread count, and again at our engine's thread count when that differs;
+  default thread count (our engine's too);
 - HF generate_batch: Hugging Face's continuous batching;
 and the decode step time at context ~20 vs ~900 (the KV-cache keeps it nearly flat).
 
@@ -116,21 +116,17 @@ class Systems:
             "ours": f"ours ({self.engine_threads}t)",
             "ours_invariant": f"ours batch-invariant ({self.engine_threads}t)",
             "hf_static": f"HF generate ({self.default_threads}t)",
-            "hf_static_same_threads": f"HF generate ({self.engine_threads}t)",
             "hf_continuous": f"HF generate_batch ({self.default_threads}t)",
         }
 
     def runners(self) -> dict[str, Callable[[list[list[int]]], tuple[float, list[list[int]]]]]:
-        """The systems to compare, by name; HF also at our engine's thread count when it differs."""
-        runners = {
+        """The systems to compare, by name."""
+        return {
             "ours": self.ours,
             "ours_invariant": self.ours_invariant,
             "hf_static": self.hf_static,
             "hf_continuous": self.hf_continuous,
         }
-        if self.engine_threads != self.default_threads:
-            runners["hf_static_same_threads"] = lambda prompts: self.hf_static(prompts, self.engine_threads)
-        return runners
 
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.shutdown())
@@ -145,8 +141,8 @@ class Systems:
         run = self.loop.run_until_complete(run_batch(self.invariant_engine, prompts, NEW_TOKENS))
         return run.num_tokens / run.seconds, run.token_ids
 
-    def hf_static(self, prompts: list[list[int]], threads: int | None = None) -> tuple[float, list[list[int]]]:
-        torch.set_num_threads(threads or self.default_threads)
+    def hf_static(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+        torch.set_num_threads(self.default_threads)
         start = time.perf_counter()
         tokens = hf_greedy(self.hf, prompts, NEW_TOKENS)
         return sum(map(len, tokens)) / (time.perf_counter() - start), tokens
@@ -238,12 +234,9 @@ def _quiet_transformers() -> Iterator[None]:
 def planned_runs(name: str, batch_size: int, repeats: int) -> int:
     """Runs of one system at one batch size, to keep a full run near fifteen minutes: the target
     pair ``2 * repeats + 1`` times at batch 1 and 8 (seconds each, and the noisiest) and
-    ``repeats + 2`` times from batch 32 up; HF at our thread count once at the target batch sizes;
-    the others once."""
+    ``repeats + 2`` times from batch 32 up; the others once."""
     if name in TARGET_SYSTEMS:
         return 2 * repeats + 1 if batch_size <= 8 else repeats + 2
-    if name == "hf_static_same_threads":
-        return 1 if batch_size in TARGETS else 0
     return 1
 
 

@@ -258,38 +258,33 @@ def verdict(ci: tuple[float, float], num_pairs: int) -> str:
     return "inconclusive"
 
 
-def summarise(rounds: list[Round], args: argparse.Namespace) -> dict[str, object]:
-    measured = [r for r in rounds if r.pair >= 0]
-    by_pair = {(r.pair, r.config): r for r in measured}
-    pairs = range(args.rounds)
-    on = [by_pair[p, "on"] for p in pairs]
-    off = [by_pair[p, "off"] for p in pairs]
-    ratios = [a.tokens_per_s / b.tokens_per_s for a, b in zip(on, off, strict=True)]
-    cpu_ratios = [a.cpu_ms_per_token / b.cpu_ms_per_token for a, b in zip(on, off, strict=True)]
-    ci = bootstrap_median_ci(ratios, args.seed)
-    cpu_ci = bootstrap_median_ci(cpu_ratios, args.seed)
+def paired_summary(on: list[float], off: list[float], seed: int) -> tuple[dict[str, object], tuple[float, float]]:
+    """One measure per round, on vs off: the values, their medians, and the per-pair ratios with
+    their median, bootstrap 95% CI (also returned on its own) and mean."""
+    ratios = [a / b for a, b in zip(on, off, strict=True)]
+    ci = bootstrap_median_ci(ratios, seed)
     return {
-        "tokens_per_s": {
-            "on": [r.tokens_per_s for r in on],
-            "off": [r.tokens_per_s for r in off],
-            "median_on": statistics.median(r.tokens_per_s for r in on),
-            "median_off": statistics.median(r.tokens_per_s for r in off),
-            "pair_ratios_on_off": ratios,
-            "median_pair_ratio": statistics.median(ratios),
-            "ci95": list(ci),
-            "mean_pair_ratio": statistics.fmean(ratios),
-        },
-        "cpu_ms_per_token": {
-            "on": [r.cpu_ms_per_token for r in on],
-            "off": [r.cpu_ms_per_token for r in off],
-            "median_on": statistics.median(r.cpu_ms_per_token for r in on),
-            "median_off": statistics.median(r.cpu_ms_per_token for r in off),
-            "pair_ratios_on_off": cpu_ratios,
-            "median_pair_ratio": statistics.median(cpu_ratios),
-            "ci95": list(cpu_ci),
-            "mean_pair_ratio": statistics.fmean(cpu_ratios),
-        },
-        "target": {"min_ratio_on_off": TARGET_RATIO, "verdict": verdict(ci, len(ratios))},
+        "on": on,
+        "off": off,
+        "median_on": statistics.median(on),
+        "median_off": statistics.median(off),
+        "pair_ratios_on_off": ratios,
+        "median_pair_ratio": statistics.median(ratios),
+        "ci95": list(ci),
+        "mean_pair_ratio": statistics.fmean(ratios),
+    }, ci
+
+
+def summarise(rounds: list[Round], args: argparse.Namespace) -> dict[str, object]:
+    by_pair = {(r.pair, r.config): r for r in rounds if r.pair >= 0}
+    on = [by_pair[p, "on"] for p in range(args.rounds)]
+    off = [by_pair[p, "off"] for p in range(args.rounds)]
+    throughput, ci = paired_summary([r.tokens_per_s for r in on], [r.tokens_per_s for r in off], args.seed)
+    cpu, _ = paired_summary([r.cpu_ms_per_token for r in on], [r.cpu_ms_per_token for r in off], args.seed)
+    return {
+        "tokens_per_s": throughput,
+        "cpu_ms_per_token": cpu,
+        "target": {"min_ratio_on_off": TARGET_RATIO, "verdict": verdict(ci, args.rounds)},
     }
 
 

@@ -133,8 +133,8 @@ class ModelRunner:
         start = chunks[0].start
         unpadded = all(c.num_tokens == T for c in chunks)
         aligned = unpadded and all(c.start == start for c in chunks)  # every row at the same positions
-        mask = None
-        if not (aligned and start == 0):
+        mask = None  # batch-invariant rows attend at their exact sizes and need none
+        if not ((aligned and start == 0) or self.batch_invariant):
             mask = (torch.arange(num_keys)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, Tk)
         slot_tensor = torch.tensor(slot_list, dtype=torch.long)
         layout = AttentionLayout(
@@ -161,7 +161,7 @@ class ModelRunner:
         num_keys = max(positions_l) + 1
         aligned = min(positions_l) == num_keys - 1  # every row sees every key: no mask needed
         mask = None
-        if not aligned:
+        if not (aligned or self.batch_invariant):
             mask = (torch.arange(num_keys)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
         slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
         layout = AttentionLayout(
