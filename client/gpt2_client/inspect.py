@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
 import grpc.aio
@@ -160,6 +160,19 @@ def _dtype(dtype: DtypeLike) -> pb.TensorDtype.ValueType:
 def _set(**values: Any) -> dict[str, Any]:
     """Only the options given (None = unset: the server's default)."""
     return {k: v for k, v in values.items() if v is not None}
+
+
+class PredictionOptions(TypedDict, total=False):
+    """The sampling options of PredictNext and Trace (None or absent = the server's default)."""
+
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    typical_p: float | None
+    seed: int | None
+    num_samples: int | None
+    num_candidates: int | None
 
 
 def tokenize_request(text: Prompt) -> pb.TokenizeRequest:
@@ -346,44 +359,22 @@ class Inspect:
         self,
         text: Prompt,
         *,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        typical_p: float | None = None,
-        seed: int | None = None,
-        num_samples: int | None = None,
-        num_candidates: int | None = None,
         timeout: float | None = None,
+        **options: Unpack[PredictionOptions],
     ) -> PredictNextResult:
         """The LM head on the last position: candidates, greedy token, seeded draws, entropy."""
-        request = pb.PredictNextRequest(
-            **_input(text),
-            **_set(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                   seed=seed, num_samples=num_samples, num_candidates=num_candidates),
-        )  # fmt: skip
+        request = pb.PredictNextRequest(**_input(text), **_set(**options))
         return self._call(self._stub.PredictNext, request, predict_next_from_proto, timeout)
 
     def trace(
         self,
         text: Prompt,
         *,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        typical_p: float | None = None,
-        seed: int | None = None,
-        num_samples: int | None = None,
-        num_candidates: int | None = None,
         timeout: float | None = None,
+        **options: Unpack[PredictionOptions],
     ) -> TraceResult:
         """The dataflow of one forward pass: every stage with shapes, time and statistics."""
-        request = pb.TraceRequest(
-            **_input(text),
-            **_set(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                   seed=seed, num_samples=num_samples, num_candidates=num_candidates),
-        )  # fmt: skip
+        request = pb.TraceRequest(**_input(text), **_set(**options))
         return self._call(self._stub.Trace, request, trace_from_proto, timeout)
 
 
@@ -441,40 +432,18 @@ class AsyncInspect:
         self,
         text: Prompt,
         *,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        typical_p: float | None = None,
-        seed: int | None = None,
-        num_samples: int | None = None,
-        num_candidates: int | None = None,
         timeout: float | None = None,
+        **options: Unpack[PredictionOptions],
     ) -> PredictNextResult:
-        request = pb.PredictNextRequest(
-            **_input(text),
-            **_set(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                   seed=seed, num_samples=num_samples, num_candidates=num_candidates),
-        )  # fmt: skip
+        request = pb.PredictNextRequest(**_input(text), **_set(**options))
         return await self._call(self._stub.PredictNext, request, predict_next_from_proto, timeout)
 
     async def trace(
         self,
         text: Prompt,
         *,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        typical_p: float | None = None,
-        seed: int | None = None,
-        num_samples: int | None = None,
-        num_candidates: int | None = None,
         timeout: float | None = None,
+        **options: Unpack[PredictionOptions],
     ) -> TraceResult:
-        request = pb.TraceRequest(
-            **_input(text),
-            **_set(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                   seed=seed, num_samples=num_samples, num_candidates=num_candidates),
-        )  # fmt: skip
+        request = pb.TraceRequest(**_input(text), **_set(**options))
         return await self._call(self._stub.Trace, request, trace_from_proto, timeout)
