@@ -22,10 +22,11 @@ demo: $(STAMP)  ## stream one generation from the embedded default model to the 
 test: $(STAMP)  ## the default test suite: CPU only, offline
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: $(STAMP)  ## lint, format check, strict typing, and promtool on a live /metrics scrape
+check: $(STAMP)  ## lint, format check, strict typing, import rules, and promtool on a live /metrics scrape
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(PY) tools/check_metrics.py
 
 proto: $(STAMP)  ## regenerate client/gpt2_client/proto/ from proto/gpt2/v1/*.proto (tests fail when it is stale)
