@@ -212,7 +212,7 @@ async def test_internal_fault_is_logged_with_the_request_id_and_hidden_from_the_
 ) -> None:
     async with serve(tiny) as served, stub_for(served) as stub:
 
-        async def broken_submit(*args: object) -> None:
+        async def broken_submit(*args: object, **kwargs: object) -> None:
             raise RuntimeError("secret internal detail")
 
         served.engine.submit = broken_submit  # type: ignore[method-assign,assignment]

@@ -84,7 +84,7 @@ def test_a_valid_request_has_no_violations() -> None:
         stopping=StoppingCriteria(max_new_tokens=512, min_new_tokens=512, stop=("\n",) * 16, stop_token_ids=(0, 50256)),
         top_logprobs=20,
     )
-    assert find_violations(req, LIMITS) == []
+    assert not find_violations(req, LIMITS)
 
 
 async def test_the_engine_enqueues_nothing_for_an_invalid_request(engine: Engine) -> None:

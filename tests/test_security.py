@@ -104,9 +104,9 @@ def engine_spy(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real_submit, real_encode = Engine.submit, tiny.tokenizer.encode
 
-    async def submit(self: Engine, request: Any) -> Any:
+    async def submit(self: Engine, request: Any, **kwargs: Any) -> Any:
         calls.append("submit")
-        return await real_submit(self, request)
+        return await real_submit(self, request, **kwargs)
 
     def encode(text: str) -> list[int]:
         calls.append("encode")

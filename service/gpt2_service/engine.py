@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-LONG_PROMPT_CHARS = 8192  # prompts longer than this are tokenized off the event loop
+LONG_PROMPT = 8192  # prompts of more chars (or ids) than this are prepared off the event loop
 
 
 @dataclass
@@ -275,12 +275,25 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest) -> GenerationStream:
+    def check_admission(self) -> None:
+        """Raise what ``submit`` would raise before any work (dead, not accepting, queue full),
+        so that a caller can refuse a request before converting it. Cheap; ``submit`` checks
+        again."""
         if self._dead is not None:
             raise EngineDeadError("the engine thread has failed")
         if not self._accepting:
             raise EngineUnavailableError("the engine is not accepting requests (starting or draining)")
-        validate(request, self.limits)
+        if self._num_queued >= self.config.max_queue_size:
+            raise EngineOverloadedError(
+                f"the waiting queue is full ({self.config.max_queue_size} requests); retry later"
+            )
+
+    async def submit(self, request: GenerationRequest, *, validated: bool = False) -> GenerationStream:
+        """Enqueue ``request``. ``validated``: the caller has run ``request.validate`` on it with
+        ``self.limits`` (the API layer does, to name proto fields), so it is not checked twice."""
+        self.check_admission()
+        if not validated:
+            validate(request, self.limits)
         with self._queue_lock:
             if self._num_queued >= self.config.max_queue_size:
                 raise EngineOverloadedError(
@@ -288,7 +301,7 @@ class Engine:
                 )
             self._num_queued += 1
         try:
-            if request.prompt is not None and len(request.prompt) > LONG_PROMPT_CHARS:
+            if len(request.prompt or request.prompt_token_ids or ()) > LONG_PROMPT:
                 seq = await asyncio.to_thread(self._make_sequence, request)
             else:
                 seq = self._make_sequence(request)
@@ -326,28 +339,36 @@ class Engine:
         self._inbox.put(("job", (fn, future)))
         return await future
 
+    def _prompt_too_long(self, field_name: str, num_tokens: str) -> InvalidRequestError:
+        return InvalidRequestError(
+            [
+                FieldViolation(
+                    field_name,
+                    f"prompt is {num_tokens} tokens; the context window is {self.context_window} "
+                    "and truncation is REJECT",
+                )
+            ],
+            reason="PROMPT_TOO_LONG",
+        )
+
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
+        reject = request.truncation is Truncation.REJECT
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
             field_name = "prompt_token_ids"
         else:
-            ids = self.tokenizer.encode(request.prompt or "")
+            prompt = request.prompt or ""
+            if reject and self.tokenizer.min_num_tokens(prompt) > self.context_window:
+                # refused without tokenizing: it cannot fit whatever its tokens
+                raise self._prompt_too_long("prompt", f"at least {self.tokenizer.min_num_tokens(prompt)}")
+            ids = self.tokenizer.encode(prompt)
             field_name = "prompt"
         if not ids:
             ids = [self.tokenizer.eos_token_id]  # an empty prompt conditions on <|endoftext|>
         truncated = 0
         if len(ids) > self.context_window:
-            if request.truncation is Truncation.REJECT:
-                raise InvalidRequestError(
-                    [
-                        FieldViolation(
-                            field_name,
-                            f"prompt is {len(ids)} tokens; the context window is "
-                            f"{self.context_window} and truncation is REJECT",
-                        )
-                    ],
-                    reason="PROMPT_TOO_LONG",
-                )
+            if reject:
+                raise self._prompt_too_long(field_name, str(len(ids)))
             truncated = len(ids) - self.context_window
             ids = ids[truncated:]
         stopping = request.stopping

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+# Rejecting must cost little whatever the request holds: at most this many violations are
+# reported (the rest are counted), each clipped, so an error always fits gRPC's default 8 KiB
+# trailer budget (BadRequest + ErrorInfo, base64-encoded, plus grpc-message).
+MAX_REPORTED_VIOLATIONS = 8
+MAX_FIELD_CHARS = 120
+MAX_DESCRIPTION_CHARS = 200
+MAX_MESSAGE_CHARS = 256  # the error's str(), which becomes grpc-message
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 @dataclass(frozen=True)
@@ -12,6 +26,47 @@ class FieldViolation:
     field: str
     description: str
 
+    def clipped(self) -> FieldViolation:
+        return FieldViolation(clip(self.field, MAX_FIELD_CHARS), clip(self.description, MAX_DESCRIPTION_CHARS))
+
+
+class Violations:
+    """Collects the violations of one request: the first ``MAX_REPORTED_VIOLATIONS`` (clipped),
+    and a count of the rest. Callers check sizes and counts before contents, so that a huge
+    list is reported once ("at most 16 ..."), not element by element."""
+
+    def __init__(self) -> None:
+        self.reported: list[FieldViolation] = []
+        self.num_omitted = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.reported)
+
+    def __iter__(self) -> Iterator[FieldViolation]:
+        return iter(self.reported)
+
+    def __len__(self) -> int:
+        return len(self.reported) + self.num_omitted
+
+    def add(self, field: str, description: str) -> None:
+        if len(self.reported) < MAX_REPORTED_VIOLATIONS:
+            self.reported.append(FieldViolation(field, description).clipped())
+        else:
+            self.num_omitted += 1
+
+    def check(self, ok: bool, field: str, description: str) -> None:
+        if not ok:
+            self.add(field, description)
+
+    def extend(self, error: InvalidRequestError) -> None:
+        for v in error.violations:
+            self.add(v.field, v.description)
+        self.num_omitted += error.num_omitted
+
+    def raise_if_any(self, reason: str = "INVALID_ARGUMENT") -> None:
+        if self.reported:
+            raise InvalidRequestError(self.reported, reason=reason, num_omitted=self.num_omitted)
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -20,14 +75,28 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError):
-    """The request breaks one or more rules; nothing was enqueued."""
+    """The request breaks one or more rules; nothing was enqueued. ``violations`` holds at most
+    ``MAX_REPORTED_VIOLATIONS`` of them; ``num_omitted`` counts the others."""
 
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: list[FieldViolation], reason: str = "INVALID_ARGUMENT") -> None:
-        self.violations = list(violations)
+    def __init__(
+        self, violations: Sequence[FieldViolation], reason: str = "INVALID_ARGUMENT", num_omitted: int = 0
+    ) -> None:
+        kept = [v.clipped() for v in violations[:MAX_REPORTED_VIOLATIONS]]
+        self.violations = kept
+        self.num_omitted = num_omitted + len(violations) - len(kept)
         self.reason = reason
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+        summary = "; ".join(f"{v.field}: {v.description}" for v in kept[:2])
+        more = len(kept) - 2 + self.num_omitted
+        if more > 0:
+            summary += f" (and {more} more)"
+        super().__init__(clip(summary or "invalid request", MAX_MESSAGE_CHARS))
+
+    def with_fields(self, rename: Callable[[str], str]) -> InvalidRequestError:
+        """The same error with every field path renamed (e.g. put under ``requests[3].``)."""
+        renamed = [FieldViolation(rename(v.field), v.description) for v in self.violations]
+        return InvalidRequestError(renamed, reason=self.reason, num_omitted=self.num_omitted)
 
 
 class EngineOverloadedError(EngineError):

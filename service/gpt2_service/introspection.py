@@ -10,12 +10,14 @@ thread-safe with generation: run them on the engine thread, between steps::
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,15 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt2_service.errors import FieldViolation, InvalidRequestError
+from gpt2_service.errors import FieldViolation, InvalidRequestError, Violations
 from gpt2_service.model import Capture, StageTimer
+from gpt2_service.request import first_bad_token_id
 from gpt2_service.sampler import FilterParams, apply_filters
 from gpt2_service.weights import LoadedModel
 
 FloatArray = npt.NDArray[np.float32]
+R = TypeVar("R")
+# The model half of a request: validation and tokenization are done when a plan is made (on any
+# thread); calling it runs the forward pass (on the engine thread, between steps).
+Plan: TypeAlias = Callable[[], R]
 
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_NUM_SAMPLES = 1024
+MAX_INDEX_LIST = 1024  # entries of a layers / heads list (duplicates are allowed, and ignored)
 MAX_SEED = 2**64 - 1
 RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
 
@@ -149,19 +157,24 @@ class TraceResult:
 
 
 @dataclass(frozen=True)
-class _SamplingOptions:
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    typical_p: float
-    seed: int | None
-    num_samples: int
-    num_candidates: int
+class SamplingOptions:
+    """PredictNext's and Trace's options: the sampler's filters, the draws and the candidates."""
 
-    def with_seed(self) -> _SamplingOptions:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    seed: int | None = None
+    num_samples: int = 1
+    num_candidates: int = 10
+
+    def with_seed(self) -> SamplingOptions:
         """These options with a seed: the request's, or one chosen now (and reported)."""
         return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
+
+
+TRACE_OPTIONS = SamplingOptions(num_candidates=5)  # a trace shows fewer candidates by default
 
 
 # -- the inspector ------------------------------------------------------------------------------
@@ -202,29 +215,39 @@ class Inspector:
         Empty input gives no tokens. Not limited to the context window (no model work is done);
         only the response size limits it.
         """
+        # Each token costs at least _TOKEN_OVERHEAD_BYTES, each character at least 2 bytes: a
+        # lower bound that refuses a hopeless input before it is tokenized.
+        lower_bound = 2 * len(text) if text is not None else _TOKEN_OVERHEAD_BYTES * len(token_ids or ())
+        self._check_size(lower_bound, _narrowing(text))
         result = self._resolve(text, token_ids, for_model=False)
         self._check_size(_tokens_bytes(result.tokens), _narrowing(text))
         return result
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """The text of ``token_ids``, special tokens included; the inverse of ``tokenize``."""
-        violations = self._id_violations(token_ids)
-        if violations:
-            raise InvalidRequestError(violations)
-        return self.tokenizer.decode(list(token_ids), skip_special=False)
+        self._check_size(len(token_ids), _narrowing(None))  # a token is at least one byte
+        ids = self._checked_ids(token_ids)
+        self._check_size(sum(len(self.tokenizer.token_bytes[i]) for i in ids), _narrowing(None))
+        return self.tokenizer.decode(ids, skip_special=False)
 
     # -- model stages -----------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def embed(self, text: str | None = None, token_ids: Sequence[int] | None = None) -> EmbedResult:
         """Token, position and input embeddings ([seq, d_model] each) and the input embeddings'
         cosine-similarity matrix [seq, seq]."""
+        return self.plan_embed(text, token_ids)()
+
+    def plan_embed(self, text: str | None = None, token_ids: Sequence[int] | None = None) -> Plan[EmbedResult]:
         tokens = self._resolve(text, token_ids).tokens
         seq = len(tokens)
         self._check_size(
             _tokens_bytes(tokens) + _FLOAT_BYTES * (3 * seq * self.d_model + seq * seq),
             _narrowing(text),
         )
+        return functools.partial(self._embed, tokens)
+
+    @torch.inference_mode()
+    def _embed(self, tokens: tuple[TokenInfo, ...]) -> EmbedResult:
         capture = Capture(embeddings=True, hidden_states=True)
         self._forward(tokens, capture)
         assert capture.token_embeddings is not None and capture.position_embeddings is not None
@@ -238,7 +261,6 @@ class Inspector:
             cosine_similarity=_to_numpy(unit @ unit.T),
         )
 
-    @torch.inference_mode()
     def attention(
         self,
         text: str | None = None,
@@ -249,6 +271,16 @@ class Inspector:
     ) -> AttentionResult:
         """Attention weights [layers, heads, seq, seq] of the chosen blocks and heads (None or
         empty = all, returned in ascending order), and optionally the pre-softmax scores."""
+        return self.plan_attention(text, token_ids, layers, heads, include_scores)()
+
+    def plan_attention(
+        self,
+        text: str | None = None,
+        token_ids: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        include_scores: bool = False,
+    ) -> Plan[AttentionResult]:
         violations = self._index_violations("layers", layers, self.n_layer, "layers")
         violations += self._index_violations("heads", heads, self.n_head, "heads per layer")
         tokens = self._resolve(text, token_ids, violations).tokens
@@ -263,7 +295,12 @@ class Inspector:
             ("include_scores", "leave include_scores off (it doubles the size)", include_scores),
         )
         self._check_size(_tokens_bytes(tokens) + per_matrix * len(layer_list) * len(head_list), narrow)
+        return functools.partial(self._attention, tokens, layer_list, head_list, include_scores)
 
+    @torch.inference_mode()
+    def _attention(
+        self, tokens: tuple[TokenInfo, ...], layer_list: list[int], head_list: list[int], include_scores: bool
+    ) -> AttentionResult:
         capture = Capture(layers=frozenset(layer_list), attention_weights=True, attention_scores=include_scores)
         self._forward(tokens, capture)
         head_index = None if len(head_list) == self.n_head else torch.tensor(head_list, device=self._device)
@@ -280,7 +317,6 @@ class Inspector:
             scores=gather(capture.scores) if include_scores else None,
         )
 
-    @torch.inference_mode()
     def hidden_states(
         self,
         text: str | None = None,
@@ -292,6 +328,16 @@ class Inspector:
         """Hidden states indexed like Hugging Face's ``output_hidden_states`` (0 = embeddings,
         i = after block i, n_layer = after the final LayerNorm; None or empty = all): their L2
         norms always, the vectors when ``include_vectors``."""
+        return self.plan_hidden_states(text, token_ids, layers, last_token_only, include_vectors)()
+
+    def plan_hidden_states(
+        self,
+        text: str | None = None,
+        token_ids: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+        last_token_only: bool = False,
+        include_vectors: bool = False,
+    ) -> Plan[HiddenStatesResult]:
         num_states = self.n_layer + 1
         violations = self._index_violations("layers", layers, num_states, "hidden states (0 = embeddings)")
         tokens = self._resolve(text, token_ids, violations).tokens
@@ -306,7 +352,12 @@ class Inspector:
             ("last_token_only", "set last_token_only", not last_token_only),
         )
         self._check_size(_tokens_bytes(tokens) + per_state * len(layer_list), narrow)
+        return functools.partial(self._hidden_states, tokens, layer_list, positions, include_vectors)
 
+    @torch.inference_mode()
+    def _hidden_states(
+        self, tokens: tuple[TokenInfo, ...], layer_list: list[int], positions: tuple[int, ...], include_vectors: bool
+    ) -> HiddenStatesResult:
         capture = Capture(hidden_states=True)
         self._forward(tokens, capture)
         start = positions[0]
@@ -319,7 +370,6 @@ class Inspector:
             vectors=_to_numpy(states) if include_vectors else None,
         )
 
-    @torch.inference_mode()
     def predict_next(
         self,
         text: str | None = None,
@@ -341,14 +391,22 @@ class Inspector:
         engine's sampler does, so the first draw is the token a generation with the same prompt,
         parameters and seed starts with.
         """
-        options = _SamplingOptions(temperature, top_k, top_p, min_p, typical_p, seed, num_samples, num_candidates)
+        options = SamplingOptions(temperature, top_k, top_p, min_p, typical_p, seed, num_samples, num_candidates)
+        return self.plan_predict_next(text, token_ids, options)()
+
+    def plan_predict_next(
+        self, text: str | None, token_ids: Sequence[int] | None, options: SamplingOptions = SamplingOptions()
+    ) -> Plan[PredictNextResult]:
         tokens = self._resolve(text, token_ids, self._sampling_violations(options)).tokens
         options = options.with_seed()
         self._check_size(_tokens_bytes(tokens) + _prediction_bytes(options), _prediction_narrowing(text, options))
+        return functools.partial(self._predict_next, tokens, options)
+
+    @torch.inference_mode()
+    def _predict_next(self, tokens: tuple[TokenInfo, ...], options: SamplingOptions) -> PredictNextResult:
         hidden = self._forward(tokens, None)
         return self._predict(tokens, self.model.logits(hidden[0, -1:]), options)
 
-    @torch.inference_mode()
     def trace(
         self,
         text: str | None = None,
@@ -365,8 +423,13 @@ class Inspector:
         """The dataflow of one forward pass: tokenizer, embedding, each block's attention and MLP
         (the residual stream after each), final LayerNorm, LM head (last position) and sampling,
         each with shapes, time and statistics of its output; plus the prediction."""
+        options = SamplingOptions(temperature, top_k, top_p, min_p, typical_p, seed, num_samples, num_candidates)
+        return self.plan_trace(text, token_ids, options)()
+
+    def plan_trace(
+        self, text: str | None, token_ids: Sequence[int] | None, options: SamplingOptions = TRACE_OPTIONS
+    ) -> Plan[TraceResult]:
         started = time.perf_counter()
-        options = _SamplingOptions(temperature, top_k, top_p, min_p, typical_p, seed, num_samples, num_candidates)
         tokens = self._resolve(text, token_ids, self._sampling_violations(options)).tokens
         tokenizer_seconds = time.perf_counter() - started
         options = options.with_seed()
@@ -375,7 +438,20 @@ class Inspector:
             _tokens_bytes(tokens) + _prediction_bytes(options) + _STAGE_BYTES * num_stages,
             _prediction_narrowing(text, options),
         )
+        input_shape = (len(text),) if text is not None else (len(tokens),)
+        return functools.partial(self._trace, tokens, options, input_shape, tokenizer_seconds)
 
+    @torch.inference_mode()
+    def _trace(
+        self,
+        tokens: tuple[TokenInfo, ...],
+        options: SamplingOptions,
+        input_shape: tuple[int, ...],
+        tokenizer_seconds: float,
+    ) -> TraceResult:
+        """The trace's forward pass; its time counts the tokenizer's (done when it was planned)."""
+        started = time.perf_counter() - tokenizer_seconds
+        num_samples = options.num_samples
         timer = _StageLog(self._sync)
         capture = Capture(stage_outputs=True)
         hidden = self._forward(tokens, capture, timer)
@@ -384,7 +460,6 @@ class Inspector:
         prediction = self._predict(tokens, logits, options)
         sampling_seconds = time.perf_counter() - sampling_started
 
-        input_shape = (len(text),) if text is not None else (len(tokens),)
         stages = [StageTrace("tokenizer", None, input_shape, (len(tokens),), tokenizer_seconds, None)]
         times = timer.by_stage()
         for name, stage_in, stage_out in capture.stages:
@@ -410,7 +485,7 @@ class Inspector:
         hidden: Tensor = self.model(ids, positions, capture=capture, timer=timer)
         return hidden
 
-    def _predict(self, tokens: tuple[TokenInfo, ...], logits: Tensor, o: _SamplingOptions) -> PredictNextResult:
+    def _predict(self, tokens: tuple[TokenInfo, ...], logits: Tensor, o: SamplingOptions) -> PredictNextResult:
         """Candidates, greedy token, draws and entropy from the last position's (1, V) logits."""
         assert o.seed is not None, "options.with_seed() picks the seed before the model runs"
         logits = logits.float()
@@ -458,47 +533,58 @@ class Inspector:
         violations: list[FieldViolation] | None = None,
         for_model: bool = True,
     ) -> TokenizeResult:
-        """The input as tokens, after checking it; raises with ``violations`` plus any of its own."""
-        bad = list(violations or [])
+        """The input as tokens, after checking it; raises with ``violations`` plus any of its own.
+        For the model, an input that cannot fit the context window is refused from its length
+        alone (ids counted, text bounded below by ``min_num_tokens``), before any tokenization."""
+        bad = Violations()
+        for v in violations or ():
+            bad.add(v.field, v.description)
         result: TokenizeResult | None = None
+        field = _input_field(text)
         if text is not None and token_ids is not None:
-            bad.append(FieldViolation("text", "give either text or token_ids, not both"))
+            bad.add("text", "give either text or token_ids, not both")
         elif text is None and token_ids is None:
-            bad.append(FieldViolation("text", "give text or token_ids"))
-        elif token_ids is not None:
-            id_violations = self._id_violations(token_ids)
-            bad += id_violations
-            if not id_violations:
-                result = self._from_ids(token_ids)
-        else:
-            assert text is not None
-            pieces = self.tokenizer.encode_pieces(text)
-            result = TokenizeResult(text, tuple(TokenInfo(p.id, p.text, p.data, p.start, p.end) for p in pieces))
+            bad.add("text", "give text or token_ids")
+        elif for_model and (text is None or self.tokenizer.min_num_tokens(text) > self.context_window):
+            num_tokens = self.tokenizer.min_num_tokens(text) if text is not None else len(token_ids or ())
+            at_least = "at least " if text is not None else ""
+            bad.check(
+                num_tokens <= self.context_window,
+                field,
+                f"is {at_least}{num_tokens} tokens, longer than the context window of {self.context_window}",
+            )
+        if len(bad) == len(violations or ()):  # the input itself passed the cheap checks
+            try:
+                result = self._tokens_of(text, token_ids)
+            except InvalidRequestError as exc:
+                bad.extend(exc)
         if result is not None and for_model:
-            field = _input_field(text)
-            if not result.tokens:
-                bad.append(FieldViolation(field, "is empty; give at least one token"))
-            elif len(result.tokens) > self.context_window:
-                bad.append(
-                    FieldViolation(
-                        field,
-                        f"is {len(result.tokens)} tokens, longer than the context window of {self.context_window}",
-                    )
-                )
-        if bad:
-            raise InvalidRequestError(bad)
+            bad.check(bool(result.tokens), field, "is empty; give at least one token")
+            bad.check(
+                len(result.tokens) <= self.context_window,
+                field,
+                f"is {len(result.tokens)} tokens, longer than the context window of {self.context_window}",
+            )
+        bad.raise_if_any()
         assert result is not None
         return result
 
-    def _id_violations(self, token_ids: Sequence[int]) -> list[FieldViolation]:
-        for i, token_id in enumerate(token_ids):
-            if not 0 <= token_id < self.vocab_size:
-                return [
-                    FieldViolation(
-                        "token_ids", f"token_ids[{i}] = {token_id} is not a token id in [0, {self.vocab_size})"
-                    )
-                ]
-        return []
+    def _tokens_of(self, text: str | None, token_ids: Sequence[int] | None) -> TokenizeResult:
+        if token_ids is not None:
+            return self._from_ids(self._checked_ids(token_ids))
+        assert text is not None
+        pieces = self.tokenizer.encode_pieces(text)
+        return TokenizeResult(text, tuple(TokenInfo(p.id, p.text, p.data, p.start, p.end) for p in pieces))
+
+    def _checked_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """``token_ids`` as a list, or InvalidRequestError naming the first id outside the vocabulary."""
+        ids = list(token_ids)
+        i = first_bad_token_id(ids, self.vocab_size)
+        if i is not None:
+            raise InvalidRequestError(
+                [FieldViolation("token_ids", f"token_ids[{i}] = {ids[i]} is not a token id in [0, {self.vocab_size})")]
+            )
+        return ids
 
     def _from_ids(self, token_ids: Sequence[int]) -> TokenizeResult:
         """Pieces of ``token_ids`` with char offsets into their decoded text (as ``decode`` gives it)."""
@@ -517,17 +603,18 @@ class Inspector:
 
     @staticmethod
     def _index_violations(field: str, values: Sequence[int] | None, limit: int, what: str) -> list[FieldViolation]:
-        bad = [v for v in values or () if not 0 <= v < limit]
+        values = values or ()
+        if len(values) > MAX_INDEX_LIST:  # counted before it is read
+            return [FieldViolation(field, f"at most {MAX_INDEX_LIST} entries, got {len(values)}")]
+        bad = [v for v in values if not 0 <= v < limit]
         if not bad:
             return []
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         return [
-            FieldViolation(
-                field,
-                f"{', '.join(map(str, bad))} out of range: this model has {limit} {what}, numbered 0 to {limit - 1}",
-            )
+            FieldViolation(field, f"{shown} out of range: this model has {limit} {what}, numbered 0 to {limit - 1}")
         ]
 
-    def _sampling_violations(self, o: _SamplingOptions) -> list[FieldViolation]:
+    def _sampling_violations(self, o: SamplingOptions) -> list[FieldViolation]:
         bad: list[FieldViolation] = []
 
         def check(ok: bool, name: str, why: str) -> None:
@@ -557,6 +644,7 @@ class Inspector:
         return bad
 
     def _check_size(self, num_bytes: int, narrow: list[tuple[str, str]]) -> None:
+        """RESPONSE_TOO_LARGE when ``num_bytes`` (an estimate or a lower bound) is over the limit."""
         if num_bytes <= self.max_response_bytes:
             return
         size = (
@@ -624,7 +712,7 @@ def _narrowing(text: str | None, *options: tuple[str, str, bool]) -> list[tuple[
     return [*useful, (_input_field(text), "send a shorter input")]
 
 
-def _prediction_narrowing(text: str | None, o: _SamplingOptions) -> list[tuple[str, str]]:
+def _prediction_narrowing(text: str | None, o: SamplingOptions) -> list[tuple[str, str]]:
     return _narrowing(
         text,
         ("num_candidates", "ask for fewer candidates", o.num_candidates > 1),
@@ -632,7 +720,7 @@ def _prediction_narrowing(text: str | None, o: _SamplingOptions) -> list[tuple[s
     )
 
 
-def _prediction_bytes(o: _SamplingOptions) -> int:
+def _prediction_bytes(o: SamplingOptions) -> int:
     per_candidate = _TOKEN_OVERHEAD_BYTES + 3 * _FLOAT_BYTES + 16  # + a typical piece's text
     return per_candidate * (o.num_candidates + o.num_samples + 1)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpt2_service.errors import FieldViolation, InvalidRequestError
+from gpt2_service.errors import Violations
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -104,13 +105,27 @@ def _finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
 
 
-def find_violations(request: GenerationRequest, limits: RequestLimits) -> list[FieldViolation]:
-    """Every rule the request breaks, as field violations (empty if it is valid)."""
-    bad: list[FieldViolation] = []
+def first_bad_token_id(token_ids: Sequence[int], vocab_size: int) -> int | None:
+    """The index of the first id outside [0, vocab_size), or None. min/max run at C speed, so a
+    long valid list costs little; only a bad one is walked to find the index."""
+    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size):
+        return None
+    return next(i for i, token_id in enumerate(token_ids) if not 0 <= token_id < vocab_size)
 
-    def check(ok: bool, name: str, why: str) -> None:
-        if not ok:
-            bad.append(FieldViolation(name, why))
+
+def check_count(bad: Violations, field: str, count: int, limit: int, what: str) -> bool:
+    """One violation when ``count`` is over ``limit``; True when it is not (the elements may be
+    checked one by one then, at bounded cost)."""
+    bad.check(count <= limit, field, f"at most {limit} {what}, got {count}")
+    return count <= limit
+
+
+def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violations:
+    """The rules the request breaks (empty if it is valid), at most ``MAX_REPORTED_VIOLATIONS``
+    of them reported. Counts are checked before elements: a list over its limit is one
+    violation, whatever it holds, so the cost of rejecting does not grow with the request."""
+    bad = Violations()
+    check = bad.check
 
     s = request.sampling
     check(
@@ -149,37 +164,29 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> list[F
         "stopping.min_new_tokens",
         f"must be in [0, max_new_tokens={max_new}], got {t.min_new_tokens}",
     )
-    check(
-        len(t.stop) <= MAX_STOP_STRINGS, "stopping.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(t.stop)}"
-    )
-    for i, text in enumerate(t.stop):
-        check(
-            0 < len(text) <= MAX_STOP_STRING_CHARS,
-            f"stopping.stop[{i}]",
-            f"must be 1 to {MAX_STOP_STRING_CHARS} characters, got {len(text)}",
-        )
-    check(
-        len(t.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
-        "stopping.stop_token_ids",
-        f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(t.stop_token_ids)}",
-    )
-    for i, token_id in enumerate(t.stop_token_ids):
-        check(
-            0 <= token_id < limits.vocab_size,
-            f"stopping.stop_token_ids[{i}]",
-            f"must be a token id in [0, {limits.vocab_size}), got {token_id}",
-        )
+    if check_count(bad, "stopping.stop", len(t.stop), MAX_STOP_STRINGS, "stop strings"):
+        for i, text in enumerate(t.stop):
+            check(
+                0 < len(text) <= MAX_STOP_STRING_CHARS,
+                f"stopping.stop[{i}]",
+                f"must be 1 to {MAX_STOP_STRING_CHARS} characters, got {len(text)}",
+            )
+    if check_count(bad, "stopping.stop_token_ids", len(t.stop_token_ids), MAX_STOP_TOKEN_IDS, "stop token ids"):
+        for i, token_id in enumerate(t.stop_token_ids):
+            check(
+                0 <= token_id < limits.vocab_size,
+                f"stopping.stop_token_ids[{i}]",
+                f"must be a token id in [0, {limits.vocab_size}), got {token_id}",
+            )
 
     if request.prompt_token_ids is not None:
         check(request.prompt is None, "prompt", "give either prompt or prompt_token_ids, not both")
-        for i, token_id in enumerate(request.prompt_token_ids):
-            if not 0 <= token_id < limits.vocab_size:
-                bad.append(
-                    FieldViolation(
-                        f"prompt_token_ids[{i}]", f"must be a token id in [0, {limits.vocab_size}), got {token_id}"
-                    )
-                )
-                break  # one is enough; a bad list can be long
+        first_bad = first_bad_token_id(request.prompt_token_ids, limits.vocab_size)
+        if first_bad is not None:  # one is enough; a bad list can be long
+            bad.add(
+                f"prompt_token_ids[{first_bad}]",
+                f"must be a token id in [0, {limits.vocab_size}), got {request.prompt_token_ids[first_bad]}",
+            )
     check(
         0 <= request.top_logprobs <= MAX_TOP_LOGPROBS,
         "top_logprobs",
@@ -189,7 +196,5 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> list[F
 
 
 def validate(request: GenerationRequest, limits: RequestLimits) -> None:
-    """Raise InvalidRequestError naming every bad field; return if the request is valid."""
-    violations = find_violations(request, limits)
-    if violations:
-        raise InvalidRequestError(violations)
+    """Raise InvalidRequestError naming the bad fields; return if the request is valid."""
+    find_violations(request, limits).raise_if_any()

@@ -12,11 +12,12 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Encoding, Tokenizer, decoders, models, pre_tokenizers
 
 log = logging.getLogger(__name__)
 
 EOS_TEXT = "<|endoftext|>"
+GIL_FREE_CHARS = 1024  # texts longer than this are encoded with the GIL released
 
 
 @cache
@@ -62,6 +63,7 @@ class GPT2Tokenizer:
             else:
                 table[token_id] = bytes(to_byte[ch] for ch in piece)
         self.token_bytes: tuple[bytes, ...] = tuple(table)
+        self.max_token_bytes = max(len(piece) for piece in table)  # 128 for GPT-2's vocabulary
         self.special_ids: frozenset[int] = frozenset(
             i for i in (tokenizer.token_to_id(s) for s in special) if i is not None
         )
@@ -96,15 +98,28 @@ class GPT2Tokenizer:
 
     # -- use ------------------------------------------------------------------------------------
 
+    def _encode(self, text: str) -> Encoding:
+        # encode_batch releases the GIL while it works (encode does not): a long text tokenized
+        # on a worker thread then leaves the event loop and the engine thread free.
+        if len(text) > GIL_FREE_CHARS:
+            return self._tok.encode_batch([text], add_special_tokens=False)[0]
+        return self._tok.encode(text, add_special_tokens=False)
+
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._encode(text).ids)
 
     def encode_pieces(self, text: str) -> list[TokenPiece]:
-        enc = self._tok.encode(text, add_special_tokens=False)
+        enc = self._encode(text)
         return [
             TokenPiece(id=i, text=self.id_to_text(i), data=self.token_bytes[i], start=s, end=e)
             for i, (s, e) in zip(enc.ids, enc.offsets, strict=True)
         ]
+
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on ``len(self.encode(text))`` that costs O(1): a token stands for at most
+        ``max_token_bytes`` bytes, and a character for at least one. Lets a text that cannot fit
+        be refused without tokenizing it."""
+        return -(-len(text) // self.max_token_bytes)
 
     def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
         data = b"".join(self.token_bytes[i] for i in token_ids if not (skip_special and i in self.special_ids))

@@ -9,6 +9,7 @@ Field paths are protobuf paths: ``sampling.top_p``, ``prompt_token_ids.ids[3]``,
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -18,7 +19,7 @@ from gpt2_client.proto import generation_pb2 as pb
 
 from gpt2_service.api.logs import new_request_id
 from gpt2_service.engine import Engine
-from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError
+from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError, Violations
 from gpt2_service.request import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
@@ -31,15 +32,23 @@ from gpt2_service.request import (
     SamplingParams,
     StoppingCriteria,
     Truncation,
+    check_count,
     find_violations,
-    validate,
 )
 from gpt2_service.sequence import Finished, GenerationOutput, TokenInfo
 
 MAX_REQUEST_ID_CHARS = 128
+# Request ids go into every log line and the ErrorInfo of errors: printable ASCII, no spaces, so
+# that no id can forge a log line, carry terminal escapes, or grow a trailer.
+_SAFE_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_CHARS}}}")
 # A call with less time left than this cannot get through the queue and one engine step; it is
 # refused up front instead of taking a batch place it would give up at once.
 MIN_TIME_REMAINING_SECONDS = 0.01
+# Requests with more than this many prompt characters or ids are converted, validated and
+# tokenized on a worker thread, never on the event loop (smaller ones cost microseconds).
+LARGE_PROMPT_CHARS = 8192
+LARGE_PROMPT_IDS = 8192
+_ID_CHUNK = 65536  # ids converted per C call, so a huge list never holds the GIL for long
 
 TRUNCATION_FROM_PROTO = {
     pb.TRUNCATION_UNSPECIFIED: Truncation.TRUNCATE_LEFT,
@@ -68,16 +77,18 @@ def proto_field_path(engine_path: str, prefix: str = "") -> str:
 
 
 def with_prefix(error: InvalidRequestError, prefix: str) -> InvalidRequestError:
-    """The same error with every field path put under ``prefix`` (e.g. ``requests[3].``)."""
-    violations = [FieldViolation(proto_field_path(v.field, prefix), v.description) for v in error.violations]
-    return InvalidRequestError(violations, reason=error.reason)
+    """The same error with every field path as a proto path under ``prefix`` (e.g. ``requests[3].``)."""
+    return error.with_fields(lambda path: proto_field_path(path, prefix))
+
+
+def is_safe_request_id(request_id: str) -> bool:
+    return _SAFE_REQUEST_ID.fullmatch(request_id) is not None
 
 
 def request_id_of(msg: pb.GenerateRequest) -> str:
-    """The caller's request_id, or a new one when it is empty or unusable (too long to log)."""
-    if 0 < len(msg.request_id) <= MAX_REQUEST_ID_CHARS:
-        return msg.request_id
-    return new_request_id()
+    """The caller's request_id, or a new one when it is empty or unsafe to log (such a request
+    is refused, and the refusal is logged under the new id)."""
+    return msg.request_id if is_safe_request_id(msg.request_id) else new_request_id()
 
 
 def deadline_from_time_remaining(remaining: float | None, now: float | None = None) -> float | None:
@@ -95,38 +106,52 @@ def deadline_from_time_remaining(remaining: float | None, now: float | None = No
 # -- requests ------------------------------------------------------------------------------------
 
 
+def is_large(msg: pb.GenerateRequest) -> bool:
+    """Whether converting ``msg`` may take long enough to matter on the event loop (O(1) to ask)."""
+    return len(msg.prompt) > LARGE_PROMPT_CHARS or len(msg.prompt_token_ids.ids) > LARGE_PROMPT_IDS
+
+
+def _token_ids(ids: Iterable[int]) -> tuple[int, ...]:
+    """The ids of a repeated field, converted a chunk at a time (the GIL is free in between)."""
+    it, out = iter(ids), list[int]()
+    while chunk := list(itertools.islice(it, _ID_CHUNK)):
+        out.extend(chunk)
+    return tuple(out)
+
+
 def to_engine_request(
     msg: pb.GenerateRequest, request_id: str, deadline: float | None, limits: RequestLimits
 ) -> GenerationRequest:
-    """The engine request of ``msg``. Raises InvalidRequestError for what only the proto can get
-    wrong (together with the engine's own findings, so one answer names every bad field); the
-    engine validates the rest when the request is submitted."""
-    bad: list[FieldViolation] = []
-    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
-        bad.append(
-            FieldViolation("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(msg.request_id)}")
-        )
+    """The validated engine request of ``msg``. Raises InvalidRequestError naming the bad fields
+    (what only the proto can get wrong, then the engine's own rules), at most
+    ``MAX_REPORTED_VIOLATIONS`` of them. Costs O(1) plus the size of the prompt: lists over their
+    count limit are never converted. Run it on a worker thread when ``is_large(msg)``."""
+    bad = Violations()
+    bad.check(
+        not msg.request_id or is_safe_request_id(msg.request_id),
+        "request_id",
+        f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces "
+        f"(got {len(msg.request_id)} characters)",
+    )
     truncation = TRUNCATION_FROM_PROTO.get(msg.truncation)
-    if truncation is None:
-        bad.append(FieldViolation("truncation", f"unknown Truncation value {msg.truncation}"))
+    bad.check(truncation is not None, "truncation", f"unknown Truncation value {msg.truncation}")
     overflow = OVERFLOW_FROM_PROTO.get(msg.overflow)
-    if overflow is None:
-        bad.append(FieldViolation("overflow", f"unknown Overflow value {msg.overflow}"))
+    bad.check(overflow is not None, "overflow", f"unknown Overflow value {msg.overflow}")
     which = msg.WhichOneof("input")
     request = GenerationRequest(
         request_id=request_id,
         prompt=msg.prompt if which != "prompt_token_ids" else None,
-        prompt_token_ids=tuple(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        prompt_token_ids=_token_ids(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
         sampling=to_sampling_params(msg.sampling),
-        stopping=to_stopping_criteria(msg.stopping),
+        stopping=to_stopping_criteria(msg.stopping, bad),
         truncation=truncation or Truncation.TRUNCATE_LEFT,
         overflow=overflow or Overflow.SHIFT,
         top_logprobs=msg.top_logprobs,
         deadline=deadline,
     )
-    if bad:
-        bad += [FieldViolation(proto_field_path(v.field), v.description) for v in find_violations(request, limits)]
-        raise InvalidRequestError(bad)
+    for v in find_violations(request, limits):
+        bad.add(proto_field_path(v.field), v.description)
+    bad.raise_if_any()
     return request
 
 
@@ -145,12 +170,16 @@ def to_sampling_params(s: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def to_stopping_criteria(s: pb.StoppingCriteria) -> StoppingCriteria:
+def to_stopping_criteria(s: pb.StoppingCriteria, bad: Violations) -> StoppingCriteria:
+    """The stopping criteria of ``s``; a list over its count limit is reported to ``bad`` (from
+    its length, O(1)) and left unconverted."""
+    stop_fits = check_count(bad, "stopping.stop", len(s.stop), MAX_STOP_STRINGS, "stop strings")
+    ids_fit = check_count(bad, "stopping.stop_token_ids", len(s.stop_token_ids), MAX_STOP_TOKEN_IDS, "stop token ids")
     return StoppingCriteria(
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else None,
         min_new_tokens=s.min_new_tokens,
-        stop=tuple(s.stop),
-        stop_token_ids=tuple(s.stop_token_ids),
+        stop=tuple(s.stop) if stop_fits else (),
+        stop_token_ids=tuple(s.stop_token_ids) if ids_fit else (),
         ignore_eos=s.ignore_eos,
         include_stop_in_output=s.include_stop_in_output,
     )
@@ -159,20 +188,16 @@ def to_stopping_criteria(s: pb.StoppingCriteria) -> StoppingCriteria:
 def to_engine_batch(
     request: pb.GenerateBatchRequest, deadline: float | None, limits: RequestLimits
 ) -> list[GenerationRequest]:
-    """Every item, converted and validated first, so one answer names every bad field of every
-    item (as ``requests[i].<field>``)."""
+    """Every item, converted and validated, so one answer names the bad fields of every item
+    (as ``requests[i].<field>``, at most ``MAX_REPORTED_VIOLATIONS`` in all)."""
     items: list[GenerationRequest] = []
-    violations: list[FieldViolation] = []
+    bad = Violations()
     for i, item in enumerate(request.requests):
         try:
-            converted = to_engine_request(item, request_id_of(item), deadline, limits)
-            validate(converted, limits)
+            items.append(to_engine_request(item, request_id_of(item), deadline, limits))
         except InvalidRequestError as exc:
-            violations += with_prefix(exc, f"requests[{i}].").violations
-            continue
-        items.append(converted)
-    if violations:
-        raise InvalidRequestError(violations)
+            bad.extend(with_prefix(exc, f"requests[{i}]."))
+    bad.raise_if_any()
     return items
 
 

@@ -10,9 +10,10 @@ numbers themselves (gpt2_service.introspection) and the Tensor byte layout (gpt2
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from dataclasses import replace
+from typing import Any, TypeVar, cast
 
 import grpc
 from gpt2_client.proto import introspection_pb2 as pb
@@ -27,17 +28,22 @@ from gpt2_service.engine import Engine
 from gpt2_service.errors import FieldViolation, InvalidRequestError
 from gpt2_service.introspection import (
     DEFAULT_MAX_RESPONSE_BYTES,
+    TRACE_OPTIONS,
     AttentionResult,
     Candidate,
     EmbedResult,
     HiddenStatesResult,
     Inspector,
+    Plan,
     PredictNextResult,
+    SamplingOptions,
     StageTrace,
     TokenInfo,
     TokenizeResult,
     TraceResult,
 )
+
+T = TypeVar("T")
 
 INTROSPECTION_SERVICE = pb.DESCRIPTOR.services_by_name["Introspection"].full_name
 # Room left in a gRPC message for what the Inspector's size estimate leaves out (message framing).
@@ -66,63 +72,71 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
                 raise _with_proto_paths(exc) from None
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        text, token_ids = _input(request)
         async with self._call("Tokenize", context) as (_, inspector):
-            result = await asyncio.to_thread(inspector.tokenize, text, token_ids)
+            result = await asyncio.to_thread(lambda: inspector.tokenize(*_input(request)))
             return to_tokenize_response(result)
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context: Context) -> pb.DetokenizeResponse:
-        ids = list(request.token_ids.ids)
         async with self._call("Detokenize", context) as (_, inspector):
-            return pb.DetokenizeResponse(text=await asyncio.to_thread(inspector.detokenize, ids))
+            return pb.DetokenizeResponse(text=await asyncio.to_thread(inspector.detokenize, request.token_ids.ids))
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        text, token_ids = _input(request)
         async with self._call("Embed", context) as (engine, inspector):
             dtype = tensor_dtype(request.dtype)
-            result = await engine.run_exclusive(lambda: inspector.embed(text, token_ids))
+            result = await _run(engine, lambda: inspector.plan_embed(*_input(request)))
             return await asyncio.to_thread(to_embed_response, result, dtype)
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def Attention(self, request: pb.AttentionRequest, context: Context) -> pb.AttentionResponse:
-        text, token_ids = _input(request)
-        layers, heads, include_scores = list(request.layers), list(request.heads), request.include_scores
         async with self._call("Attention", context) as (engine, inspector):
             dtype = tensor_dtype(request.dtype)
-            result = await engine.run_exclusive(
-                lambda: inspector.attention(text, token_ids, layers, heads, include_scores)
+            result = await _run(
+                engine,
+                lambda: inspector.plan_attention(
+                    *_input(request), request.layers, request.heads, request.include_scores
+                ),
             )
             return await asyncio.to_thread(to_attention_response, result, dtype)
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def HiddenStates(self, request: pb.HiddenStatesRequest, context: Context) -> pb.HiddenStatesResponse:
-        text, token_ids = _input(request)
-        layers, last_only, vectors = list(request.layers), request.last_token_only, request.include_vectors
         async with self._call("HiddenStates", context) as (engine, inspector):
             dtype = tensor_dtype(request.dtype)
-            result = await engine.run_exclusive(
-                lambda: inspector.hidden_states(text, token_ids, layers, last_only, vectors)
+            result = await _run(
+                engine,
+                lambda: inspector.plan_hidden_states(
+                    *_input(request), request.layers, request.last_token_only, request.include_vectors
+                ),
             )
             return await asyncio.to_thread(to_hidden_states_response, result, dtype)
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def PredictNext(self, request: pb.PredictNextRequest, context: Context) -> pb.PredictNextResponse:
-        text, token_ids = _input(request)
         options = _set_fields(request, SAMPLING_FIELDS)
         async with self._call("PredictNext", context) as (engine, inspector):
-            result = await engine.run_exclusive(lambda: inspector.predict_next(text, token_ids, **options))
+            result = await _run(
+                engine, lambda: inspector.plan_predict_next(*_input(request), SamplingOptions(**options))
+            )
             return to_predict_next_response(result)
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def Trace(self, request: pb.TraceRequest, context: Context) -> pb.TraceResponse:
-        text, token_ids = _input(request)
         options = _set_fields(request, SAMPLING_FIELDS)
         async with self._call("Trace", context) as (engine, inspector):
-            result = await engine.run_exclusive(lambda: inspector.trace(text, token_ids, **options))
+            result = await _run(
+                engine, lambda: inspector.plan_trace(*_input(request), replace(TRACE_OPTIONS, **options))
+            )
             return to_trace_response(result)
         raise AssertionError("unreachable: _call aborts on every error")
+
+
+async def _run(engine: Engine, plan: Callable[[], Plan[T]]) -> T:
+    """Validate and tokenize on a worker thread (work that grows with the input never runs on the
+    event loop nor in the engine's exclusive section), then the forward pass on the engine thread."""
+    run = await asyncio.to_thread(plan)
+    return await engine.run_exclusive(run)
 
 
 def max_response_bytes(config: ServerConfig) -> int:
@@ -144,13 +158,14 @@ def introspection_service(gate: ServingGate, config: ServerConfig) -> ExtraServi
 # -- requests ------------------------------------------------------------------------------------
 
 
-def _input(request: Any) -> tuple[str | None, list[int] | None]:
-    """(text, token_ids) of a request's ``input`` oneof; both None when neither is set."""
+def _input(request: Any) -> tuple[str | None, Sequence[int] | None]:
+    """(text, token_ids) of a request's ``input`` oneof; both None when neither is set. The ids
+    stay the message's container (the Inspector counts them before it converts them)."""
     which = request.WhichOneof("input")
     if which == "text":
         return request.text, None
     if which == "token_ids":
-        return None, list(request.token_ids.ids)
+        return None, request.token_ids.ids
     return None, None
 
 
@@ -171,10 +186,7 @@ def _set_fields(request: Any, names: Iterable[str]) -> dict[str, Any]:
 
 def _with_proto_paths(error: InvalidRequestError) -> InvalidRequestError:
     """The Inspector names the id list ``token_ids``; in the proto it is ``token_ids.ids``."""
-    violations = [
-        FieldViolation("token_ids.ids" if v.field == "token_ids" else v.field, v.description) for v in error.violations
-    ]
-    return InvalidRequestError(violations, reason=error.reason)
+    return error.with_fields(lambda path: "token_ids.ids" if path == "token_ids" else path)
 
 
 # -- responses -----------------------------------------------------------------------------------

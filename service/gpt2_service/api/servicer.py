@@ -12,6 +12,7 @@ the engine stream, which aborts the request; its slot is freed at the next engin
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -27,10 +28,13 @@ from gpt2_service.api.interceptors import CallRecord, FinishedRequest, Prompt, c
 from gpt2_service.api.logs import new_request_id, request_id_var
 from gpt2_service.api.status import internal_status, status_code_for, status_for_error
 from gpt2_service.engine import Engine, GenerationStream
-from gpt2_service.errors import DeadlineExceededError, EngineError, EngineOverloadedError, InvalidRequestError
+from gpt2_service.errors import DeadlineExceededError, EngineError, EngineOverloadedError, InvalidRequestError, clip
 from gpt2_service.sequence import GenerationOutput
 
 log = logging.getLogger(__name__)
+
+MAX_LOGGED_PROMPT_CHARS = 2048
+MAX_LOGGED_PROMPT_IDS = 512
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -53,9 +57,10 @@ def _rejection(error: EngineError, call: CallRecord) -> str | None:
 
 
 def _prompt_of(request: pb.GenerateRequest) -> Prompt:
+    """The prompt as the access log shows it (with --log-prompts): clipped, so a line stays short."""
     if request.WhichOneof("input") == "prompt_token_ids":
-        return list(request.prompt_token_ids.ids)
-    return request.prompt
+        return list(itertools.islice(request.prompt_token_ids.ids, MAX_LOGGED_PROMPT_IDS))
+    return clip(request.prompt, MAX_LOGGED_PROMPT_CHARS)
 
 
 @asynccontextmanager
@@ -97,7 +102,13 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         self, engine: Engine, request: pb.GenerateRequest, call: CallRecord, context: Context
     ) -> GenerationStream:
         deadline = convert.deadline_from_time_remaining(context.time_remaining())
-        stream = await engine.submit(convert.to_engine_request(request, call.request_id, deadline, engine.limits))
+        engine.check_admission()  # a full queue refuses before any conversion
+        args = (request, call.request_id, deadline, engine.limits)
+        if convert.is_large(request):
+            engine_request = await asyncio.to_thread(convert.to_engine_request, *args)
+        else:
+            engine_request = convert.to_engine_request(*args)
+        stream = await engine.submit(engine_request, validated=True)
         _close_when_done(context, stream)
         call.accepted, call.prompt_tokens = True, stream.prompt_tokens
         return stream
@@ -129,12 +140,17 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         async with self._call("GenerateBatch", context, new_request_id()) as engine:  # the batch's own id
             convert.check_batch_size(len(request.requests), self._max_batch_requests)  # before any work
             deadline = convert.deadline_from_time_remaining(context.time_remaining())
-            items = convert.to_engine_batch(request, deadline, engine.limits)
+            engine.check_admission()
+            args = (request, deadline, engine.limits)
+            if any(convert.is_large(item) for item in request.requests):
+                items = await asyncio.to_thread(convert.to_engine_batch, *args)
+            else:
+                items = convert.to_engine_batch(*args)
             streams: list[GenerationStream] = []
             try:
                 for i, item in enumerate(items):
                     try:
-                        streams.append(await engine.submit(item))
+                        streams.append(await engine.submit(item, validated=True))
                         _close_when_done(context, streams[-1])
                         call.accepted = True
                     except InvalidRequestError as exc:  # e.g. a prompt too long under REJECT

@@ -7,7 +7,7 @@ traceback goes to the server log, never to the caller).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 from google.protobuf import any_pb2
@@ -15,6 +15,9 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from grpc_status import rpc_status
 
 from gpt2_service.errors import (
+    MAX_FIELD_CHARS,
+    MAX_MESSAGE_CHARS,
+    MAX_REPORTED_VIOLATIONS,
     DeadlineExceededError,
     EngineDeadError,
     EngineError,
@@ -22,9 +25,11 @@ from gpt2_service.errors import (
     EngineUnavailableError,
     FieldViolation,
     InvalidRequestError,
+    clip,
 )
 
 ERROR_DOMAIN = "gpt2.v1"
+OMITTED_FIELD = "..."  # the BadRequest entry that counts the violations not listed
 
 # The one mapping from engine error to status code; subclasses map like their nearest listed base.
 STATUS_CODE_BY_ERROR: Mapping[type[EngineError], grpc.StatusCode] = {
@@ -68,20 +73,33 @@ def rich_status(
     message: str,
     reason: str,
     request_id: str,
-    violations: list[FieldViolation] | None = None,
+    violations: Sequence[FieldViolation] = (),
+    num_omitted: int = 0,
 ) -> grpc.Status:
-    """A grpc.Status whose trailer carries google.rpc.Status with ErrorInfo (+ BadRequest)."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={"request_id": request_id})
-    details = [_pack(info)]
+    """A grpc.Status whose trailer carries google.rpc.Status with ErrorInfo (+ BadRequest).
+
+    Bounded whatever the inputs: the message is clipped, at most ``MAX_REPORTED_VIOLATIONS``
+    violations are listed (each clipped) and a last entry, field ``OMITTED_FIELD``, says how
+    many more there were, so the trailers fit gRPC's default 8 KiB metadata budget."""
+    metadata = {"request_id": clip(request_id, MAX_FIELD_CHARS)}
+    details = []
     if violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in violations
-            ]
-        )
-        details.append(_pack(bad_request))
-    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+        listed = [v.clipped() for v in violations[:MAX_REPORTED_VIOLATIONS]]
+        num_omitted += len(violations) - len(listed)
+        entries = [
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in listed
+        ]
+        if num_omitted:
+            entries.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=OMITTED_FIELD, description=f"and {num_omitted} more violations, not listed"
+                )
+            )
+        metadata["num_violations"] = str(len(listed) + num_omitted)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=entries)))
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    details.insert(0, _pack(info))
+    status = status_pb2.Status(code=code.value[0], message=clip(message, MAX_MESSAGE_CHARS), details=details)
     result: grpc.Status = rpc_status.to_status(status)
     return result
 
@@ -91,8 +109,9 @@ def status_for_error(error: EngineError, request_id: str) -> grpc.Status:
     code = status_code_for(error)
     if code is grpc.StatusCode.INTERNAL:
         return internal_status(request_id)
-    violations = error.violations if isinstance(error, InvalidRequestError) else None
-    return rich_status(code, str(error), error.reason, request_id, violations)
+    if isinstance(error, InvalidRequestError):
+        return rich_status(code, str(error), error.reason, request_id, error.violations, error.num_omitted)
+    return rich_status(code, str(error), error.reason, request_id)
 
 
 def internal_status(request_id: str) -> grpc.Status:
