@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 
-.PHONY: run test check proto bench demo clean
+.PHONY: run test check fuzz proto bench demo clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ check: $(STAMP)  ## lint, format check, strict typing, import rules, and promtoo
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(PY) tools/check_metrics.py
+
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)  ## minutes of property-based fuzzing of every RPC, and the hostile-request suite (FUZZ_EXAMPLES per test)
+	GPT2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:cacheprovider tests/test_fuzz.py tests/test_adversarial.py $(PYTEST_ARGS)
 
 proto: $(STAMP)  ## regenerate client/gpt2_client/proto/ from proto/gpt2/v1/*.proto (tests fail when it is stale)
 	$(PY) proto/generate_python.py

@@ -219,3 +219,16 @@ def test_json_lines_carry_every_field_including_unknown_ones() -> None:
     entry = json.loads(_formatted(JsonFormatter(), {"rpc": "Generate", "finish_reason": None, "message": "x"}))
     assert (entry["request_id"], entry["rpc"], entry["finish_reason"]) == ("r-1", "Generate", None)
     assert entry["message"] == "request finished"  # a field never hides a base key
+
+
+@pytest.mark.parametrize("hostile", ["a\nFORGED INFO x", "\x1b[2J\x1b[31mred", "x\u2028y", "\x9b31m", "tab\there"])
+def test_text_lines_escape_control_characters_wherever_they_are(hostile: str) -> None:
+    line = _formatted(TextFormatter(), {"rpc": hostile, "error": hostile})
+    assert "\n" not in line and "\x1b" not in line and "\u2028" not in line and "\x9b" not in line
+    assert "\t" not in line
+
+
+def test_json_lines_escape_control_characters() -> None:
+    line = _formatted(JsonFormatter(), {"error": "a\nFORGED\x1b[31m"})
+    assert "\n" not in line and "\x1b" not in line
+    assert json.loads(line)["error"] == "a\nFORGED\x1b[31m"

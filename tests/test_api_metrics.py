@@ -26,7 +26,7 @@ from gpt2_service.api import convert
 from gpt2_service.metrics import Metrics
 from gpt2_service.weights import LoadedModel
 
-from tests.api_helpers import API_SERVER_CONFIG, first_message, greedy, long_request, serve, stub_for
+from tests.api_helpers import API_SERVER_CONFIG, first_message, greedy, long_request, rich_error, serve, stub_for
 from tests.engine_helpers import wait_until
 from tests.process_helpers import Labels, Samples, ServeProcess, parse_exposition, poll, serve_process
 
@@ -217,7 +217,7 @@ async def test_too_little_time_to_start_is_a_deadline_rejection(
             await stub.Generate(greedy(), timeout=30)
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         samples = await _counted(metrics, "Generate", "DEADLINE_EXCEEDED")
-    assert _rejected(samples) == {"deadline": 1, "invalid": 0, "queue_full": 0, "unauthenticated": 0}
+    assert _rejected(samples) == {"deadline": 1, "invalid": 0, "malformed": 0, "queue_full": 0, "unauthenticated": 0}
 
 
 async def test_a_deadline_passing_during_generation_is_deadline_exceeded_not_a_rejection(tiny: LoadedModel) -> None:
@@ -263,3 +263,15 @@ async def test_calls_cut_short_by_the_server_stopping_count_as_unavailable(tiny:
         await served.server.drain(grace_period=0.05)  # too short for it: the server cancels it
         samples = await _counted(metrics, "GenerateStream", "UNAVAILABLE")
     assert samples[("gpt2_requests_cancelled_total", frozenset())] == 0
+
+
+async def test_a_stream_cut_at_the_end_of_the_grace_period_gets_the_draining_reason(tiny: LoadedModel) -> None:
+    async with serve(tiny) as served, stub_for(served) as stub:
+        call = stub.GenerateStream(long_request())
+        await first_message(call)
+        await served.server.drain(grace_period=0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    error = rich_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "DRAINING")

@@ -6,7 +6,13 @@ import dataclasses
 
 import pytest
 from gpt2_service.engine import Engine
-from gpt2_service.errors import InvalidRequestError
+from gpt2_service.errors import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_MESSAGE_CHARS,
+    MAX_REPORTED_VIOLATIONS,
+    InvalidRequestError,
+    Violations,
+)
 from gpt2_service.request import (
     GenerationRequest,
     RequestLimits,
@@ -92,3 +98,24 @@ async def test_the_engine_enqueues_nothing_for_an_invalid_request(engine: Engine
         await engine.submit(with_sampling(top_p=0.0, top_k=-2))
     assert {v.field for v in info.value.violations} == {"sampling.top_p", "sampling.top_k"}
     assert engine.num_in_flight == 0 and engine.stats.num_steps == 0
+
+
+def test_a_list_over_its_limit_is_one_violation_whatever_it_holds() -> None:
+    req = dataclasses.replace(BASE, stopping=StoppingCriteria(stop=("",) * 100_000, stop_token_ids=(-1,) * 100_000))
+    violations = find_violations(req, LIMITS)
+    assert [v.field for v in violations] == ["stopping.stop", "stopping.stop_token_ids"]
+    assert len(violations) == 2
+
+
+def test_at_most_eight_violations_are_reported_and_the_rest_counted() -> None:
+    bad = Violations()
+    for i in range(20):
+        bad.add(f"field{i}", "x" * 10_000)
+    with pytest.raises(InvalidRequestError) as caught:
+        bad.raise_if_any()
+    error = caught.value
+    assert len(error.violations) == MAX_REPORTED_VIOLATIONS
+    assert error.num_omitted == 12
+    assert all(len(v.description) <= MAX_DESCRIPTION_CHARS for v in error.violations)
+    assert len(str(error)) <= MAX_MESSAGE_CHARS
+    assert str(error).endswith("(and 18 more)")

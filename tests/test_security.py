@@ -308,3 +308,46 @@ async def test_cli_takes_the_ca_and_the_token(tiny: LoadedModel, token_file: str
         )
     assert '"name": "random:tiny"' in out
     assert status == 1 and "UNAUTHENTICATED" in err
+
+
+# ---- client certificates for client authentication -----------------------------------------------
+
+
+async def test_require_client_eku_refuses_a_server_certificate_from_the_same_ca(tiny: LoadedModel) -> None:
+    config = tls_config(tls_client_ca=str(TLS / "ca.pem"), tls_require_client_eku=True)
+    metrics = Metrics()
+    async with serve(tiny, server_config=config, metrics=metrics) as served:
+        async with AsyncClient(
+            served.target, tls_ca=TLS / "ca.pem", tls_cert=TLS / "client.pem", tls_key=TLS / "client.key", timeout=30
+        ) as client:
+            assert (await client.generate("Hi", max_new_tokens=1)).usage.completion_tokens == 1
+        async with AsyncClient(
+            served.target,
+            tls_ca=TLS / "ca.pem",
+            tls_cert=TLS / "server.pem",  # signed by the CA, but not for client authentication
+            tls_key=TLS / "server.key",
+            timeout=30,
+            max_attempts=1,
+        ) as impostor:
+            with pytest.raises(UnauthenticatedError) as caught:
+                await impostor.generate("Hi", max_new_tokens=1)
+    assert caught.value.reason == "CLIENT_CERTIFICATE_NOT_FOR_CLIENT_AUTH"
+    assert 'gpt2_requests_rejected_total{reason="unauthenticated"} 1.0' in metrics.exposition().decode()
+
+
+async def test_without_require_client_eku_any_certificate_of_the_ca_is_accepted(tiny: LoadedModel) -> None:
+    """The default keeps earlier behaviour (documented): the CA alone decides."""
+    async with (
+        serve(tiny, server_config=tls_config(tls_client_ca=str(TLS / "ca.pem"))) as served,
+        AsyncClient(
+            served.target, tls_ca=TLS / "ca.pem", tls_cert=TLS / "server.pem", tls_key=TLS / "server.key", timeout=30
+        ) as client,
+    ):
+        assert (await client.generate("Hi", max_new_tokens=1)).usage.completion_tokens == 1
+
+
+def test_require_client_eku_needs_mutual_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--tls-cert", str(TLS / "server.pem"), "--tls-key", str(TLS / "server.key"), "--tls-require-client-eku"])
+    assert caught.value.code == 2
+    assert "--tls-require-client-eku needs --tls-client-ca" in capsys.readouterr().err

@@ -11,7 +11,9 @@
     ├── UnauthenticatedError    UNAUTHENTICATED: missing or wrong credentials
     └── InternalError           INTERNAL: a fault in the server (its log has the request id)
 
-Other codes raise ``GPT2Error`` itself. The details come from the google.rpc.Status the server
+Other codes raise ``GPT2Error`` itself, and so does an answer whose metadata gRPC refused as too
+large (RESOURCE_EXHAUSTED from the transport, not the server: reason ``METADATA_TOO_LARGE``, not
+an ``OverloadedError``, since retrying would not help). The details come from the google.rpc.Status the server
 puts in the ``grpc-status-details-bin`` trailer (ErrorInfo for the reason, BadRequest for the
 fields).
 """
@@ -25,6 +27,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]  # no py.typed
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+METADATA_TOO_LARGE = "METADATA_TOO_LARGE"  # the reason of an answer whose metadata gRPC refused
+_METADATA_LIMIT = "metadata"  # in gRPC's own message then, e.g. "metadata size exceeds hard limit"
 
 
 @dataclass(frozen=True)
@@ -134,4 +138,9 @@ def error_from_rpc(error: grpc.RpcError) -> GPT2Error:
                 detail.Unpack(bad)
                 violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
     cls = ERROR_BY_CODE.get(code, GPT2Error)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and status is None and _METADATA_LIMIT in message.lower():
+        # gRPC itself refused the answer's metadata (over this channel's size limit): not a full
+        # queue, and retrying would get the same answer. The server bounds its error details,
+        # so this means a server that does not, or a very low grpc.max_metadata_size here.
+        cls, reason = GPT2Error, METADATA_TOO_LARGE
     return cls(message, code=code, reason=reason, request_id=request_id, violations=tuple(violations))

@@ -203,7 +203,9 @@ class Engine:
             batch_invariant=config.batch_invariant,
         )
         self.limits = RequestLimits(
-            vocab_size=self.tokenizer.vocab_size, max_new_tokens_limit=config.max_new_tokens_limit
+            vocab_size=self.tokenizer.vocab_size,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            context_window=self.context_window,
         )
         self.stats = EngineStats(
             kv_cache_slots=num_slots,
@@ -329,6 +331,13 @@ class Engine:
             self.stats.num_aborted += 1
         self._inbox.put(("abort", seq_id))
 
+    def abort_all(self, error: EngineError) -> None:
+        """End every request in flight with ``error`` (called on the event loop, e.g. when a
+        server's grace period runs out); their slots are freed at the next step."""
+        for seq_id, stream in list(self._streams.items()):
+            stream._put(error)
+            self.abort(seq_id)
+
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between two steps (it never overlaps a forward pass)."""
         if self._loop is None or self._thread is None:
@@ -365,12 +374,14 @@ class Engine:
             field_name = "prompt"
         if not ids:
             ids = [self.tokenizer.eos_token_id]  # an empty prompt conditions on <|endoftext|>
-        truncated = 0
+        truncated = request.num_dropped_prompt_ids
+        if truncated and reject:
+            raise self._prompt_too_long(field_name, str(truncated + len(ids)))
         if len(ids) > self.context_window:
             if reject:
                 raise self._prompt_too_long(field_name, str(len(ids)))
-            truncated = len(ids) - self.context_window
-            ids = ids[truncated:]
+            truncated += len(ids) - self.context_window
+            ids = ids[-self.context_window :]
         stopping = request.stopping
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         return Sequence(

@@ -87,11 +87,10 @@ class InvalidRequestError(EngineError):
         self.violations = kept
         self.num_omitted = num_omitted + len(violations) - len(kept)
         self.reason = reason
-        summary = "; ".join(f"{v.field}: {v.description}" for v in kept[:2])
-        more = len(kept) - 2 + self.num_omitted
-        if more > 0:
-            summary += f" (and {more} more)"
-        super().__init__(clip(summary or "invalid request", MAX_MESSAGE_CHARS))
+        num_more = max(len(kept) - 2, 0) + self.num_omitted
+        more = f" (and {num_more} more)" if num_more else ""
+        summary = "; ".join(f"{v.field}: {v.description}" for v in kept[:2]) or "invalid request"
+        super().__init__(clip(summary, MAX_MESSAGE_CHARS - len(more)) + more)
 
     def with_fields(self, rename: Callable[[str], str]) -> InvalidRequestError:
         """The same error with every field path renamed (e.g. put under ``requests[3].``)."""

@@ -51,7 +51,7 @@ TOKEN_BUCKETS = _exponential(1.0, 2.0, 13)
 # Sequences decoded together in one step: 1 .. 512, doubling.
 BATCH_BUCKETS = _exponential(1.0, 2.0, 10)
 
-REJECT_REASONS = ("queue_full", "invalid", "deadline", "unauthenticated")
+REJECT_REASONS = ("queue_full", "invalid", "malformed", "deadline", "unauthenticated")
 PHASES = ("prefill", "decode", "lm_head_sampling")
 STAGES = ("embedding", "attention", "mlp", "final_layer_norm", "lm_head", "sampling")
 

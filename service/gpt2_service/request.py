@@ -91,6 +91,9 @@ class GenerationRequest:
     overflow: Overflow = Overflow.SHIFT
     top_logprobs: int = 0
     deadline: float | None = None  # time.monotonic() instant; None = no deadline
+    # Prompt ids that came before ``prompt_token_ids`` and were already cut off (TRUNCATE_LEFT) by
+    # the API layer, which never converts more ids than the window holds; counted as truncated.
+    num_dropped_prompt_ids: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class RequestLimits:
 
     vocab_size: int
     max_new_tokens_limit: int
+    context_window: int = 1024
 
 
 def _finite(value: float) -> bool:
@@ -118,6 +122,10 @@ def check_count(bad: Violations, field: str, count: int, limit: int, what: str) 
     checked one by one then, at bounded cost)."""
     bad.check(count <= limit, field, f"at most {limit} {what}, got {count}")
     return count <= limit
+
+
+def token_id_violation(field: str, token_id: int, vocab_size: int) -> tuple[str, str]:
+    return field, f"must be a token id in [0, {vocab_size}), got {token_id}"
 
 
 def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violations:
@@ -184,8 +192,9 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violat
         first_bad = first_bad_token_id(request.prompt_token_ids, limits.vocab_size)
         if first_bad is not None:  # one is enough; a bad list can be long
             bad.add(
-                f"prompt_token_ids[{first_bad}]",
-                f"must be a token id in [0, {limits.vocab_size}), got {request.prompt_token_ids[first_bad]}",
+                *token_id_violation(
+                    f"prompt_token_ids[{first_bad}]", request.prompt_token_ids[first_bad], limits.vocab_size
+                )
             )
     check(
         0 <= request.top_logprobs <= MAX_TOP_LOGPROBS,

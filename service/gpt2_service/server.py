@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import typing
 from collections.abc import Mapping, Sequence
@@ -224,6 +225,8 @@ def check_server_config(parser: argparse.ArgumentParser, config: ServerConfig) -
     try:
         # The server reads the files again when it starts; this is only to fail early and plainly.
         load_security(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file)
+        if config.tls_require_client_eku and not config.tls_client_ca:
+            raise SecurityConfigError("--tls-require-client-eku needs --tls-client-ca (mutual TLS)")
         if config.health_port and config.health_port == config.port:
             raise SecurityConfigError(f"--health-port {config.health_port} must differ from --port")
     except SecurityConfigError as exc:
@@ -239,7 +242,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(server_config.log_format, server_config.log_level)
     log.info("engine config: %s", engine_config)
     log.info("server config: %s", server_config)
-    raise SystemExit(asyncio.run(serve(engine_config, server_config)))
+    status = asyncio.run(serve(engine_config, server_config))
+    # Drained and stopped: exit now. Tearing down the interpreter (torch, gRPC and the model's
+    # memory) takes seconds and does nothing a restarting pod needs.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -293,7 +293,7 @@ class GenerateRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Echoed in every response and in the server's logs. Default: a generated uuid4 hex.
-    At most 128 characters.
+    1 to 128 printable ASCII characters without spaces ([!-~]); anything else is INVALID_ARGUMENT.
     """
     prompt: _builtins.str
     """Text, tokenized by the server. Empty = condition on <|endoftext|>."""

@@ -8,6 +8,7 @@ start; a bad combination of flags or an unreadable file raises ``SecurityConfigE
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -18,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gpt2_service.api.interceptors import guarded
 from gpt2_service.api.logs import new_request_id
 from gpt2_service.api.status import rich_status
 
@@ -159,6 +163,51 @@ def _rejecting_handler(
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(reject)
     return grpc.unary_unary_rpc_method_handler(reject)
+
+
+CLIENT_CERTIFICATE_REASON = "CLIENT_CERTIFICATE_NOT_FOR_CLIENT_AUTH"
+
+
+@functools.lru_cache(maxsize=256)
+def is_client_certificate(pem: bytes) -> bool:
+    """Whether the PEM certificate may authenticate a TLS client: its extended key usage is
+    present and names clientAuth (RFC 5280 4.2.1.12). A server's certificate signed by the same CA
+    usually names only serverAuth, or has no such extension."""
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
+
+
+class ClientCertificateInterceptor(_ServerInterceptor):
+    """Under mutual TLS, refuses calls whose client certificate (verified against the CA by
+    gRPC) lacks the clientAuth extended key usage: UNAUTHENTICATED, reason
+    ``CLIENT_CERTIFICATE_NOT_FOR_CLIENT_AUTH``. Health and reflection pass, as with tokens."""
+
+    def __init__(self, on_reject: Callable[[], None] | None = None) -> None:
+        self._on_reject = on_reject
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        return guarded(handler, self._check)
+
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        certificates = list(context.auth_context().get("x509_pem_cert") or ())
+        if certificates and is_client_certificate(bytes(certificates[0])):
+            return
+        if self._on_reject is not None:
+            self._on_reject()
+        message = "the client certificate is not for client authentication (its extended key usage lacks clientAuth)"
+        status = rich_status(grpc.StatusCode.UNAUTHENTICATED, message, CLIENT_CERTIFICATE_REASON, new_request_id())
+        await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class BearerTokenInterceptor(_ServerInterceptor):

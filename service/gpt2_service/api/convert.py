@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 from gpt2_client.proto import common_pb2
 from gpt2_client.proto import generation_pb2 as pb
@@ -34,6 +34,8 @@ from gpt2_service.request import (
     Truncation,
     check_count,
     find_violations,
+    first_bad_token_id,
+    token_id_violation,
 )
 from gpt2_service.sequence import Finished, GenerationOutput, TokenInfo
 
@@ -111,12 +113,21 @@ def is_large(msg: pb.GenerateRequest) -> bool:
     return len(msg.prompt) > LARGE_PROMPT_CHARS or len(msg.prompt_token_ids.ids) > LARGE_PROMPT_IDS
 
 
-def _token_ids(ids: Iterable[int]) -> tuple[int, ...]:
-    """The ids of a repeated field, converted a chunk at a time (the GIL is free in between)."""
-    it, out = iter(ids), list[int]()
+def _prompt_ids(ids: Sequence[int], keep: int, vocab_size: int, bad: Violations) -> tuple[tuple[int, ...], int]:
+    """The last ``keep`` ids of a repeated field and how many came before them, every id checked
+    against the vocabulary. A chunk at a time: the GIL is free between chunks, and an id list of
+    millions never becomes millions of Python ints at once."""
+    num_dropped = max(len(ids) - keep, 0)
+    it, tail, start = iter(ids), list[int](), 0
     while chunk := list(itertools.islice(it, _ID_CHUNK)):
-        out.extend(chunk)
-    return tuple(out)
+        first_bad = first_bad_token_id(chunk, vocab_size)
+        if first_bad is not None:
+            bad.add(*token_id_violation(f"prompt_token_ids.ids[{start + first_bad}]", chunk[first_bad], vocab_size))
+            return (), 0
+        if start + len(chunk) > num_dropped:
+            tail.extend(chunk[max(num_dropped - start, 0) :])
+        start += len(chunk)
+    return tuple(tail), num_dropped
 
 
 def to_engine_request(
@@ -138,10 +149,17 @@ def to_engine_request(
     overflow = OVERFLOW_FROM_PROTO.get(msg.overflow)
     bad.check(overflow is not None, "overflow", f"unknown Overflow value {msg.overflow}")
     which = msg.WhichOneof("input")
+    prompt_ids: tuple[int, ...] | None = None
+    num_dropped = 0
+    if which == "prompt_token_ids":
+        # Only the window's worth is converted; the ids before it are checked and counted (the
+        # engine truncates them, or refuses the prompt under REJECT).
+        prompt_ids, num_dropped = _prompt_ids(msg.prompt_token_ids.ids, limits.context_window, limits.vocab_size, bad)
     request = GenerationRequest(
         request_id=request_id,
         prompt=msg.prompt if which != "prompt_token_ids" else None,
-        prompt_token_ids=_token_ids(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        prompt_token_ids=prompt_ids,
+        num_dropped_prompt_ids=num_dropped,
         sampling=to_sampling_params(msg.sampling),
         stopping=to_stopping_criteria(msg.stopping, bad),
         truncation=truncation or Truncation.TRUNCATE_LEFT,

@@ -1,5 +1,6 @@
 """Admission of RPCs to the engine: closed until the model is ready, closed again while draining,
-and a count of the RPCs inside so a graceful shutdown can wait for them.
+and the RPCs inside, so that a graceful shutdown can wait for them and, once its grace period
+is over, cut them short with a status that says why.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from contextlib import asynccontextmanager
 
 from gpt2_service.api.status import DrainingError, NotReadyError
 from gpt2_service.engine import Engine
+
+DRAINING_CUT_MESSAGE = "the server's grace period for shutting down ended before this call finished; retry elsewhere"
 
 
 class ServingGate:
@@ -33,6 +36,12 @@ class ServingGate:
     @property
     def num_active(self) -> int:
         return self._num_active
+
+    def cut_active(self) -> None:
+        """The grace period is over: every generation still running ends with DrainingError, so
+        its RPC ends UNAVAILABLE with the DRAINING reason (a client knows to retry elsewhere)."""
+        if self._engine is not None:
+            self._engine.abort_all(DrainingError(DRAINING_CUT_MESSAGE))
 
     async def wait_idle(self) -> None:
         """Return once no RPC is inside."""

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from gpt2_service.api.logs import NO_REQUEST, log_fields
+from gpt2_service.api.logs import NO_REQUEST, log_fields, new_request_id
+from gpt2_service.api.status import MALFORMED_REQUEST, rich_status
+from gpt2_service.errors import MAX_DESCRIPTION_CHARS, clip
 from gpt2_service.metrics import REJECT_REASONS, Metrics
 from gpt2_service.sequence import Finished
 
@@ -54,6 +56,11 @@ _CUT_SHORT_ERRORS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "the call's deadline passed",
     grpc.StatusCode.UNAVAILABLE: "the server stopped before the call finished",
 }
+
+# A client whose deadline passes cancels the call (RST_STREAM) a little before the server's own
+# copy of that deadline runs out: the server's clock started when the headers arrived. A call
+# cut short this close to its deadline is counted as DEADLINE_EXCEEDED, not CANCELLED.
+DEADLINE_SLACK_SECONDS = 0.25
 
 Prompt: TypeAlias = "str | list[int] | None"
 
@@ -180,7 +187,7 @@ class RpcAccounting(_ServerInterceptor):
         }[(handler.request_streaming, handler.response_streaming)]
         return make(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -190,6 +197,7 @@ class RpcAccounting(_ServerInterceptor):
         async def accounted(request: Any, context: Context) -> Any:
             self._begin(call, context)
             try:
+                await _refuse_if_malformed(request, call, context)
                 response = await behaviour(request, context)
             except BaseException as exc:
                 call.outcome = _outcome_of(exc, context)
@@ -205,6 +213,7 @@ class RpcAccounting(_ServerInterceptor):
         async def accounted(request: Any, context: Context) -> AsyncIterator[Any]:
             self._begin(call, context)
             try:
+                await _refuse_if_malformed(request, call, context)
                 async with aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
                     async for response in responses:
                         yield response
@@ -225,7 +234,7 @@ class RpcAccounting(_ServerInterceptor):
         if self._stopping:
             return grpc.StatusCode.UNAVAILABLE
         remaining: float | None = context.time_remaining()  # None: no deadline
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
 
@@ -273,6 +282,75 @@ class RpcAccounting(_ServerInterceptor):
             fields["prompt"] = call.prompt
         level = _LOG_LEVEL_BY_CODE.get(code, logging.INFO)
         log_fields(log, level, "request finished", _ordered(fields), request_id=call.request_id)
+
+
+Guard: TypeAlias = "Callable[[Context], Awaitable[None]]"
+
+
+def guarded(handler: Handler, guard: Guard) -> Handler:
+    """``handler`` with ``guard(context)`` awaited before its behaviour runs; the guard refuses a
+    call by aborting it. For checks that need the call's context (e.g. its peer certificate),
+    which an interceptor's ``intercept_service`` does not get."""
+    if handler.request_streaming:
+        return handler  # no client-streaming RPC in this server
+    if handler.response_streaming:
+        inner_stream: Any = handler.unary_stream
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            await guard(context)
+            async for response in inner_stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+    inner_unary: Any = handler.unary_unary
+
+    async def unary(request: Any, context: Context) -> Any:
+        await guard(context)
+        return await inner_unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request message that could not be decoded (corrupt wire bytes, invalid
+    UTF-8 in a string field, nesting too deep), so the call is refused like any bad request
+    instead of ending UNKNOWN with a traceback in the log."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a decoder raises
+            return MalformedRequest(clip(str(exc), MAX_DESCRIPTION_CHARS))
+
+    return deserialize
+
+
+async def _refuse_if_malformed(request: Any, call: CallRecord, context: Context) -> None:
+    """INVALID_ARGUMENT with reason MALFORMED_REQUEST (under a new request id) for a message that
+    could not be decoded; counted as rejected "malformed"."""
+    if not isinstance(request, MalformedRequest):
+        return
+    call.request_id = new_request_id()
+    call.rejected = "malformed"
+    status = rich_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request message could not be decoded: {request.error}",
+        MALFORMED_REQUEST,
+        call.request_id,
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 ACCESS_FIELDS = (

@@ -66,8 +66,22 @@ def _text_value(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
+# Control characters (C0, DEL, C1) and Unicode line and paragraph separators, as escapes: a value
+# that holds them can neither start a forged log line nor send escape sequences to a terminal.
+_ESCAPES = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """``TEXT_FORMAT``, then the record's fields as ``key=value`` pairs (unknown ones left out)."""
+    """``TEXT_FORMAT``, then the record's fields as ``key=value`` pairs (unknown ones left out),
+    all on one line: control characters in any part of it are escaped (a traceback, when there
+    is one, follows on lines of its own)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -75,7 +89,7 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
         pairs = [f"{key}={_text_value(value)}" for key, value in _fields(record).items() if value is not None]
-        return " ".join([line, *pairs])
+        return escape_controls(" ".join([line, *pairs]))
 
 
 class JsonFormatter(logging.Formatter):

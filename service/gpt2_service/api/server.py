@@ -12,6 +12,7 @@ Security (api/auth.py): optional TLS or mutual TLS on the gRPC port, optional be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from gpt2_client.proto import generation_pb2, generation_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gpt2_service.api.auth import BearerTokenInterceptor, load_security
+from gpt2_service.api.auth import BearerTokenInterceptor, ClientCertificateInterceptor, load_security
 from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.interceptors import RpcAccounting, note_rejected
 from gpt2_service.api.servicer import TextGenerationServicer
@@ -36,6 +37,7 @@ T = TypeVar("T")
 
 TEXT_GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 OVERALL_HEALTH = ""
+CUT_STATUS_SECONDS = 0.5  # for the statuses of RPCs cut at the end of the grace period to go out
 
 
 def _opt(default: T, help: str) -> T:
@@ -67,6 +69,10 @@ class ServerConfig:
     tls_cert: str = _opt("", "PEM certificate chain: serve the gRPC port over TLS (with --tls-key); empty = plaintext")
     tls_key: str = _opt("", "PEM private key of --tls-cert")
     tls_client_ca: str = _opt("", "PEM CA bundle: mutual TLS, clients must present a certificate signed by it")
+    tls_require_client_eku: bool = _opt(
+        False, "with --tls-client-ca: also refuse client certificates whose extended key usage lacks clientAuth "
+        "(e.g. a server certificate from the same CA)"
+    )  # fmt: skip
     auth_token_file: str = _opt(
         "", "file of accepted bearer tokens, one per line: every call but health and reflection must send "
         "'authorization: Bearer <token>'; empty = no token auth"
@@ -117,6 +123,9 @@ class GenerationServer:
             *_connection_age_options(config),
         ]
         interceptors = [self.accounting, *interceptors]
+        if config.tls_require_client_eku:
+            on_refuse = functools.partial(note_rejected, "unauthenticated")
+            interceptors.append(ClientCertificateInterceptor(on_reject=on_refuse))
         if self.security.token_digests:  # innermost: the others still see the calls it rejects
             on_reject = functools.partial(note_rejected, "unauthenticated")
             interceptors.append(BearerTokenInterceptor(self.security, on_reject=on_reject))
@@ -192,11 +201,14 @@ class GenerationServer:
             for waiter in waiters:
                 waiter.cancel()
         if self.gate.num_active:
-            log.warning("grace period over: cancelling %d RPCs still in flight", self.gate.num_active)
-        # Idle: a moment for the last statuses to go out (long-lived health watches would hold a
-        # longer grace). Not idle: the grace is spent, gRPC cancels what is left.
+            log.warning("grace period over: cutting %d RPCs still in flight", self.gate.num_active)
+            self.gate.cut_active()  # each ends UNAVAILABLE with reason DRAINING
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gate.wait_idle(), CUT_STATUS_SECONDS)
+        # A moment for the last statuses to go out (long-lived health watches would hold a longer
+        # grace); gRPC cancels whatever is still open after it.
         self.accounting.server_stopping()
-        await self.server.stop(0.0 if self.gate.num_active else 0.5)
+        await self.server.stop(CUT_STATUS_SECONDS)
         if self.health_server is not None:
             await self.health_server.stop(0.5)
 

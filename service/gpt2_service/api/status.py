@@ -29,6 +29,7 @@ from gpt2_service.errors import (
 )
 
 ERROR_DOMAIN = "gpt2.v1"
+MALFORMED_REQUEST = "MALFORMED_REQUEST"  # the reason of a request message that could not be decoded
 OMITTED_FIELD = "..."  # the BadRequest entry that counts the violations not listed
 
 # The one mapping from engine error to status code; subclasses map like their nearest listed base.
