@@ -30,10 +30,9 @@ import grpc
 import torch
 from gpt2_client.proto import common_pb2, introspection_pb2_grpc
 from gpt2_client.proto import introspection_pb2 as pb
-from gpt2_service.api.gate import ServingGate
-from gpt2_service.api.introspection import introspection_service, max_response_bytes
-from gpt2_service.api.server import GenerationServer, ServerConfig
-from gpt2_service.config import EngineConfig
+from gpt2_service.api.introspection import max_response_bytes
+from gpt2_service.api.server import GenerationServer
+from gpt2_service.config import EngineConfig, ServerConfig
 from gpt2_service.engine import Engine
 from gpt2_service.weights import load_model
 
@@ -73,8 +72,7 @@ async def run(model: str, device: str, num_tokens: int, repeat: int, warmup: int
     server_config = ServerConfig(
         host="127.0.0.1", port=0, max_message_bytes=64 * 2**20, max_introspection_bytes=64 * 2**20
     )
-    gate = ServingGate()
-    server = GenerationServer(server_config, extra_services=[introspection_service(gate, server_config)], gate=gate)
+    server = GenerationServer(server_config)
     port = await server.start()
     engine = Engine(loaded, engine_config)
     await engine.start()

@@ -34,8 +34,8 @@ import grpc
 import torch
 from gpt2_client.proto import common_pb2, generation_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
-from gpt2_service.api.server import GenerationServer, ServerConfig
-from gpt2_service.config import EngineConfig
+from gpt2_service.api.server import GenerationServer
+from gpt2_service.config import EngineConfig, ServerConfig
 from gpt2_service.engine import Engine
 from gpt2_service.request import GenerationRequest, SamplingParams, StoppingCriteria
 from gpt2_service.weights import load_model

@@ -58,8 +58,8 @@ import grpc
 import numpy as np
 import torch
 from gpt2_client.proto import generation_pb2_grpc
-from gpt2_service.api.server import GenerationServer, ServerConfig
-from gpt2_service.config import EngineConfig
+from gpt2_service.api.server import GenerationServer
+from gpt2_service.config import EngineConfig, ServerConfig
 from gpt2_service.engine import Engine
 from gpt2_service.metrics import EngineRecorder, Metrics
 from gpt2_service.weights import load_model

@@ -13,8 +13,8 @@ import grpc
 from google.rpc import error_details_pb2
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
-from gpt2_service.api.server import GenerationServer, ServerConfig
-from gpt2_service.config import EngineConfig
+from gpt2_service.api.server import GenerationServer
+from gpt2_service.config import EngineConfig, ServerConfig
 from gpt2_service.engine import Engine
 from gpt2_service.metrics import Metrics
 from gpt2_service.weights import LoadedModel

@@ -17,14 +17,13 @@ from gpt2_client.proto import generation_pb2 as gen_pb
 from gpt2_client.proto import introspection_pb2 as pb
 from gpt2_client.tensors import decode_tensor
 from gpt2_service.api.introspection import INTROSPECTION_SERVICE
-from gpt2_service.api.server import ServerConfig
+from gpt2_service.config import ServerConfig
 from gpt2_service.introspection import RESPONSE_TOO_LARGE, Candidate, Inspector
 from gpt2_service.weights import LoadedModel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.api_helpers import API_SERVER_CONFIG, Served, first_message, greedy, rich_error
-from tests.introspection_helpers import serve_introspection
+from tests.api_helpers import API_SERVER_CONFIG, Served, first_message, greedy, rich_error, serve
 
 CAT = "cat sat on the"
 CAT_IDS = [9246, 3332, 319, 262]
@@ -33,7 +32,7 @@ SIXTY_FOUR_TOKENS = " ".join(["word"] * 64)  # "word" and " word" are one token 
 
 @pytest.fixture
 async def served(tiny: LoadedModel) -> AsyncIterator[Served]:
-    async with serve_introspection(tiny) as s:
+    async with serve(tiny) as s:
         yield s
 
 
@@ -214,7 +213,7 @@ async def test_bad_fields_are_invalid_argument_naming_them(served: Served, reque
 @pytest.fixture
 async def small_limit(tiny: LoadedModel) -> AsyncIterator[Stub]:
     config = dataclasses.replace(API_SERVER_CONFIG, max_introspection_bytes=20_000)
-    async with serve_introspection(tiny, config) as served, served.channel() as channel:
+    async with serve(tiny, server_config=config) as served, served.channel() as channel:
         yield introspection_pb2_grpc.IntrospectionStub(channel)
 
 
@@ -255,7 +254,7 @@ def test_the_limit_never_exceeds_the_message_size() -> None:
 
 
 async def test_unavailable_while_loading_and_while_draining(tiny: LoadedModel) -> None:
-    async with serve_introspection(tiny, attach=False) as served, served.channel() as channel:
+    async with serve(tiny, attach=False) as served, served.channel() as channel:
         stub = introspection_pb2_grpc.IntrospectionStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as loading:
             await stub.Tokenize(pb.TokenizeRequest(text=CAT))
@@ -269,7 +268,7 @@ async def test_unavailable_while_loading_and_while_draining(tiny: LoadedModel) -
 
 
 async def test_health_reports_introspection_serving_once_attached(tiny: LoadedModel) -> None:
-    async with serve_introspection(tiny, attach=False) as served, served.channel() as channel:
+    async with serve(tiny, attach=False) as served, served.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service="gpt2.v1.Introspection")
         before = (await health.Check(request)).status

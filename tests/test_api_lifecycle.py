@@ -16,9 +16,8 @@ import pytest
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
 from gpt2_service.api.logs import JsonFormatter, RequestIdFilter, request_id_var
-from gpt2_service.api.server import ServerConfig
-from gpt2_service.config import EngineConfig
-from gpt2_service.server import build_parser, config_from_args, serve
+from gpt2_service.config import EngineConfig, ServerConfig, build_parser, config_from_args
+from gpt2_service.main import serve
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.api_helpers import greedy, rich_error
@@ -31,7 +30,7 @@ LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 async def _start_server(*flags: str) -> tuple[asyncio.subprocess.Process, int, list[str]]:
     """gpt2-serve in a subprocess; returns it, its port, and (growing) list of its log lines."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gpt2_service.server", "--model", "random:tiny", "--host", "127.0.0.1",
+        sys.executable, "-m", "gpt2_service", "--model", "random:tiny", "--host", "127.0.0.1",
         "--port", "0", "--metrics-port", "0", "--context-window", "128", *flags,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -39,7 +39,7 @@ Entry = dict[str, Any]
 
 
 def _access(entries: list[Entry]) -> list[Entry]:
-    return [e for e in entries if e["logger"] == "gpt2_service.api.interceptors" and e["message"] == "request finished"]
+    return [e for e in entries if e["logger"] == "gpt2_service.api.access" and e["message"] == "request finished"]
 
 
 def _one(entries: list[Entry], **match: object) -> Entry:
@@ -161,7 +161,7 @@ async def _access_entries(caplog: pytest.LogCaptureFixture, count: int) -> list[
     """The access lines, once ``count`` are logged (each is logged when its call has ended)."""
 
     def records() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.name == "gpt2_service.api.interceptors"]
+        return [r for r in caplog.records if r.name == "gpt2_service.api.access"]
 
     await wait_until(lambda: len(records()) >= count)
     return [json.loads(JsonFormatter().format(r)) for r in records()]
@@ -169,7 +169,7 @@ async def _access_entries(caplog: pytest.LogCaptureFixture, count: int) -> list[
 
 async def test_log_prompts_puts_each_prompt_in_its_line(tiny: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
     config = dataclasses.replace(API_SERVER_CONFIG, log_prompts=True)
-    caplog.set_level(logging.INFO, logger="gpt2_service.api.interceptors")
+    caplog.set_level(logging.INFO, logger="gpt2_service.api.access")
     async with serve(tiny, server_config=config) as served, stub_for(served) as stub:
         await stub.Generate(greedy(SECRET, max_new_tokens=2, request_id="text"))
         ids = greedy(max_new_tokens=2, request_id="ids")
@@ -182,7 +182,7 @@ async def test_log_prompts_puts_each_prompt_in_its_line(tiny: LoadedModel, caplo
 
 
 async def test_without_log_prompts_no_line_has_a_prompt(tiny: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="gpt2_service.api.interceptors")
+    caplog.set_level(logging.INFO, logger="gpt2_service.api.access")
     async with serve(tiny) as served, stub_for(served) as stub:
         await stub.Generate(greedy(SECRET, max_new_tokens=2, request_id="text"))
         [entry] = await _access_entries(caplog, 1)

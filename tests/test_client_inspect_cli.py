@@ -18,8 +18,7 @@ from gpt2_service.introspection import Inspector
 from gpt2_service.weights import LoadedModel
 from PIL import Image
 
-from tests.api_helpers import VENV_BIN, Served
-from tests.introspection_helpers import serve_introspection
+from tests.api_helpers import VENV_BIN, Served, serve
 
 CAT = "cat sat on the"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,7 +26,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 async def served(tiny: LoadedModel) -> AsyncIterator[Served]:
-    async with serve_introspection(tiny) as s:
+    async with serve(tiny) as s:
         yield s
 
 

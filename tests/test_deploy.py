@@ -29,11 +29,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from gpt2_service.api.server import OVERALL_HEALTH, TEXT_GENERATION_SERVICE, ServerConfig
-from gpt2_service.config import EngineConfig
+from gpt2_service.api.server import OVERALL_HEALTH, TEXT_GENERATION_SERVICE
+from gpt2_service.config import ENV_PREFIX, EngineConfig, ServerConfig, build_parser
 from gpt2_service.engine import Engine
 from gpt2_service.metrics import Metrics
-from gpt2_service.server import ENV_PREFIX, build_parser
 from gpt2_service.weights import LoadedModel
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
@@ -579,7 +578,7 @@ def test_image_stops_on_sigterm_and_runs_gpt2_serve() -> None:
     (entrypoint,) = [json.loads(i.args) for i in final if i.keyword == "ENTRYPOINT"]
     assert entrypoint == ["gpt2-serve"]
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["gpt2-serve"] == "gpt2_service.server:main"
+    assert scripts["gpt2-serve"] == "gpt2_service.main:main"
 
 
 @needs_kubectl

@@ -11,7 +11,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from gpt2_service.server import build_parser, env_name
+from gpt2_service.config import build_parser, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS_TABLE = "docs/configuration.md"  # the one page with the flag/environment/default table

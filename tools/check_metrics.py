@@ -37,7 +37,7 @@ class Server:
 
     def __init__(self) -> None:
         command = [
-            sys.executable, "-m", "gpt2_service.server", "--model", "random:tiny", "--host", "127.0.0.1",
+            sys.executable, "-m", "gpt2_service", "--model", "random:tiny", "--host", "127.0.0.1",
             "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--context-window", "128",
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

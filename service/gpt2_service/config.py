@@ -1,15 +1,21 @@
-"""Engine configuration: a frozen dataclass whose fields all have defaults and a description.
-
-The server's flags (and their GPT2_SERVE_* environment twins) are generated from the field
-metadata, so ``--help`` and this file cannot disagree.
+"""Every setting of ``gpt2-serve``: frozen dataclasses whose fields all have a default and a
+one-line description, and the flags (with their ``GPT2_SERVE_*`` environment twins) generated
+from them, so ``--help``, the docs table and this file cannot disagree. No torch, no gRPC.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+C = TypeVar("C")
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # weights.DTYPES maps each to its torch dtype
 
 
 def _opt(default: T, help: str) -> T:
@@ -45,3 +51,119 @@ class EngineConfig:
 
     def resolved_slots(self) -> int:
         return self.kv_cache_slots or self.max_batch_size
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server's own settings (the engine's are in EngineConfig); flags are made from these."""
+
+    host: str = _opt("0.0.0.0", "address to listen on ([::] for IPv6 too)")
+    port: int = _opt(50051, "port to listen on (0 = pick a free one)")
+    grace_period: float = _opt(30.0, "seconds running requests get to finish after SIGTERM/SIGINT")
+    max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message received or sent, in bytes")
+    max_batch_requests: int = _opt(64, "most requests in one GenerateBatch call")
+    max_introspection_bytes: int = _opt(
+        16 * 1024 * 1024,
+        "largest Introspection response, in bytes; bigger requests get INVALID_ARGUMENT naming what to narrow "
+        "(capped at --max-message-bytes less 64 KiB of framing)",
+    )
+    reflection: bool = _opt(True, "serve gRPC server reflection (for grpcurl and other generic clients)")
+    max_connection_age: float = _opt(
+        0.0, "seconds after which a client connection is closed with a GOAWAY (gRPC adds +-10 percent jitter), "
+        "so clients re-resolve and spread over new replicas; 0 = never (the Kubernetes manifests set 300)"
+    )  # fmt: skip
+    max_connection_age_grace: float = _opt(
+        60.0, "seconds the calls running on a connection at its max age get to finish before it is closed; 0 = no limit"
+    )
+    tls_cert: str = _opt("", "PEM certificate chain: serve the gRPC port over TLS (with --tls-key); empty = plaintext")
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt("", "PEM CA bundle: mutual TLS, clients must present a certificate signed by it")
+    tls_require_client_eku: bool = _opt(
+        False, "with --tls-client-ca: also refuse client certificates whose extended key usage lacks clientAuth "
+        "(e.g. a server certificate from the same CA)"
+    )  # fmt: skip
+    auth_token_file: str = _opt(
+        "", "file of accepted bearer tokens, one per line: every call but health and reflection must send "
+        "'authorization: Bearer <token>'; empty = no token auth"
+    )  # fmt: skip
+    health_port: int = _opt(
+        0, "also serve grpc.health.v1.Health alone, in plaintext, on this port (kubelet probes under TLS); 0 = off"
+    )
+    metrics_host: str = _opt("0.0.0.0", "address the Prometheus /metrics endpoint listens on")
+    metrics_port: int = _opt(
+        9090, "port of the Prometheus /metrics endpoint (plain HTTP); 0 = pick a free one, -1 = no metrics"
+    )
+    log_format: str = _opt("text", "log format: text or json (one JSON object per line)")
+    log_level: str = _opt("info", "log level: debug, info, warning or error")
+    log_prompts: bool = _opt(False, "put each request's prompt in its log line (prompts may hold private data)")
+
+
+# -- flags ---------------------------------------------------------------------------------------
+
+ENV_PREFIX = "GPT2_SERVE_"
+CHOICES: dict[str, Sequence[str]] = {
+    "dtype": DTYPE_NAMES,
+    "log_format": ("text", "json"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _from_env(raw: str, kind: type, name: str) -> Any:
+    if kind is bool:
+        if raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ValueError(f"{name}={raw!r} is not a boolean (use true/false)")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[Any], title: str, environ: Mapping[str, str]) -> None:
+    """One flag per dataclass field: ``--field-name``, typed, help from ``metadata["help"]``,
+    default from ``GPT2_SERVE_FIELD_NAME`` if set, else the field's default."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        env = env_name(f.name)
+        default = f.default
+        if env in environ:
+            try:
+                default = _from_env(environ[env], kind, env)
+            except ValueError as exc:
+                parser.error(str(exc))
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {env}]"
+        if kind is bool:  # --flag / --no-flag
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        else:
+            group.add_argument(
+                flag, dest=f.name, type=kind, default=default, choices=CHOICES.get(f.name),
+                metavar=f.name.upper(), help=help_text,
+            )  # fmt: skip
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The parser of ``gpt2-serve``: one flag per field of EngineConfig and ServerConfig, defaults
+    from ``environ`` (the GPT2_SERVE_* twins) where set."""
+    parser = argparse.ArgumentParser(
+        prog="gpt2-serve",
+        description="Serve GPT-2 over gRPC (gpt2.v1.TextGeneration and Introspection, health, reflection).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_flags(parser, EngineConfig, "engine", environ)
+    add_config_flags(parser, ServerConfig, "server", environ)
+    return parser

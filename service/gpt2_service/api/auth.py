@@ -22,7 +22,7 @@ import grpc.aio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gpt2_service.api.interceptors import guarded
+from gpt2_service.api.handlers import guarded
 from gpt2_service.api.logs import new_request_id
 from gpt2_service.api.status import rich_status
 
@@ -241,7 +241,7 @@ class BearerTokenInterceptor(_ServerInterceptor):
             return handler
         why = "missing bearer token" if token is None else "invalid bearer token"
         request_id = new_request_id()
-        # The access line (api/interceptors.py) logs the outcome; this says which check failed.
+        # The access line (api/access_log.py) logs the outcome; this says which check failed.
         log.debug("%s: UNAUTHENTICATED (%s)", method, why, extra={"request_id": request_id})
         if self._on_reject is not None:
             self._on_reject()

@@ -15,15 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
-import grpc
 from gpt2_client.proto import introspection_pb2 as pb
 from gpt2_client.proto import introspection_pb2_grpc
 from gpt2_client.tensors import DTYPE_FROM_PROTO, TensorDtype, encode_tensor
 
 from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.logs import new_request_id
-from gpt2_service.api.server import ExtraService, ServerConfig
 from gpt2_service.api.servicer import Context, rpc_scope
+from gpt2_service.config import ServerConfig
 from gpt2_service.engine import Engine
 from gpt2_service.errors import FieldViolation, InvalidRequestError
 from gpt2_service.introspection import (
@@ -142,17 +141,6 @@ async def _run(engine: Engine, plan: Callable[[], Plan[T]]) -> T:
 def max_response_bytes(config: ServerConfig) -> int:
     """--max-introspection-bytes, capped so that a response always fits in one gRPC message."""
     return max(1, min(config.max_introspection_bytes, config.max_message_bytes - FRAMING_BYTES))
-
-
-def introspection_service(gate: ServingGate, config: ServerConfig) -> ExtraService:
-    """Introspection for ``GenerationServer(extra_services=...)``, answering through ``gate``
-    (pass the same gate to the server, so loading and draining apply to it too)."""
-    servicer = IntrospectionServicer(gate, max_response_bytes(config))
-
-    def add(server: grpc.aio.Server) -> None:
-        introspection_pb2_grpc.add_IntrospectionServicer_to_server(servicer, server)
-
-    return ExtraService(INTROSPECTION_SERVICE, add)
 
 
 # -- requests ------------------------------------------------------------------------------------

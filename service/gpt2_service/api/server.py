@@ -1,4 +1,5 @@
-"""The gRPC server around one engine: TextGeneration, grpc.health.v1.Health and reflection.
+"""The gRPC server around one engine: TextGeneration, Introspection, grpc.health.v1.Health and
+reflection.
 
 Lifecycle: ``start()`` listens at once with health NOT_SERVING (so probes answer while the model
 loads); ``attach(engine)`` after the engine's warm-up pass flips health to SERVING; ``drain()``
@@ -15,96 +16,38 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
-from gpt2_client.proto import generation_pb2, generation_pb2_grpc
+from gpt2_client.proto import generation_pb2, generation_pb2_grpc, introspection_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gpt2_service.api.accounting import RpcAccounting, note_rejected
 from gpt2_service.api.auth import BearerTokenInterceptor, ClientCertificateInterceptor, load_security
 from gpt2_service.api.gate import ServingGate
-from gpt2_service.api.interceptors import RpcAccounting, note_rejected
+from gpt2_service.api.introspection import INTROSPECTION_SERVICE, IntrospectionServicer, max_response_bytes
 from gpt2_service.api.servicer import TextGenerationServicer
+from gpt2_service.config import ServerConfig
 from gpt2_service.engine import Engine
 from gpt2_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 TEXT_GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 OVERALL_HEALTH = ""
 CUT_STATUS_SECONDS = 0.5  # for the statuses of RPCs cut at the end of the grace period to go out
 
 
-def _opt(default: T, help: str) -> T:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """The server's own settings (the engine's are in EngineConfig); flags are made from these."""
-
-    host: str = _opt("0.0.0.0", "address to listen on ([::] for IPv6 too)")
-    port: int = _opt(50051, "port to listen on (0 = pick a free one)")
-    grace_period: float = _opt(30.0, "seconds running requests get to finish after SIGTERM/SIGINT")
-    max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message received or sent, in bytes")
-    max_batch_requests: int = _opt(64, "most requests in one GenerateBatch call")
-    max_introspection_bytes: int = _opt(
-        16 * 1024 * 1024,
-        "largest Introspection response, in bytes; bigger requests get INVALID_ARGUMENT naming what to narrow "
-        "(capped at --max-message-bytes less 64 KiB of framing)",
-    )
-    reflection: bool = _opt(True, "serve gRPC server reflection (for grpcurl and other generic clients)")
-    max_connection_age: float = _opt(
-        0.0, "seconds after which a client connection is closed with a GOAWAY (gRPC adds +-10 percent jitter), "
-        "so clients re-resolve and spread over new replicas; 0 = never (the Kubernetes manifests set 300)"
-    )  # fmt: skip
-    max_connection_age_grace: float = _opt(
-        60.0, "seconds the calls running on a connection at its max age get to finish before it is closed; 0 = no limit"
-    )
-    tls_cert: str = _opt("", "PEM certificate chain: serve the gRPC port over TLS (with --tls-key); empty = plaintext")
-    tls_key: str = _opt("", "PEM private key of --tls-cert")
-    tls_client_ca: str = _opt("", "PEM CA bundle: mutual TLS, clients must present a certificate signed by it")
-    tls_require_client_eku: bool = _opt(
-        False, "with --tls-client-ca: also refuse client certificates whose extended key usage lacks clientAuth "
-        "(e.g. a server certificate from the same CA)"
-    )  # fmt: skip
-    auth_token_file: str = _opt(
-        "", "file of accepted bearer tokens, one per line: every call but health and reflection must send "
-        "'authorization: Bearer <token>'; empty = no token auth"
-    )  # fmt: skip
-    health_port: int = _opt(
-        0, "also serve grpc.health.v1.Health alone, in plaintext, on this port (kubelet probes under TLS); 0 = off"
-    )
-    metrics_host: str = _opt("0.0.0.0", "address the Prometheus /metrics endpoint listens on")
-    metrics_port: int = _opt(
-        9090, "port of the Prometheus /metrics endpoint (plain HTTP); 0 = pick a free one, -1 = no metrics"
-    )
-    log_format: str = _opt("text", "log format: text or json (one JSON object per line)")
-    log_level: str = _opt("info", "log level: debug, info, warning or error")
-    log_prompts: bool = _opt(False, "put each request's prompt in its log line (prompts may hold private data)")
-
-
-@dataclass(frozen=True)
-class ExtraService:
-    """Another service on the same server (e.g. Introspection): how to add it, and its name for
-    health and reflection."""
-
-    name: str
-    add_to_server: Callable[[grpc.aio.Server], None]
-
-
 class GenerationServer:
+    """The one place a server is assembled (``gpt2-serve`` and every test use it): TextGeneration
+    and Introspection behind one serving gate, health, reflection, accounting and security."""
+
     def __init__(
         self,
         config: ServerConfig,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
-        extra_services: Sequence[ExtraService] = (),
-        gate: ServingGate | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         """``metrics``: where RPCs are counted (None: only logged). ``interceptors`` run after the
@@ -112,10 +55,11 @@ class GenerationServer:
         self.config = config
         self.accounting = RpcAccounting(metrics, log_prompts=config.log_prompts)
         self.security = load_security(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file)
-        self.gate = gate if gate is not None else ServingGate()  # shared with extra services that need the engine
+        self.gate = ServingGate()
         self.servicer = TextGenerationServicer(self.gate, config.max_batch_requests)
+        self.introspection = IntrospectionServicer(self.gate, max_response_bytes(config))
         self.health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped in grpc-stubs
-        self.services = [TEXT_GENERATION_SERVICE, *(s.name for s in extra_services)]
+        self.services = [TEXT_GENERATION_SERVICE, INTROSPECTION_SERVICE]
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -123,17 +67,15 @@ class GenerationServer:
             *_connection_age_options(config),
         ]
         interceptors = [self.accounting, *interceptors]
+        on_refuse = functools.partial(note_rejected, "unauthenticated")
         if config.tls_require_client_eku:
-            on_refuse = functools.partial(note_rejected, "unauthenticated")
             interceptors.append(ClientCertificateInterceptor(on_reject=on_refuse))
         if self.security.token_digests:  # innermost: the others still see the calls it rejects
-            on_reject = functools.partial(note_rejected, "unauthenticated")
-            interceptors.append(BearerTokenInterceptor(self.security, on_reject=on_reject))
+            interceptors.append(BearerTokenInterceptor(self.security, on_reject=on_refuse))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         generation_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
+        introspection_pb2_grpc.add_IntrospectionServicer_to_server(self.introspection, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for service in extra_services:
-            service.add_to_server(self.server)
         if config.reflection:
             names = [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME]
             reflection.enable_server_reflection(names, self.server)

@@ -3,7 +3,7 @@
 Every RPC runs inside ``_call``: it sets the request id for logging, enters the serving gate
 (UNAVAILABLE while loading or draining) and turns errors into statuses through api/status.py.
 What an RPC learns (request id, prompt, tokens, finish reason, why it was refused) goes to its
-``CallRecord`` (api/interceptors.py), which counts it and logs its one access line at its end.
+``CallRecord`` (api/accounting.py), which counts it and logs its one access line at its end.
 Cancellation (client gone, deadline passed) cancels the handler's task (CancelledError is not an
 Exception, so ``_call`` lets it through) and ends the RPC; the RPC's done callback then closes
 the engine stream, which aborts the request; its slot is freed at the next engine step.
@@ -23,8 +23,8 @@ from gpt2_client.proto import common_pb2, generation_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
 
 from gpt2_service.api import convert
+from gpt2_service.api.accounting import CallRecord, FinishedRequest, Prompt, current_call
 from gpt2_service.api.gate import ServingGate
-from gpt2_service.api.interceptors import CallRecord, FinishedRequest, Prompt, current_call
 from gpt2_service.api.logs import new_request_id, request_id_var
 from gpt2_service.api.status import internal_status, status_code_for, status_for_error
 from gpt2_service.engine import Engine, GenerationStream

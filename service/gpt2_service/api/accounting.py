@@ -9,7 +9,7 @@ behaviour: it notes how the behaviour ended (returned: the context's code, else 
 abort's code; raised: UNKNOWN, as grpc answers then), and a done callback on the RPC, which grpc
 runs once when the call is over, accounts for it. A behaviour that never ended was cut short: by
 its deadline (DEADLINE_EXCEEDED), by the server stopping (UNAVAILABLE), or by the client
-(CANCELLED). The servicer adds what only it knows (request id, tokens, finish reason, why a
+(CANCELLED). The line itself is api/access_log.py's. The servicer adds what only it knows (request id, tokens, finish reason, why a
 request was rejected) to ``current_call()``; other interceptors placed after this one report a
 rejection with ``note_rejected``.
 """
@@ -28,28 +28,18 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from gpt2_service.api.logs import NO_REQUEST, log_fields, new_request_id
+from gpt2_service.api.access_log import log_access
+from gpt2_service.api.handlers import Context, Handler, MalformedRequest, tolerant
+from gpt2_service.api.logs import NO_REQUEST, new_request_id
 from gpt2_service.api.status import MALFORMED_REQUEST, rich_status
-from gpt2_service.errors import MAX_DESCRIPTION_CHARS, clip
 from gpt2_service.metrics import REJECT_REASONS, Metrics
 from gpt2_service.sequence import Finished
 
 log = logging.getLogger(__name__)
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 # The gpt2.v1 services (TextGeneration, Introspection); not grpc.health.v1 nor reflection.
 COUNTED_METHOD_PREFIXES = ("/gpt2.",)
-
-# Expected outcomes are logged at INFO; a full queue at WARNING; faults at ERROR (the servicer
-# logs their traceback separately).
-_LOG_LEVEL_BY_CODE = {
-    grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING,
-    grpc.StatusCode.INTERNAL: logging.ERROR,
-    grpc.StatusCode.UNKNOWN: logging.ERROR,
-    grpc.StatusCode.DATA_LOSS: logging.ERROR,
-}
 
 _CUT_SHORT_ERRORS = {
     grpc.StatusCode.CANCELLED: "cancelled by the client",
@@ -120,10 +110,6 @@ def note_rejected(reason: str) -> None:
         call.rejected = reason
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
-
-
 def _context_code(context: Context) -> grpc.StatusCode | None:
     code: grpc.StatusCode | None = context.code()  # None unless set_code or abort was called
     return code
@@ -187,7 +173,7 @@ class RpcAccounting(_ServerInterceptor):
         }[(handler.request_streaming, handler.response_streaming)]
         return make(
             wrapped,
-            request_deserializer=_tolerant(handler.request_deserializer),
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -250,91 +236,7 @@ class RpcAccounting(_ServerInterceptor):
                 self._metrics.observe_rejected(call.rejected)
             if code is grpc.StatusCode.CANCELLED:
                 self._metrics.observe_cancelled()
-        self._log(call, code, None if code is grpc.StatusCode.OK else error)
-
-    def _log(self, call: CallRecord, code: grpc.StatusCode, error: str | None) -> None:
-        total_ms = _ms(time.monotonic() - call.started)
-        for item in call.items:  # a batch: a line for each of its requests, then the call's
-            fields = _finished_fields(item.finished, _ms(item.finished.timing.total_seconds))
-            fields.update(rpc=call.rpc, code=grpc.StatusCode.OK.name, batch_id=call.request_id)
-            if self._log_prompts:
-                fields["prompt"] = item.prompt
-            log_fields(log, logging.INFO, "batch item finished", _ordered(fields), request_id=item.request_id)
-        if call.finished is not None:
-            fields = _finished_fields(call.finished, total_ms)
-        else:
-            fields = {
-                "prompt_tokens": call.prompt_tokens,
-                "completion_tokens": call.completion_tokens,
-                "finish_reason": None,
-                "queue_ms": None,
-                "ttft_ms": None,
-                "total_ms": total_ms,
-            }
-        if call.items:
-            fields["prompt_tokens"] = sum(i.finished.usage.prompt_tokens for i in call.items)
-            fields["completion_tokens"] = sum(i.finished.usage.completion_tokens for i in call.items)
-            fields["num_requests"] = len(call.items)
-        fields.update(rpc=call.rpc, code=code.name, error=error)
-        if call.rejected is not None:
-            fields["rejected"] = call.rejected
-        if self._log_prompts and call.prompt is not None:
-            fields["prompt"] = call.prompt
-        level = _LOG_LEVEL_BY_CODE.get(code, logging.INFO)
-        log_fields(log, level, "request finished", _ordered(fields), request_id=call.request_id)
-
-
-Guard: TypeAlias = "Callable[[Context], Awaitable[None]]"
-
-
-def guarded(handler: Handler, guard: Guard) -> Handler:
-    """``handler`` with ``guard(context)`` awaited before its behaviour runs; the guard refuses a
-    call by aborting it. For checks that need the call's context (e.g. its peer certificate),
-    which an interceptor's ``intercept_service`` does not get."""
-    if handler.request_streaming:
-        return handler  # no client-streaming RPC in this server
-    if handler.response_streaming:
-        inner_stream: Any = handler.unary_stream
-
-        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            await guard(context)
-            async for response in inner_stream(request, context):
-                yield response
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-    inner_unary: Any = handler.unary_unary
-
-    async def unary(request: Any, context: Context) -> Any:
-        await guard(context)
-        return await inner_unary(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(
-        unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
-
-
-@dataclass(frozen=True)
-class MalformedRequest:
-    """Stands in for a request message that could not be decoded (corrupt wire bytes, invalid
-    UTF-8 in a string field, nesting too deep), so the call is refused like any bad request
-    instead of ending UNKNOWN with a traceback in the log."""
-
-    error: str
-
-
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as exc:  # protobuf's DecodeError, or anything a decoder raises
-            return MalformedRequest(clip(str(exc), MAX_DESCRIPTION_CHARS))
-
-    return deserialize
+        log_access(call, code, None if code is grpc.StatusCode.OK else error, self._log_prompts)
 
 
 async def _refuse_if_malformed(request: Any, call: CallRecord, context: Context) -> None:
@@ -351,34 +253,3 @@ async def _refuse_if_malformed(request: Any, call: CallRecord, context: Context)
         call.request_id,
     )
     await context.abort(status.code, status.details, status.trailing_metadata)
-
-
-ACCESS_FIELDS = (
-    "rpc",
-    "code",
-    "prompt_tokens",
-    "completion_tokens",
-    "finish_reason",
-    "queue_ms",
-    "ttft_ms",
-    "total_ms",
-    "error",
-)
-
-
-def _finished_fields(finished: Finished, total_ms: float) -> dict[str, object]:
-    return {
-        "prompt_tokens": finished.usage.prompt_tokens,
-        "completion_tokens": finished.usage.completion_tokens,
-        "finish_reason": finished.reason.value,
-        "queue_ms": _ms(finished.timing.queue_seconds),
-        "ttft_ms": _ms(finished.timing.time_to_first_token_seconds),
-        "total_ms": total_ms,
-    }
-
-
-def _ordered(fields: dict[str, object]) -> dict[str, object]:
-    """The access fields first, in a fixed order (each present, None when unknown), then the rest."""
-    ordered: dict[str, object] = {key: fields.get(key) for key in ACCESS_FIELDS}
-    ordered.update((key, value) for key, value in fields.items() if key not in ordered)
-    return ordered

@@ -1,8 +1,8 @@
-"""``gpt2-serve``: the gRPC server's entry point: flags, logging, and the process's lifecycle.
+"""``gpt2-serve`` (also ``python -m gpt2_service``): the process's entry point: flags, logging,
+and the process's lifecycle. Not the gRPC server itself (api/server.py).
 
-Flags are generated from the fields of ``EngineConfig`` and ``ServerConfig`` (one source of
-truth for names, defaults and help); each has an environment twin ``GPT2_SERVE_<FLAG>`` that
-replaces its default. SIGTERM or SIGINT drains the server (see api/server.py) and the process
+Flags come from config.py (generated from the fields of ``EngineConfig`` and ``ServerConfig``;
+each has an environment twin ``GPT2_SERVE_<FLAG>`` that replaces its default). SIGTERM or SIGINT drains the server (see api/server.py) and the process
 exits 0; a second signal cuts the grace period short. Prometheus metrics (metrics.py) are served
 on their own HTTP port from the start; the engine's series appear once the model is loaded.
 """
@@ -11,97 +11,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
-import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
 from gpt2_service.api.auth import SecurityConfigError, load_security
-from gpt2_service.api.gate import ServingGate
-from gpt2_service.api.introspection import introspection_service
 from gpt2_service.api.logs import configure_logging, log_fields
-from gpt2_service.api.server import GenerationServer, ServerConfig
-from gpt2_service.config import EngineConfig
+from gpt2_service.api.server import GenerationServer
+from gpt2_service.config import EngineConfig, ServerConfig, build_parser, config_from_args
 from gpt2_service.engine import Engine
 from gpt2_service.errors import ModelLoadError
 from gpt2_service.metrics import Metrics
-from gpt2_service.weights import DTYPES, load_model
+from gpt2_service.weights import load_model
 
-log = logging.getLogger("gpt2_service.server")
-
-ENV_PREFIX = "GPT2_SERVE_"
-CHOICES: dict[str, Sequence[str]] = {
-    "dtype": tuple(DTYPES),
-    "log_format": ("text", "json"),
-    "log_level": ("debug", "info", "warning", "error"),
-}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-C = TypeVar("C")
-
-
-def env_name(field_name: str) -> str:
-    return ENV_PREFIX + field_name.upper()
-
-
-def _from_env(raw: str, kind: type, name: str) -> Any:
-    if kind is bool:
-        if raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE
-        raise ValueError(f"{name}={raw!r} is not a boolean (use true/false)")
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type[Any], title: str, environ: Mapping[str, str]) -> None:
-    """One flag per dataclass field: ``--field-name``, typed, help from ``metadata["help"]``,
-    default from ``GPT2_SERVE_FIELD_NAME`` if set, else the field's default."""
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        env = env_name(f.name)
-        default = f.default
-        if env in environ:
-            try:
-                default = _from_env(environ[env], kind, env)
-            except ValueError as exc:
-                parser.error(str(exc))
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [env {env}]"
-        if kind is bool:  # --flag / --no-flag
-            group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        else:
-            group.add_argument(
-                flag, dest=f.name, type=kind, default=default, choices=CHOICES.get(f.name),
-                metavar=f.name.upper(), help=help_text,
-            )  # fmt: skip
-
-
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
-
-
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpt2-serve",
-        description="Serve GPT-2 over gRPC (gpt2.v1.TextGeneration and Introspection, health, reflection).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_flags(parser, EngineConfig, "engine", environ)
-    add_config_flags(parser, ServerConfig, "server", environ)
-    return parser
+log = logging.getLogger("gpt2_service.main")
 
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
@@ -129,11 +56,8 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
 async def _serve_until(
     stop: asyncio.Event, force: asyncio.Event, engine_config: EngineConfig, server_config: ServerConfig
 ) -> int:
-    gate = ServingGate()
     metrics = Metrics() if server_config.metrics_port >= 0 else None
-    server = GenerationServer(
-        server_config, extra_services=[introspection_service(gate, server_config)], gate=gate, metrics=metrics
-    )
+    server = GenerationServer(server_config, metrics=metrics)
     port = await server.start()
     log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", server_config.host, port)
     try:
