@@ -11,7 +11,7 @@ import pytest
 import torch
 from gpt2_service.config import EngineConfig
 from gpt2_service.engine import Engine
-from gpt2_service.model import batch_invariant_kernels, linear, onednn_applies
+from gpt2_service.kernels import batch_invariant_kernels, linear, onednn_applies
 from gpt2_service.request import SamplingParams
 from gpt2_service.sampler import RowState, Sampler
 from gpt2_service.weights import LoadedModel, load_model

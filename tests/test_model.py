@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from gpt2_service.kv_cache import AttentionLayout, KVCache
+from gpt2_service.model import Capture
 from gpt2_service.weights import LoadedModel
 
 TOLERANCE = 1e-4
@@ -51,3 +53,69 @@ def test_gpt2_small_has_the_paper_s_parameter_count() -> None:
 
     model = GPT2(RANDOM_SIZES["gpt2"])
     assert model.parameter_counts()["total"] == 124_439_808  # Hugging Face's count for "gpt2"
+
+
+def cached_step(
+    slots: list[int], starts: list[int], lengths: list[int], by_row: bool
+) -> tuple[torch.Tensor, AttentionLayout]:
+    """Positions (B, T) and the layout of one step that writes lengths[b] tokens from starts[b]
+    into slots[b], right-padded, as the runner builds them."""
+    B, T = len(slots), max(lengths)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+        positions[b, :n] = torch.arange(start, start + n)
+        positions[b, n:] = start + n - 1
+        valid[b, :n] = True
+    num_keys = int(positions.max()) + 1
+    aligned = all(n == T for n in lengths) and all(s == starts[0] for s in starts)
+    causal = aligned and (T == 1 or starts[0] == 0)  # the mask-free shapes: T == 1 or T == num_keys
+    mask = None if causal or by_row else (torch.arange(num_keys)[None, None, :] <= positions[:, :, None])[:, None]
+    slot_tensor = torch.tensor(slots)
+    consecutive = slots == list(range(slots[0], slots[0] + B))
+    return positions, AttentionLayout(
+        slots=slot_tensor,
+        slot_range=(slots[0], slots[0] + B) if consecutive else None,
+        valid=None if all(n == T for n in lengths) else valid,
+        write_slots=slot_tensor[:, None].expand(B, T)[valid],
+        write_positions=positions[valid],
+        num_keys=num_keys,
+        mask=mask,
+        write_span=(starts[0], starts[0] + T) if aligned else None,
+        rows=tuple(zip(slots, starts, lengths, strict=True)) if by_row else None,
+    )
+
+
+@pytest.mark.parametrize("by_row", [False, True], ids=["batched", "row-by-row"])
+@pytest.mark.parametrize("lengths", [[8, 8], [6, 9]], ids=["aligned", "padded"])
+@pytest.mark.parametrize("slots", [[0, 1], [3, 1]], ids=["consecutive-slots", "scattered-slots"])
+def test_attention_over_the_kv_cache_gives_the_full_forward_s_logits(
+    tiny: LoadedModel, slots: list[int], lengths: list[int], by_row: bool
+) -> None:
+    """Two prefill chunks and two decodes through ``KVCache.update``, over each way of writing
+    (slice copy, index copy, scatter) and reading (view, gather, one row at a time)."""
+    model, c = tiny.model, tiny.model.config
+    gen = torch.Generator().manual_seed(sum(lengths))
+    tokens = [torch.randint(0, c.vocab_size, (n + 2,), generator=gen) for n in lengths]
+    cache = KVCache(c.n_layer, 4, c.n_head, 32, c.head_dim)
+    half = [n // 2 for n in lengths]
+    steps = [([0, 0], half), (half, [n - h for n, h in zip(lengths, half, strict=True)]), (lengths, [1, 1])]
+    steps.append(([n + 1 for n in lengths], [1, 1]))
+    for starts, counts in steps:
+        positions, layout = cached_step(slots, starts, counts, by_row)
+        ids = torch.zeros_like(positions)
+        for b, (start, n) in enumerate(zip(starts, counts, strict=True)):
+            ids[b, :n] = tokens[b][start : start + n]
+        logits = model.logits(model(ids, positions, layout, cache))
+        for b, (start, n) in enumerate(zip(starts, counts, strict=True)):
+            seen = tokens[b][: start + n]
+            full = model.logits(model(seen[None], torch.arange(start + n)[None]))[0, start:]
+            assert (logits[b, :n] - full).abs().max() <= TOLERANCE, f"row {b}, positions {start}..{start + n - 1}"
+
+
+def test_attention_weights_are_captured_only_for_the_whole_batch_at_once(tiny: LoadedModel) -> None:
+    c = tiny.model.config
+    positions, layout = cached_step([0, 1], [0, 0], [3, 5], by_row=True)
+    cache = KVCache(c.n_layer, 2, c.n_head, 8, c.head_dim)
+    with pytest.raises(ValueError, match="whole batch at once"):
+        tiny.model(torch.zeros_like(positions), positions, layout, cache, capture=Capture(attention_weights=True))

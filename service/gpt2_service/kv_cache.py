@@ -1,12 +1,63 @@
-"""The preallocated KV-cache: one key and one value tensor per layer, indexed by slot.
+"""The preallocated KV-cache, and the writes and reads attention makes of it.
 
 Shape per layer: (num_slots, n_head, max_len, head_dim). The whole budget is allocated (and
 zero-filled, so the memory is really committed) at start-up; nothing grows at run time.
+
+In each layer, attention hands the cache the step's new keys and values (``KVCache.update``): the
+cache writes them at their (slot, position) and gives back the keys and values the queries attend
+over (``KeyValues``). An ``AttentionLayout``, built by the runner once per forward pass and shared
+by all layers, says where the batch's tokens go and what each query sees.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
+
+
+@dataclass
+class AttentionLayout:
+    """Where a batch's tokens live in the KV-cache. Built once per forward, shared by all layers.
+
+    write_slots/write_positions list the (slot, position) of every real (non-padding) token in
+    row-major order of the (B, T) input; ``write_span`` (first, end) says instead that every row
+    writes positions first..end-1, with no padding (a slice copy rather than a scatter). Each query
+    attends to cached positions 0..num_keys-1 of its row's slot, limited by ``mask``
+    (B, 1, T, num_keys): True where the key is visible. ``mask`` is None when causality alone
+    decides and T == 1 or T == num_keys: every row decodes at position num_keys-1, or every row
+    prefills positions 0..T-1.
+
+    ``rows`` (batch-invariant mode) lists each row's (slot, first position, real tokens): attention
+    then runs row by row at the row's exact size, so padding and neighbours cannot change a bit of
+    it (``mask`` is unused).
+    """
+
+    slots: Tensor  # (B,) slot of each row
+    slot_range: tuple[int, int] | None  # (first, end) when slots are consecutive: read a view
+    valid: Tensor | None  # (B, T) bool, True for real tokens; None when every token is real
+    write_slots: Tensor  # (N,)
+    write_positions: Tensor  # (N,)
+    num_keys: int
+    mask: Tensor | None  # (B, 1, T, num_keys) bool
+    write_span: tuple[int, int] | None = None
+    rows: tuple[tuple[int, int, int], ...] | None = None
+
+
+@dataclass(frozen=True)
+class KeyValues:
+    """Keys and values that queries attend over: those of the whole batch, or of one row alone.
+
+    ``mask`` None means causal with the queries at the last positions: query i of T sees keys
+    0..Tk-T+i (see ``kernels.attention``). ``row`` (batch-invariant mode) is (batch row, number of
+    real queries): these are that row's keys at its exact length, for its first queries only.
+    """
+
+    keys: Tensor  # (B, nh, Tk, hs), or (1, nh, Tk, hs) for one row
+    values: Tensor  # same shape as keys
+    mask: Tensor | None = None  # (B, 1, T, Tk) bool, True where the key is visible
+    row: tuple[int, int] | None = None
 
 
 class KVCache:
@@ -33,3 +84,52 @@ class KVCache:
     @property
     def bytes_per_slot(self) -> int:
         return self.nbytes // self.num_slots
+
+    def update(self, layer: int, layout: AttentionLayout, k: Tensor, v: Tensor) -> list[KeyValues]:
+        """Stores a step's keys and values k, v (B, nh, T, hs) of ``layer`` where ``layout`` says,
+        and returns what the queries attend over: one ``KeyValues`` for the whole batch, or in
+        batch-invariant mode (``layout.rows``) one per row at that row's exact length."""
+        self.write(layer, layout, k, v)
+        if layout.rows is None:
+            keys, values = self.read(layer, layout)
+            return [KeyValues(keys, values, layout.mask)]
+        return [
+            KeyValues(*self.read_slot(layer, slot, start + n), row=(b, n))
+            for b, (slot, start, n) in enumerate(layout.rows)
+        ]
+
+    def write(self, layer: int, layout: AttentionLayout, k: Tensor, v: Tensor) -> None:
+        """k, v (B, nh, T, hs) into their (slot, position); padding tokens are not written."""
+        k_cache, v_cache = self.k[layer], self.v[layer]  # (S, nh, L, hs)
+        if layout.write_span is not None:  # every row writes the same positions: copy slices
+            start, end = layout.write_span
+            if layout.slot_range is not None:
+                first, last = layout.slot_range
+                k_cache[first:last, :, start:end] = k
+                v_cache[first:last, :, start:end] = v
+            else:
+                k_cache[:, :, start:end].index_copy_(0, layout.slots, k)
+                v_cache[:, :, start:end].index_copy_(0, layout.slots, v)
+            return
+        k_rows = k.transpose(1, 2)  # (B, T, nh, hs)
+        v_rows = v.transpose(1, 2)
+        if layout.valid is not None:
+            k_rows, v_rows = k_rows[layout.valid], v_rows[layout.valid]  # (N, nh, hs)
+        else:
+            k_rows, v_rows = k_rows.reshape(-1, *k_rows.shape[2:]), v_rows.reshape(-1, *v_rows.shape[2:])
+        k_cache[layout.write_slots, :, layout.write_positions] = k_rows
+        v_cache[layout.write_slots, :, layout.write_positions] = v_rows
+
+    def read(self, layer: int, layout: AttentionLayout) -> tuple[Tensor, Tensor]:
+        """Keys and values at positions 0..num_keys-1 of each row's slot, (B, nh, num_keys, hs):
+        a view when the slots are consecutive, else a gathered copy."""
+        k_cache, v_cache = self.k[layer], self.v[layer]  # (S, nh, L, hs)
+        n = layout.num_keys
+        if layout.slot_range is not None:
+            first, end = layout.slot_range
+            return k_cache[first:end, :, :n], v_cache[first:end, :, :n]
+        return k_cache[:, :, :n].index_select(0, layout.slots), v_cache[:, :, :n].index_select(0, layout.slots)
+
+    def read_slot(self, layer: int, slot: int, num_keys: int) -> tuple[Tensor, Tensor]:
+        """One slot's keys and values at positions 0..num_keys-1, (1, nh, num_keys, hs), a view."""
+        return self.k[layer, slot : slot + 1, :, :num_keys], self.v[layer, slot : slot + 1, :, :num_keys]

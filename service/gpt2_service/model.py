@@ -6,26 +6,28 @@ token embedding. Parameter names and shapes match Hugging Face checkpoints (``Co
 read (in, out); in memory they are (out, in), see ``Conv1D``), so a state dict loads as it is.
 
 The forward pass works on a padded batch of sequences of different lengths. Keys and values come
-either from the KV-cache (generation: ``AttentionLayout`` says where each token is written and
-which cached positions each query sees) or from the input alone (introspection and reference
-checks: plain causal attention). An optional ``Capture`` records intermediate values and an
-optional ``StageTimer`` accumulates time per stage; both are ``None`` on the hot path.
+either from the KV-cache (generation: attention hands each step's keys and values to
+``KVCache.update``, which stores them where the ``AttentionLayout`` says and returns those to
+attend over) or from the input alone (introspection and reference checks: plain causal
+attention). Which kernels compute the products is kernels.py's business. An optional ``Capture``
+records intermediate values and an optional ``StageTimer`` accumulates time per stage; both are
+``None`` on the hot path.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2_service.kv_cache import KVCache
+from gpt2_service.kernels import attention, linear
+from gpt2_service.kernels import onednn_applies as onednn_applies  # re-exported for engine.py, for now
+from gpt2_service.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
+from gpt2_service.kv_cache import KeyValues, KVCache
 
 
 @dataclass(frozen=True)
@@ -46,34 +48,6 @@ class GPT2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-@dataclass
-class AttentionLayout:
-    """Where a batch's tokens live in the KV-cache. Built once per forward, shared by all layers.
-
-    write_slots/write_positions list the (slot, position) of every real (non-padding) token in
-    row-major order of the (B, T) input; ``write_span`` (first, end) says instead that every row
-    writes positions first..end-1, with no padding (a slice copy rather than a scatter). Each query
-    attends to cached positions 0..num_keys-1 of its row's slot, limited by ``mask``
-    (B, 1, T, num_keys): True where the key is visible. ``mask`` is None when causality alone
-    decides and T == 1 or T == num_keys: every row decodes at position num_keys-1, or every row
-    prefills positions 0..T-1.
-
-    ``rows`` (batch-invariant mode) lists each row's (slot, first position, real tokens): attention
-    then runs row by row at the row's exact size, so padding and neighbours cannot change a bit of
-    it (``mask`` is unused).
-    """
-
-    slots: Tensor  # (B,) slot of each row
-    slot_range: tuple[int, int] | None  # (first, end) when slots are consecutive: read a view
-    valid: Tensor | None  # (B, T) bool, True for real tokens; None when every token is real
-    write_slots: Tensor  # (N,)
-    write_positions: Tensor  # (N,)
-    num_keys: int
-    mask: Tensor | None  # (B, 1, T, num_keys) bool
-    write_span: tuple[int, int] | None = None
-    rows: tuple[tuple[int, int, int], ...] | None = None
 
 
 @dataclass
@@ -100,6 +74,10 @@ class Capture:
     def wants_layer(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
 
+    def wants_attention(self, layer: int) -> bool:
+        """Whether the attention of block ``layer`` must record its scores or weights."""
+        return (self.attention_weights or self.attention_scores) and self.wants_layer(layer)
+
 
 class StageTimer:
     """Accumulates wall time per named stage over one or more forward passes.
@@ -122,54 +100,6 @@ class StageTimer:
         self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + elapsed
 
 
-# oneDNN's fp32 linear (what torch.compile's CPU backend calls) beat MKL's sgemm by 1.2-1.7x for
-# 8 to 64 rows and GPT-2's shapes (1.8-2x for the LM head) on the 2-core AMD EPYC we measured, and
-# streamed a one-row product's weights 1.1-1.6x faster than MKL's matrix-vector product. It costs
-# about 50 us per call more than MKL, which only tiny models notice.
-_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise")  # registered only in builds with oneDNN
-
-
-def onednn_applies(x: Tensor) -> bool:
-    """Whether ``linear`` sends x to oneDNN (CPU, float32, a torch built with oneDNN)."""
-    return _ONEDNN_LINEAR and x.is_cpu and x.dtype is torch.float32
-
-
-_PAD_ONE_ROW: ContextVar[bool] = ContextVar("gpt2_linear_pad_one_row", default=False)
-
-
-@contextmanager
-def batch_invariant_kernels() -> Iterator[None]:
-    """Within the block (on this thread), ``linear`` computes each row bitwise the same whatever
-    the number of rows: oneDNN does so for 2 rows and more (checked for 2..2048 in
-    tests/test_batch_invariance.py) but takes another path for one row, so one row is padded to
-    two. Attention is made invariant separately (``AttentionLayout.rows``)."""
-    token = _PAD_ONE_ROW.set(True)
-    try:
-        yield
-    finally:
-        _PAD_ONE_ROW.reset(token)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` for x (..., in) and a row-major weight (out, in), as F.linear;
-    on CPU in float32 with oneDNN's kernel."""
-    rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    out: Tensor
-    if onednn_applies(rows) and weight.is_contiguous():
-        if rows.shape[0] == 1 and _PAD_ONE_ROW.get():  # batch-invariant mode: see batch_invariant_kernels
-            out = _onednn_linear(torch.cat([rows, torch.zeros_like(rows)]), weight, bias)[:1]
-        else:
-            out = _onednn_linear(rows, weight, bias)
-    else:
-        out = F.linear(rows, weight, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _onednn_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    out: Tensor = torch.ops.mkldnn._linear_pointwise.default(rows, weight, bias, "none", [], "")
-    return out
-
-
 class Conv1D(nn.Module):
     """A linear layer whose ``weight`` reads (in, out), the layout of GPT-2 checkpoints.
 
@@ -187,111 +117,67 @@ class Conv1D(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Masked multi-head self-attention: each token attends to itself and the tokens before it."""
+
     def __init__(self, config: GPT2Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
-        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # query, key, value projections
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)  # output projection
 
     def forward(
         self,
-        x: Tensor,  # (B, T, d)
+        x: Tensor,  # (B, T, C)
         layout: AttentionLayout | None,
         cache: KVCache | None,
         capture: Capture | None,
     ) -> Tensor:
-        B, T, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-
-        mask: Tensor | None
-        if cache is None or layout is None:
-            keys, values, mask = k, v, None  # attend within the input only, causally
-        else:
-            self._write(cache, layout, k, v)
-            if layout.rows is not None and capture is None:
-                y = self._attention_by_row(q, cache, layout.rows)
-                return self._project(y)
-            keys, values = self._read(cache, layout)
-            mask = layout.mask
-
-        if (
-            capture is not None
-            and capture.wants_layer(self.layer)
-            and (capture.attention_weights or capture.attention_scores)
-        ):
-            y = self._explicit_attention(q, keys, values, mask, capture)
-        elif mask is None:
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self._project(y)
-
-    def _project(self, y: Tensor) -> Tensor:
-        B, _, T, _ = y.shape
-        out: Tensor = self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        # The KV-cache stores this step's keys and values and returns those to attend over;
+        # without one (introspection, reference checks) the input attends to itself.
+        attended = [KeyValues(k, v)] if cache is None or layout is None else cache.update(self.layer, layout, k, v)
+        y = self._attend(q, attended, capture)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # the heads side by side again
+        out: Tensor = self.c_proj(y)
         return out
 
-    def _attention_by_row(self, q: Tensor, cache: KVCache, rows: tuple[tuple[int, int, int], ...]) -> Tensor:
-        """Each row against its own cached keys 0..start+n-1, one SDPA call per row (shapes that
-        depend on the row alone). Padding queries get zeros."""
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
-        y = q.new_zeros(q.shape)
-        for b, (slot, start, n) in enumerate(rows):
-            end = start + n
-            qb, kb, vb = q[b : b + 1, :, :n], k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end]
-            if n == 1 or start == 0:
-                y[b : b + 1, :, :n] = F.scaled_dot_product_attention(qb, kb, vb, is_causal=n > 1)
-            else:  # a later prefill chunk: query i sees keys 0..start+i
-                mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(start)
-                y[b : b + 1, :, :n] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+    def _attend(self, q: Tensor, attended: list[KeyValues], capture: Capture | None) -> Tensor:
+        """The queries q (B, nh, T, hs) over the keys and values: of the whole batch at once, or
+        (batch-invariant mode) row by row, each at its own length, padding queries getting zeros."""
+        whole = attended[0] if len(attended) == 1 and attended[0].row is None else None
+        if capture is not None and capture.wants_attention(self.layer):  # SDPA does not return the weights
+            if whole is None:
+                raise ValueError("capturing attention weights needs the whole batch at once, not row by row")
+            return self._attend_recording_weights(q, whole, capture)
+        if whole is not None:  # the whole batch at once
+            return attention(q, whole.keys, whole.values, whole.mask)
+        y = q.new_zeros(q.shape)  # batch-invariant mode: one row at a time
+        for kv in attended:
+            assert kv.row is not None, "a batch attended row by row has a KeyValues per row"
+            b, n = kv.row
+            y[b : b + 1, :, :n] = attention(q[b : b + 1, :, :n], kv.keys, kv.values, kv.mask)
         return y
 
-    def _write(self, cache: KVCache, layout: AttentionLayout, k: Tensor, v: Tensor) -> None:
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (S, nh, L, hs)
-        if layout.write_span is not None:  # every row writes the same positions: copy slices
-            start, end = layout.write_span
-            if layout.slot_range is not None:
-                first, last = layout.slot_range
-                k_cache[first:last, :, start:end] = k
-                v_cache[first:last, :, start:end] = v
-            else:
-                k_cache[:, :, start:end].index_copy_(0, layout.slots, k)
-                v_cache[:, :, start:end].index_copy_(0, layout.slots, v)
-        else:
-            k_rows = k.transpose(1, 2)  # (B, T, nh, hs)
-            v_rows = v.transpose(1, 2)
-            if layout.valid is not None:
-                k_rows, v_rows = k_rows[layout.valid], v_rows[layout.valid]  # (N, nh, hs)
-            else:
-                k_rows, v_rows = k_rows.reshape(-1, *k_rows.shape[2:]), v_rows.reshape(-1, *v_rows.shape[2:])
-            k_cache[layout.write_slots, :, layout.write_positions] = k_rows
-            v_cache[layout.write_slots, :, layout.write_positions] = v_rows
-
-    def _read(self, cache: KVCache, layout: AttentionLayout) -> tuple[Tensor, Tensor]:
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (S, nh, L, hs)
-        n = layout.num_keys
-        if layout.slot_range is not None:
-            first, end = layout.slot_range
-            return k_cache[first:end, :, :n], v_cache[first:end, :, :n]
-        return k_cache[:, :, :n].index_select(0, layout.slots), v_cache[:, :, :n].index_select(0, layout.slots)
-
-    def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, capture: Capture) -> Tensor:
-        T, Tk = q.shape[2], k.shape[2]
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
-        if mask is None:
+    def _attend_recording_weights(self, q: Tensor, kv: KeyValues, capture: Capture) -> Tensor:
+        """``kernels.attention`` written out, to record the scores and weights it computes."""
+        T, Tk = q.shape[2], kv.keys.shape[2]
+        scores = (q @ kv.keys.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, Tk)
+        mask = kv.mask
+        if mask is None:  # causal, the queries at the last T positions
             mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
         scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        weights = torch.softmax(scores, dim=-1)  # (B, nh, T, Tk)
         if capture.attention_scores:
             capture.scores[self.layer] = scores
         if capture.attention_weights:
             capture.attn[self.layer] = weights
-        return weights @ v
+        return weights @ kv.values  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -301,8 +187,9 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(config.d_ff, config.n_embd)
         self.approximate = config.activation
 
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C)
+        h = F.gelu(self.c_fc(x), approximate=self.approximate)  # (B, T, d_ff)
+        out: Tensor = self.c_proj(h)  # (B, T, C)
         return out
 
 
@@ -316,7 +203,7 @@ class Block(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
+        x: Tensor,  # (B, T, C)
         layout: AttentionLayout | None,
         cache: KVCache | None,
         capture: Capture | None,

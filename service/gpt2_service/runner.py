@@ -9,7 +9,7 @@ Threads: ``execute`` sets the calling (engine) thread's torch intra-op pool to `
 help a server that streams to many clients from a small machine; see EngineConfig.num_threads.
 
 Batch-invariant mode (``batch_invariant=True``): every row's numbers are bitwise independent of
-the rest of its batch. Linear layers pad one row to two (see ``model.linear``) and attention runs
+the rest of its batch. Linear layers pad one row to two (see ``kernels.linear``) and attention runs
 row by row at each row's exact size (``AttentionLayout.rows``); the scheduler keeps prefill
 chunk boundaries independent of the batch.
 """
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gpt2_service.kv_cache import KVCache
-from gpt2_service.model import GPT2, AttentionLayout, StageTimer, batch_invariant_kernels
+from gpt2_service.kernels import batch_invariant_kernels
+from gpt2_service.kv_cache import AttentionLayout, KVCache
+from gpt2_service.model import GPT2, StageTimer
 from gpt2_service.sampler import RowState, Sampler
 from gpt2_service.scheduler import PrefillChunk, SampledToken, StepPlan
 from gpt2_service.sequence import Sequence
