@@ -15,15 +15,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gpt2_client.channel import (
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TARGET,
-    ChannelConfig,
-    ChannelOption,
-    PemSource,
-    read_pem,
-)
+from gpt2_client.channel import DEFAULT_TARGET, ChannelConfig, ConnectionOptions
 from gpt2_client.errors import error_from_rpc
 from gpt2_client.inspect import AsyncInspect
 from gpt2_client.params import BatchItem, GenerationParams, Prompt, build_batch, build_request
@@ -49,30 +41,9 @@ class AsyncClient:
         target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
-        tls: bool = False,
-        tls_ca: PemSource | None = None,
-        tls_cert: PemSource | None = None,
-        tls_key: PemSource | None = None,
-        token: str | None = None,
-        server_name_override: str | None = None,
-        load_balancing: str | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        options: Sequence[ChannelOption] = (),
+        **connection: Unpack[ConnectionOptions],
     ) -> None:
-        self.config = ChannelConfig(
-            target=target if isinstance(target, str) else tuple(target),
-            tls=tls,
-            tls_ca=read_pem(tls_ca),
-            tls_cert=read_pem(tls_cert),
-            tls_key=read_pem(tls_key),
-            token=token,
-            server_name_override=server_name_override,
-            load_balancing=load_balancing,
-            max_attempts=max_attempts,
-            max_message_bytes=max_message_bytes,
-            options=tuple(options),
-        )
+        self.config = ChannelConfig.connect(target, **connection)
         self.timeout = timeout
         self._channel = self.config.open_aio()
         self._stub: generation_pb2_grpc.TextGenerationAsyncStub = generation_pb2_grpc.TextGenerationStub(self._channel)

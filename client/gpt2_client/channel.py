@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 import grpc.aio
@@ -96,6 +96,22 @@ def _check_token(token: str | None) -> None:
         raise ValueError("token must be non-empty printable ASCII without spaces")
 
 
+class ConnectionOptions(TypedDict, total=False):
+    """How ``Client`` and ``AsyncClient`` reach the servers (keyword arguments of both); each
+    option is described on ``ChannelConfig``. PEM options take bytes or the path of a file."""
+
+    tls: bool
+    tls_ca: PemSource | None
+    tls_cert: PemSource | None
+    tls_key: PemSource | None
+    token: str | None
+    server_name_override: str | None
+    load_balancing: str | None
+    max_attempts: int
+    max_message_bytes: int
+    options: Sequence[ChannelOption]
+
+
 @dataclass(frozen=True)
 class ChannelConfig:
     """Everything needed to open a channel, sync or asyncio."""
@@ -111,6 +127,15 @@ class ChannelConfig:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # of a unary call that fails with UNAVAILABLE; 1 = no retry
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     options: tuple[ChannelOption, ...] = ()  # further raw gRPC channel arguments
+
+    @classmethod
+    def connect(cls, target: str | Sequence[str], **options: Unpack[ConnectionOptions]) -> ChannelConfig:
+        """The config of a client's keyword arguments: PEM sources read, sequences made tuples."""
+        fields: dict[str, Any] = dict(options)
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            fields[name] = read_pem(fields.get(name))
+        fields["options"] = tuple(fields.get("options", ()))
+        return cls(target=target if isinstance(target, str) else tuple(target), **fields)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
