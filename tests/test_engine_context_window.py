@@ -9,6 +9,7 @@ import torch
 import transformers
 from gpt2_service.config import EngineConfig
 from gpt2_service.engine import Engine
+from gpt2_service.engine_events import FinishEvent, StepEvent
 from gpt2_service.errors import InvalidRequestError
 from gpt2_service.request import FinishReason, Overflow, Truncation
 from gpt2_service.weights import LoadedModel
@@ -70,3 +71,23 @@ async def test_after_a_shift_each_token_is_the_greedy_choice_given_only_the_kept
         if len(tokens) - start > window:
             start = len(tokens) - keep
     assert finished.usage.context_shifts == 3
+
+
+async def test_observers_get_each_shift_once_in_immutable_events(tiny: LoadedModel) -> None:
+    steps: list[StepEvent] = []
+    finishes: list[FinishEvent] = []
+    engine = Engine(tiny, EngineConfig(max_batch_size=2, context_window=32, context_shift_keep=24))
+    engine.add_step_observer(steps.append)
+    engine.add_finish_observer(finishes.append)
+    await engine.start()
+    try:
+        _, finished = await run(engine, request([5, 6, 7], max_new_tokens=60, temperature=0.0, request_id="s"))
+    finally:
+        await engine.shutdown()
+    sampled = [token for step in steps for token in step.sampled]
+    assert finished.usage.context_shifts == sum(token.shifted for token in sampled) >= 2
+    assert len(sampled) == 60 and [token.first_token for token in sampled].count(True) == 1
+    assert [(f.request_id, f.finished, f.error) for f in finishes] == [("s", finished, None)]
+    assert [seq_id for step in steps for seq_id in step.released] == [finishes[0].seq_id]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        steps[0].sampled[0].shifted = True  # type: ignore[misc]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine, GenerationStream, StepStats
+from gpt2_service.engine import Engine, GenerationStream
+from gpt2_service.engine_events import PhaseTimes, StepEvent
 from gpt2_service.errors import EngineOverloadedError, InvalidRequestError
 from gpt2_service.metrics import STAGES, Metrics
 from gpt2_service.request import GenerationRequest, Truncation
-from gpt2_service.runner import StepTimes
 from gpt2_service.sequence import Finished
 from gpt2_service.weights import LoadedModel
 from prometheus_client.parser import text_string_to_metric_families
@@ -251,7 +251,7 @@ def test_promtool_check_metrics_is_clean(scrape: Scrape) -> None:
 
 def test_a_value_on_a_bucket_bound_counts_in_that_bucket() -> None:
     metrics = Metrics()
-    metrics.recorder.on_step(StepStats(2, 0, 0, 2, 0, StepTimes(decode=0.004)))
+    metrics.recorder.on_step(StepEvent(num_decode=2, num_prefill_seqs=0, times=PhaseTimes(decode=0.004)))
     families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
     batch = {s.labels["le"]: s.value for s in families["gpt2_step_batch_size"].samples if s.name.endswith("_bucket")}
     assert (batch["1.0"], batch["2.0"], batch["+Inf"]) == (0, 1, 1)

@@ -159,6 +159,27 @@ def test_a_full_window_shifts_or_stops(overflow: Overflow) -> None:
     assert max(windows) <= 8
 
 
+def test_each_shift_is_reported_in_the_step_it_happens_and_counted_in_the_usage() -> None:
+    sched = Scheduler(config(context_window=8, context_shift_keep=5), TOK.id_to_text)
+    s = seq(list(range(6)), StoppingCriteria(max_new_tokens=10))
+    sched.add(s)
+    runner = FakeRunner({s.seq_id: list(range(100, 110))})
+    shifted_in: list[int] = []
+    outputs: list[GenerationOutput] = []
+    for step in range(50):
+        if not sched.has_work:
+            break
+        plan, _ = sched.schedule()
+        result = sched.update_from_output(plan, runner.execute(plan))
+        outputs += [out for _, out in result.outputs]
+        if s.seq_id in result.shifted:
+            assert s.num_computed == 0  # its window is to be re-encoded
+            shifted_in.append(step)
+    finished = outputs[-1].finished
+    assert finished is not None
+    assert finished.usage.context_shifts == len(shifted_in) >= 2
+
+
 def test_an_aborted_sequence_leaves_at_the_next_schedule() -> None:
     sched = Scheduler(config(), TOK.id_to_text)
     s, w = seq([1]), seq([2])

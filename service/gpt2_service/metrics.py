@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -33,8 +32,8 @@ from gpt2_service import __version__
 from gpt2_service.request import FinishReason
 
 if TYPE_CHECKING:
-    from gpt2_service.engine import Engine, EngineStats, StepStats
-    from gpt2_service.sequence import Finished, Sequence
+    from gpt2_service.engine import Engine
+    from gpt2_service.engine_events import EngineStats, FinishEvent, SampledSequence, StepEvent
     from gpt2_service.weights import LoadedModel
 
 
@@ -240,8 +239,9 @@ class EngineRecorder(Collector):
     Inter-token latency counts every gap exactly, without a per-sequence timestamp: the scheduler
     decodes every running sequence whose window is computed in every step, so a sequence that got
     a token in this step and had one before got that one in the previous token-producing step;
-    the one exception is a sequence re-encoding its window after a context shift (sequence.py:
-    a shift resets ``num_computed`` to 0), whose gap is measured from the step it shifted in.
+    the one exception is a sequence re-encoding its window after a context shift (its token's
+    ``shifted``), whose gap is measured from the step it shifted in. Context shifts are counted
+    here from the same flag.
     """
 
     def __init__(self) -> None:
@@ -249,7 +249,7 @@ class EngineRecorder(Collector):
         self._series = _Series()
         self._engine: Engine | None = None
         self._last_token_time: float | None = None
-        self._shifted_at: weakref.WeakKeyDictionary[Sequence, float] = weakref.WeakKeyDictionary()
+        self._shifted_at: dict[int, float] = {}  # seq id -> when it shifted, until its window is re-encoded
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
@@ -258,10 +258,9 @@ class EngineRecorder(Collector):
 
     # -- the engine thread -----------------------------------------------------------------------
 
-    def on_step(self, step: StepStats) -> None:
+    def on_step(self, step: StepEvent) -> None:
         now = time.monotonic()
         times = step.times
-        sampled = step.sampled
         s = self._series
         with self._lock:
             if step.num_decode:
@@ -272,45 +271,53 @@ class EngineRecorder(Collector):
                 s.phase_seconds["decode"].observe(times.decode)
             if times.sampling:
                 s.phase_seconds["lm_head_sampling"].observe(times.sampling)
-            for stage, seconds in times.stages.items():
+            for stage, seconds in times.stages:
                 histogram = s.stage_seconds.get(stage)
                 if histogram is None:
                     histogram = s.stage_seconds[stage] = _Histogram(STEP_BUCKETS)
                 histogram.observe(seconds)
-            if not sampled:
-                return
-            s.generation_tokens += len(sampled)
-            # the usual step has decodes only, each one step after its previous token
-            decodes_only = len(sampled) == step.num_decode
-            num_step_gaps = len(sampled) if decodes_only else self._count_prefilled(sampled, now)
-            for seq in [q for q in sampled if q.num_computed == 0]:  # they shifted their window
-                s.context_shifts += 1
-                self._shifted_at[seq] = now
-            if num_step_gaps and self._last_token_time is not None:
-                s.itl.observe(now - self._last_token_time, num_step_gaps)
-            self._last_token_time = now
+            if step.sampled:
+                self._count_tokens(step, now)
+            for seq_id in step.released:  # gone before re-encoding its window (e.g. aborted)
+                self._shifted_at.pop(seq_id, None)
 
-    def _count_prefilled(self, sampled: list[Sequence], now: float) -> int:
+    def _count_tokens(self, step: StepEvent, now: float) -> None:
+        s = self._series
+        sampled = step.sampled
+        s.generation_tokens += len(sampled)
+        # the usual step has decodes only, each one step after its previous token
+        decodes_only = len(sampled) == step.num_decode
+        num_step_gaps = len(sampled) if decodes_only else self._count_prefilled(sampled, now)
+        for token in sampled:
+            if token.shifted:
+                s.context_shifts += 1
+                self._shifted_at[token.seq_id] = now
+        if num_step_gaps and self._last_token_time is not None:
+            s.itl.observe(now - self._last_token_time, num_step_gaps)
+        self._last_token_time = now
+
+    def _count_prefilled(self, sampled: tuple[SampledSequence, ...], now: float) -> int:
         """Account first tokens and tokens after a re-encoded window; return the other tokens,
         whose gap is one step."""
         s = self._series
         num_step_gaps = 0
-        for seq in sampled:
-            resumed = self._shifted_at.pop(seq, None)
+        for token in sampled:
+            resumed = self._shifted_at.pop(token.seq_id, None)
             if resumed is not None:
                 s.itl.observe(now - resumed)
-            elif len(seq.tokens) - len(seq.prompt_ids) == 1:  # its first token: the prompt is in
-                s.prompt_tokens += len(seq.prompt_ids)
-                s.truncated_prompt_tokens += seq.truncated_prompt_tokens
+            elif token.first_token:  # the prompt is in
+                s.prompt_tokens += token.prompt_tokens
+                s.truncated_prompt_tokens += token.truncated_prompt_tokens
             else:
                 num_step_gaps += 1
         return num_step_gaps
 
-    def on_finish(self, seq: Sequence, finished: Finished | None, error: BaseException | None) -> None:
+    def on_finish(self, event: FinishEvent) -> None:
         s = self._series
+        finished = event.finished
         with self._lock:
             if finished is None:
-                reason = str(getattr(error, "reason", type(error).__name__)).lower()
+                reason = str(getattr(event.error, "reason", type(event.error).__name__)).lower()
                 s.failed[reason] = s.failed.get(reason, 0) + 1
                 return
             s.finished[finished.reason.value] += 1

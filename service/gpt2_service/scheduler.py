@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from gpt2_service.errors import DeadlineExceededError, EngineError
@@ -71,10 +70,6 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.prefill and not self.decode
 
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.prefill)
-
 
 @dataclass(frozen=True)
 class SampledToken:
@@ -92,6 +87,7 @@ class StepResult:
     outputs: list[tuple[Sequence, GenerationOutput]] = field(default_factory=list)
     failed: list[tuple[Sequence, EngineError]] = field(default_factory=list)
     released: list[Sequence] = field(default_factory=list)  # their slots are free again
+    shifted: set[int] = field(default_factory=set)  # seq ids whose token this step shifted their window
 
 
 class Scheduler:
@@ -244,7 +240,7 @@ class Scheduler:
             if seq.request.overflow is Overflow.STOP:
                 reason = FinishReason.CONTEXT_WINDOW
             else:
-                self._shift(seq)
+                self._shift(seq, result)
 
         finished = None
         if reason is not None:
@@ -254,12 +250,15 @@ class Scheduler:
             self._release(seq, result)
         result.outputs.append((seq, GenerationOutput(seq.request_id, (info,), delta, finished)))
 
-    def _shift(self, seq: Sequence) -> None:
-        """Forget the earliest tokens: keep the newest, to be re-encoded at positions 0..k-1."""
+    def _shift(self, seq: Sequence, result: StepResult) -> None:
+        """Forget the earliest tokens: keep the newest, to be re-encoded at positions 0..k-1.
+        The one place a context shift happens: counted in the sequence (its usage) and in the
+        step's result (the engine's events, hence the metrics)."""
         keep = min(self.config.context_shift_keep, self.config.context_window)
         seq.window_start = len(seq.tokens) - keep
         seq.num_computed = 0
         seq.context_shifts += 1
+        result.shifted.add(seq.seq_id)
 
     def _finished(self, seq: Sequence, reason: FinishReason, stop: str | None, now: float) -> Finished:
         admitted = seq.admitted_time if seq.admitted_time is not None else now
@@ -285,8 +284,3 @@ class Scheduler:
             result.released.append(seq)
         seq.slot = None
         seq.status = SequenceStatus.FINISHED
-
-    # -- introspection of the scheduler itself ---------------------------------------------------
-
-    def running_ids(self) -> Seq[int]:
-        return [s.seq_id for s in self.running]

@@ -1,0 +1,106 @@
+"""Admission's bookkeeping and a request's way into the engine: the bound on the waiting queue,
+and turning a validated request into a ``Sequence`` (tokenize, fit the context window, seed)."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+
+from gpt2_service.detokenizer import IncrementalDetokenizer
+from gpt2_service.errors import EngineOverloadedError, FieldViolation, InvalidRequestError
+from gpt2_service.request import GenerationRequest, Truncation
+from gpt2_service.sequence import Sequence
+from gpt2_service.tokenizer import GPT2Tokenizer
+
+
+class QueueBound:
+    """Requests reserved (being prepared) or waiting, not yet admitted, against ``max_size``.
+    Taken on the event loop, given back by the engine thread as sequences leave the queue."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._lock = threading.Lock()
+        self._num_queued = 0
+
+    @property
+    def full(self) -> bool:
+        return self._num_queued >= self.max_size
+
+    def overloaded(self) -> EngineOverloadedError:
+        return EngineOverloadedError(f"the waiting queue is full ({self.max_size} requests); retry later")
+
+    def reserve(self) -> None:
+        """Take a place, or raise ``EngineOverloadedError``."""
+        with self._lock:
+            if self._num_queued >= self.max_size:
+                raise self.overloaded()
+            self._num_queued += 1
+
+    def release(self, count: int = 1) -> None:
+        with self._lock:
+            self._num_queued -= count
+
+
+class SequenceFactory:
+    """Builds the ``Sequence`` of a validated request; thread-safe (long prompts are prepared off
+    the event loop)."""
+
+    def __init__(self, tokenizer: GPT2Tokenizer, context_window: int, default_max_new_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.context_window = context_window
+        self.default_max_new_tokens = default_max_new_tokens
+        self._seq_ids = itertools.count(1)
+
+    def make(self, request: GenerationRequest) -> Sequence:
+        reject = request.truncation is Truncation.REJECT
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            field_name = "prompt_token_ids"
+        else:
+            prompt = request.prompt or ""
+            if reject and self.tokenizer.min_num_tokens(prompt) > self.context_window:
+                # refused without tokenizing: it cannot fit whatever its tokens
+                raise self._prompt_too_long("prompt", f"at least {self.tokenizer.min_num_tokens(prompt)}")
+            ids = self.tokenizer.encode(prompt)
+            field_name = "prompt"
+        if not ids:
+            ids = [self.tokenizer.eos_token_id]  # an empty prompt conditions on <|endoftext|>
+        truncated = request.num_dropped_prompt_ids
+        if truncated and reject:
+            raise self._prompt_too_long(field_name, str(truncated + len(ids)))
+        if len(ids) > self.context_window:
+            if reject:
+                raise self._prompt_too_long(field_name, str(len(ids)))
+            truncated += len(ids) - self.context_window
+            ids = ids[-self.context_window :]
+        stopping = request.stopping
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        return Sequence(
+            seq_id=next(self._seq_ids),
+            request=request,
+            prompt_ids=ids,
+            seed=seed,
+            max_new_tokens=stopping.max_new_tokens or self.default_max_new_tokens,
+            truncated_prompt_tokens=truncated,
+            arrival_time=time.monotonic(),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer.token_bytes,
+                skip_ids=self.tokenizer.special_ids,
+                stop=stopping.stop,
+                include_stop_in_output=stopping.include_stop_in_output,
+            ),
+        )
+
+    def _prompt_too_long(self, field_name: str, num_tokens: str) -> InvalidRequestError:
+        return InvalidRequestError(
+            [
+                FieldViolation(
+                    field_name,
+                    f"prompt is {num_tokens} tokens; the context window is {self.context_window} "
+                    "and truncation is REJECT",
+                )
+            ],
+            reason="PROMPT_TOO_LONG",
+        )

@@ -1,0 +1,252 @@
+"""The engine thread: the one thread that owns the scheduler and the model runner.
+
+It loops ``schedule -> execute -> update_from_output``, and between two steps applies the messages
+of its inbox: ``Add`` a sequence, ``Abort`` one, run a ``Job`` (introspection, warm-up), ``Stop``.
+After each step it records the step's statistics, tells the observers (``StepEvent``, then a
+``FinishEvent`` per request that ended) and hands the step's outputs to ``Outbox.deliver``, once
+per step, even when there are none, so that whoever waits on the engine's state re-checks it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gpt2_service.engine_events import (
+    Delivery,
+    EngineStats,
+    FinishEvent,
+    FinishObserver,
+    PhaseTimes,
+    SampledSequence,
+    StepEvent,
+    StepObserver,
+)
+from gpt2_service.errors import EngineDeadError, EngineError
+from gpt2_service.runner import ModelRunner, StepTimes
+from gpt2_service.scheduler import Scheduler, StepPlan, StepResult
+from gpt2_service.sequence import Finished, Sequence
+
+log = logging.getLogger("gpt2_service.engine")  # the engine's one logger, whichever module writes
+
+
+# -- the inbox -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Add:
+    """A new sequence for the waiting queue; the engine thread owns it from now on."""
+
+    seq: Sequence
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Drop a sequence at the next step; unknown or finished ids are ignored."""
+
+    seq_id: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """Run ``fn`` between two steps and pass its result, or what it raised, to ``done``."""
+
+    fn: Callable[[], Any]
+    done: Callable[[Any, BaseException | None], None]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Leave the loop; whatever is still in the scheduler stays there."""
+
+
+Message = Add | Abort | Job | Stop
+
+
+class Outbox(Protocol):
+    """Where the engine thread sends what the event loop must see (called on the engine thread)."""
+
+    def deliver(self, items: Delivery) -> None: ...
+
+    def fail_all(self, error: EngineError) -> None: ...
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+class EngineLoop:
+    """The engine thread and what only it touches: the scheduler, the runner, the statistics."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        stats: EngineStats,
+        outbox: Outbox,
+        on_left_queue: Callable[[int], None],
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.stats = stats
+        self.dead: BaseException | None = None  # what killed the thread
+        self._outbox = outbox
+        self._on_left_queue = on_left_queue  # how many sequences left the waiting queue in a step
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._step_observers: list[StepObserver] = []
+        self._finish_observers: list[FinishObserver] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gpt2-engine", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def post(self, message: Message) -> None:
+        """Thread-safe: applied by the engine thread before its next step."""
+        self._inbox.put(message)
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        self._step_observers.append(observer)
+
+    def add_finish_observer(self, observer: FinishObserver) -> None:
+        self._finish_observers.append(observer)
+
+    # -- on the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._drain_inbox(block=not self.scheduler.has_work):
+                    return
+                if self.scheduler.has_work:
+                    self._step()
+        except BaseException as exc:  # a bug in the engine itself: fail everyone, loudly
+            log.exception("engine thread failed")
+            self.dead = exc
+            self._outbox.fail_all(EngineDeadError("engine failed"))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply inbox messages; False when asked to stop."""
+        while True:
+            try:
+                message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                if block:
+                    continue
+                return True
+            block = False
+            match message:
+                case Add(seq):
+                    self.scheduler.add(seq)
+                case Abort(seq_id):
+                    self.scheduler.abort(seq_id)
+                case Job(fn, done):
+                    _run_job(fn, done)
+                    if self.scheduler.has_work:
+                        return True  # one job between two steps: running streams wait for one pass at most
+                case Stop():
+                    return False
+
+    def _step(self) -> None:
+        num_waiting = len(self.scheduler.waiting)
+        plan, early = self.scheduler.schedule()  # schedule() only takes from the waiting queue
+        if num_waiting > len(self.scheduler.waiting):
+            self._on_left_queue(num_waiting - len(self.scheduler.waiting))
+        result: StepResult
+        if plan.is_empty:
+            result = StepResult()
+        else:
+            try:
+                sampled = self.runner.execute(plan)
+            except Exception:
+                ids = [c.seq.request_id for c in plan.prefill] + [s.request_id for s in plan.decode]
+                log.exception("forward pass failed; failing requests %s", ids)
+                result = self.scheduler.fail(plan, EngineError("internal error in the forward pass"))
+            else:
+                result = self.scheduler.update_from_output(plan, sampled)
+        self._record_step(plan, early, result)  # before delivering: whoever sees an output sees this step's stats
+        items = self._finish(early) + self._finish(result)
+        self._outbox.deliver(items)
+
+    def _record_step(self, plan: StepPlan, early: StepResult, result: StepResult) -> None:
+        s = self.stats
+        s.num_steps += 1
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_cache_slots_used = self.scheduler.slots.num_used
+        if plan.decode:
+            s.num_decode_steps += 1
+            s.max_decode_batch_size = max(s.max_decode_batch_size, len(plan.decode))
+            if len(plan.decode) > 1:
+                s.num_shared_decode_steps += 1
+        if not self._step_observers:
+            return
+        # a failed forward pass leaves the runner's times of the step before, as it always has
+        times = self.runner.last_times if not plan.is_empty else StepTimes()
+        event = StepEvent(
+            num_decode=len(plan.decode),
+            num_prefill_seqs=len(plan.prefill),
+            times=PhaseTimes(times.prefill, times.decode, times.sampling, tuple(times.stages.items())),
+            sampled=tuple(_sampled(seq, seq.seq_id in result.shifted) for seq, _ in result.outputs),
+            released=tuple(seq.seq_id for seq in early.released + result.released),
+        )
+        for observer in self._step_observers:
+            try:
+                observer(event)
+            except Exception:
+                log.exception("step observer failed")
+
+    def _finish(self, result: StepResult) -> Delivery:
+        """Count and announce the requests that ended, free their runner state; the items to deliver."""
+        items: Delivery = []
+        for seq, output in result.outputs:
+            items.append((seq.seq_id, output))
+            if output.finished is not None:
+                self.stats.num_finished += 1
+                self._notify_finish(seq, output.finished, None)
+        for seq, error in result.failed:
+            items.append((seq.seq_id, error))
+            self._notify_finish(seq, None, error)
+        for seq in result.released:
+            self.runner.release(seq.seq_id)
+        return items
+
+    def _notify_finish(self, seq: Sequence, finished: Finished | None, error: BaseException | None) -> None:
+        if not self._finish_observers:
+            return
+        event = FinishEvent(seq.seq_id, seq.request_id, finished, error)
+        for observer in self._finish_observers:
+            try:
+                observer(event)
+            except Exception:
+                log.exception("finish observer failed")
+
+
+def _sampled(seq: Sequence, shifted: bool) -> SampledSequence:
+    return SampledSequence(
+        seq_id=seq.seq_id,
+        first_token=seq.num_output == 1,
+        prompt_tokens=len(seq.prompt_ids),
+        truncated_prompt_tokens=seq.truncated_prompt_tokens,
+        shifted=shifted,
+    )
+
+
+def _run_job(fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    try:
+        result = fn()
+    except BaseException as exc:
+        done(None, exc)
+    else:
+        done(result, None)

@@ -1,0 +1,169 @@
+"""The event loop's side of delivery: one ``GenerationStream`` per request in flight, the router
+that hands each engine step's outputs to them, and coroutines awaiting a condition on the
+engine's state, re-checked after every delivery. Everything here runs on the event loop but
+``StreamRouter.deliver`` and ``StreamRouter.fail_all``, the engine thread's way in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from gpt2_service.engine_events import Delivery
+from gpt2_service.errors import EngineError
+from gpt2_service.sequence import Finished, GenerationOutput, Sequence
+
+
+class GenerationStream:
+    """Async iterator over one request's outputs. Close it (or cancel its task) to abort."""
+
+    def __init__(self, seq: Sequence, abort: Callable[[int], None]) -> None:
+        self._abort = abort
+        self.seq_id = seq.seq_id
+        self.request_id = seq.request_id
+        self.seed = seq.seed
+        self.prompt_tokens = len(seq.prompt_ids)
+        self.truncated_prompt_tokens = seq.truncated_prompt_tokens
+        self._queue: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished is not None:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        """Abort the request if it has not finished; idempotent."""
+        if not self._done:
+            self._done = True
+            self._abort(self.seq_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def collect(self) -> tuple[list[GenerationOutput], Finished]:
+        """Read the stream to its end: all outputs, and how it finished."""
+        outputs: list[GenerationOutput] = []
+        try:
+            async for out in self:
+                outputs.append(out)
+        finally:
+            self.close()
+        finished = outputs[-1].finished
+        assert finished is not None
+        return outputs, finished
+
+    def _put(self, item: GenerationOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+
+class StreamRouter:
+    """The streams in flight by seq id; a stream leaves when its last output or an error is put.
+    The engine loop's ``Outbox``, once ``bind`` has named the event loop."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, GenerationStream] = {}
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # -- from the engine thread --------------------------------------------------------------------
+
+    def deliver(self, items: Delivery) -> None:
+        """One step's outputs (maybe none), routed on the event loop."""
+        self._call_soon(self.route, items)
+
+    def fail_all(self, error: EngineError) -> None:
+        """The engine thread died: end every stream with ``error``, on the event loop."""
+        self._call_soon(self.end_all, error)
+
+    def _call_soon(self, fn: Callable[[Any], None], arg: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(fn, arg)
+
+    # -- on the event loop -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def ids(self) -> list[int]:
+        return list(self._streams)
+
+    def add(self, stream: GenerationStream) -> None:
+        self._streams[stream.seq_id] = stream
+        self.wake()
+
+    def remove(self, seq_id: int) -> bool:
+        """Forget a stream without ending it (its request was aborted); False if unknown."""
+        found = self._streams.pop(seq_id, None) is not None
+        self.wake()
+        return found
+
+    def route(self, items: Delivery) -> None:
+        """One engine step's outputs, in order; then wake whoever waits on the engine's state."""
+        for seq_id, item in items:
+            stream = self._streams.get(seq_id)
+            if stream is None:
+                continue
+            stream._put(item)
+            if isinstance(item, BaseException) or item.finished is not None:
+                del self._streams[seq_id]
+        self.wake()
+
+    def end(self, seq_id: int, error: EngineError) -> None:
+        """End one stream with ``error``."""
+        self.route([(seq_id, error)])
+
+    def end_all(self, error: EngineError) -> None:
+        """End every stream with ``error``."""
+        self.route([(seq_id, error) for seq_id in self._streams])
+
+    # -- waiting on the engine's state -------------------------------------------------------------
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+        """Return once ``predicate()`` holds; it is checked now and after every wake."""
+        if predicate():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = (predicate, future)
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiters.remove(waiter)
+
+    def wake(self) -> None:
+        """Re-check every waiter's predicate; release those that hold (or raised)."""
+        for predicate, future in self._waiters:
+            if future.done():
+                continue
+            try:
+                holds = predicate()
+            except Exception as exc:
+                future.set_exception(exc)
+            else:
+                if holds:
+                    future.set_result(None)
+
+    def cancel_waiters(self, error: BaseException) -> None:
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(error)
