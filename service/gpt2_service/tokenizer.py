@@ -127,6 +127,3 @@ class GPT2Tokenizer:
 
     def id_to_text(self, token_id: int) -> str:
         return self.token_bytes[token_id].decode("utf-8", errors="replace")
-
-    def vocab(self) -> dict[str, int]:
-        return dict(self._tok.get_vocab(with_added_tokens=True))
