@@ -1,10 +1,13 @@
 """Helpers for the gRPC tests: a real server on 127.0.0.1:0 in the test's event loop, raw stubs,
-and the rich error details of a failed call."""
+the rich error details of a failed call, and ways to await what the server does when a call ends
+(its RPC counter, its access line) rather than poll for it."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from gpt2_service.metrics import Metrics
 from gpt2_service.weights import LoadedModel
 from grpc_status import rpc_status
 
-from tests.engine_helpers import wait_until
+from tests.engine_helpers import WAIT_S
 
 # Small enough to be quick on two cores, large enough for 16 concurrent streams.
 API_ENGINE_CONFIG = EngineConfig(
@@ -126,9 +129,59 @@ def rich_error(error: grpc.aio.AioRpcError) -> RichError:
     )
 
 
-async def wait_for_slots_free(engine: Engine, timeout: float = 10.0) -> None:
-    """Poll (bounded) until no request holds a KV-cache slot or a stream."""
-    await wait_until(lambda: engine.stats.kv_cache_slots_used == 0 and engine.num_in_flight == 0, timeout)
+async def wait_for_slots_free(engine: Engine, timeout: float = WAIT_S) -> None:
+    """Await the engine's state in which no request holds a KV-cache slot or a stream."""
+    await engine.wait_for(lambda: engine.stats.kv_cache_slots_used == 0 and engine.num_in_flight == 0, timeout)
+
+
+class Awaited:
+    """Something in this process that is not the engine (the server's accounting at the end of a
+    call) and that tests await: ``changed()``, from any thread, wakes ``wait_for(condition)``, which
+    re-checks the condition."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = asyncio.Event()
+
+    def changed(self) -> None:
+        if self._loop is not None:  # nobody waits yet: the first check will see the change
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
+        self._loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await self._changed.wait()
+                self._changed.clear()
+
+
+class CountedMetrics(Metrics):
+    """Metrics whose RPC counting can be awaited (the server counts a call once it has ended)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rpcs = Awaited()
+
+    def observe_rpc(self, rpc: str, code: str) -> None:
+        super().observe_rpc(rpc, code)
+        self.rpcs.changed()
+
+
+class LogRecords(logging.Handler):
+    """The records a logger emits, kept as they come; ``await wait_for_count(n)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._emitted = Awaited()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._emitted.changed()
+
+    async def wait_for_count(self, count: int, timeout: float = WAIT_S) -> list[logging.LogRecord]:
+        await self._emitted.wait_for(lambda: len(self.records) >= count, timeout)
+        return list(self.records)
 
 
 async def first_message(call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateStreamResponse]) -> None:

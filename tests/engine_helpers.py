@@ -1,14 +1,16 @@
-"""Small helpers for engine tests: build requests, run them to the end, wait for the engine."""
+"""Small helpers for engine tests: build requests, run them to the end.
+
+To wait for the engine to reach a state, await ``engine.wait_for(predicate, timeout=WAIT_S)``: the
+engine re-checks it after every step it delivers, and on every submit and abort; nothing polls.
+"""
 
 from __future__ import annotations
-
-import asyncio
-import time
-from collections.abc import Callable
 
 from gpt2_service.engine import Engine
 from gpt2_service.request import GenerationRequest, SamplingParams, StoppingCriteria
 from gpt2_service.sequence import Finished, GenerationOutput
+
+WAIT_S = 10.0  # how long a test awaits a state of the engine before it fails
 
 
 def request(
@@ -33,12 +35,3 @@ def request(
 async def run(engine: Engine, req: GenerationRequest) -> tuple[list[GenerationOutput], Finished]:
     stream = await engine.submit(req)
     return await stream.collect()
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll the engine's state until ``condition`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)

@@ -36,7 +36,10 @@ def parse_exposition(text: str) -> Samples:
 
 
 def poll(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll the server's observable state (bounded) until ``condition`` holds."""
+    """Poll the server's observable state (bounded) until ``condition`` holds.
+
+    The one poll the tests keep: the server here is another process, which can signal nothing to
+    the test. In process, await instead: ``Engine.wait_for``, or ``api_helpers.Awaited``."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -33,7 +33,7 @@ from tests.api_helpers import (
     stub_for,
     wait_for_slots_free,
 )
-from tests.engine_helpers import wait_until
+from tests.engine_helpers import WAIT_S
 
 
 def _set(path: str, value: object) -> Callable[[pb.GenerateRequest], None]:
@@ -167,7 +167,7 @@ async def test_full_queue_gives_resource_exhausted_at_once(tiny: LoadedModel) ->
         running = stub.GenerateStream(long_request())
         await first_message(running)  # admitted: it holds the only batch place
         waiting = stub.GenerateStream(long_request())  # fills the queue
-        await wait_until(lambda: served.engine.num_in_flight == 2)
+        await served.engine.wait_for(lambda: served.engine.num_in_flight == 2, WAIT_S)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(greedy(), timeout=5)
         running.cancel()

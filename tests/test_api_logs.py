@@ -19,8 +19,7 @@ from gpt2_client.proto import generation_pb2 as pb
 from gpt2_service.api.logs import JsonFormatter, TextFormatter, log_fields
 from gpt2_service.weights import LoadedModel
 
-from tests.api_helpers import API_SERVER_CONFIG, greedy, serve, stub_for
-from tests.engine_helpers import wait_until
+from tests.api_helpers import API_SERVER_CONFIG, LogRecords, greedy, serve, stub_for
 from tests.process_helpers import poll, serve_process
 
 SECRET = "The secret prompt"
@@ -157,35 +156,41 @@ def test_start_up_lines_name_the_model_budget_limits_and_ports(served_log: list[
 # -- --log-prompts, in process ---------------------------------------------------------------------
 
 
-async def _access_entries(caplog: pytest.LogCaptureFixture, count: int) -> list[Entry]:
-    """The access lines, once ``count`` are logged (each is logged when its call has ended)."""
-
-    def records() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.name == "gpt2_service.api.access"]
-
-    await wait_until(lambda: len(records()) >= count)
-    return [json.loads(JsonFormatter().format(r)) for r in records()]
-
-
-async def test_log_prompts_puts_each_prompt_in_its_line(tiny: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
-    config = dataclasses.replace(API_SERVER_CONFIG, log_prompts=True)
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> Iterator[LogRecords]:
+    """The access lines logged in process, as they are logged."""
     caplog.set_level(logging.INFO, logger="gpt2_service.api.access")
+    records = LogRecords()
+    logger = logging.getLogger("gpt2_service.api.access")
+    logger.addHandler(records)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(records)
+
+
+async def _access_entries(access_log: LogRecords, count: int) -> list[Entry]:
+    """The access lines, once ``count`` are logged (each is logged when its call has ended)."""
+    return [json.loads(JsonFormatter().format(r)) for r in await access_log.wait_for_count(count)]
+
+
+async def test_log_prompts_puts_each_prompt_in_its_line(tiny: LoadedModel, access_log: LogRecords) -> None:
+    config = dataclasses.replace(API_SERVER_CONFIG, log_prompts=True)
     async with serve(tiny, server_config=config) as served, stub_for(served) as stub:
         await stub.Generate(greedy(SECRET, max_new_tokens=2, request_id="text"))
         ids = greedy(max_new_tokens=2, request_id="ids")
         ids.prompt_token_ids.CopyFrom(common_pb2.TokenIds(ids=[464, 3797]))
         await stub.Generate(ids)
         await stub.GenerateBatch(pb.GenerateBatchRequest(requests=[greedy("batched", 2, request_id="item")]))
-        entries = await _access_entries(caplog, 4)
+        entries = await _access_entries(access_log, 4)
     prompts = {e["request_id"]: e.get("prompt") for e in entries}
     assert (prompts["text"], prompts["ids"], prompts["item"]) == (SECRET, [464, 3797], "batched")
 
 
-async def test_without_log_prompts_no_line_has_a_prompt(tiny: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="gpt2_service.api.access")
+async def test_without_log_prompts_no_line_has_a_prompt(tiny: LoadedModel, access_log: LogRecords) -> None:
     async with serve(tiny) as served, stub_for(served) as stub:
         await stub.Generate(greedy(SECRET, max_new_tokens=2, request_id="text"))
-        [entry] = await _access_entries(caplog, 1)
+        [entry] = await _access_entries(access_log, 1)
     assert "prompt" not in entry and SECRET not in json.dumps(entry)
 
 

@@ -23,11 +23,18 @@ import pytest
 from gpt2_client.proto import common_pb2, generation_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_service.api import convert
-from gpt2_service.metrics import Metrics
 from gpt2_service.weights import LoadedModel
 
-from tests.api_helpers import API_SERVER_CONFIG, first_message, greedy, long_request, rich_error, serve, stub_for
-from tests.engine_helpers import wait_until
+from tests.api_helpers import (
+    API_SERVER_CONFIG,
+    CountedMetrics,
+    first_message,
+    greedy,
+    long_request,
+    rich_error,
+    serve,
+    stub_for,
+)
 from tests.process_helpers import Labels, Samples, ServeProcess, parse_exposition, poll, serve_process
 
 UNARY = [(3, 4), (5, 6), (1, 2)]  # (prompt tokens, new tokens), each a Generate
@@ -194,10 +201,10 @@ def test_promtool_check_metrics_is_clean_on_the_live_scrape(scrape: Scrape) -> N
 # -- outcomes the process workload does not reach, on an in-process server ------------------------
 
 
-async def _counted(metrics: Metrics, rpc: str, code: str) -> Samples:
+async def _counted(metrics: CountedMetrics, rpc: str, code: str) -> Samples:
     """The metrics, once the call ``(rpc, code)`` has been counted (it is when the call ends)."""
     key = ("gpt2_requests_total", frozenset({"rpc": rpc, "code": code}.items()))
-    await wait_until(lambda: parse_exposition(metrics.exposition().decode()).get(key) == 1)
+    await metrics.rpcs.wait_for(lambda: parse_exposition(metrics.exposition().decode()).get(key) == 1)
     return parse_exposition(metrics.exposition().decode())
 
 
@@ -211,7 +218,7 @@ async def test_too_little_time_to_start_is_a_deadline_rejection(
     tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(convert, "MIN_TIME_REMAINING_SECONDS", 3600.0)  # any deadline is too short
-    metrics = Metrics()
+    metrics = CountedMetrics()
     async with serve(tiny, metrics=metrics) as served, stub_for(served) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(greedy(), timeout=30)
@@ -221,7 +228,7 @@ async def test_too_little_time_to_start_is_a_deadline_rejection(
 
 
 async def test_a_deadline_passing_during_generation_is_deadline_exceeded_not_a_rejection(tiny: LoadedModel) -> None:
-    metrics = Metrics()
+    metrics = CountedMetrics()
     async with serve(tiny, metrics=metrics) as served, stub_for(served) as stub:
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Generate(long_request(), timeout=0.3)
@@ -231,7 +238,7 @@ async def test_a_deadline_passing_during_generation_is_deadline_exceeded_not_a_r
 
 
 async def test_calls_refused_while_draining_count_as_unavailable(tiny: LoadedModel) -> None:
-    metrics = Metrics()
+    metrics = CountedMetrics()
     async with serve(tiny, metrics=metrics) as served, stub_for(served) as stub:
         served.server.gate.close()
         with pytest.raises(grpc.aio.AioRpcError):
@@ -246,7 +253,7 @@ async def test_calls_without_an_accepted_token_are_unauthenticated_rejections(
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret-token\n")
     config = dataclasses.replace(API_SERVER_CONFIG, auth_token_file=str(tokens))
-    metrics = Metrics()
+    metrics = CountedMetrics()
     async with serve(tiny, server_config=config, metrics=metrics) as served, stub_for(served) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(greedy())
@@ -256,7 +263,7 @@ async def test_calls_without_an_accepted_token_are_unauthenticated_rejections(
 
 
 async def test_calls_cut_short_by_the_server_stopping_count_as_unavailable(tiny: LoadedModel) -> None:
-    metrics = Metrics()
+    metrics = CountedMetrics()
     async with serve(tiny, metrics=metrics) as served, stub_for(served) as stub:
         call = stub.GenerateStream(long_request())
         await first_message(call)

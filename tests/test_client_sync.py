@@ -20,7 +20,7 @@ from gpt2_client import (
 from gpt2_service.weights import LoadedModel
 
 from tests.api_helpers import API_ENGINE_CONFIG, serve, wait_for_slots_free
-from tests.engine_helpers import wait_until
+from tests.engine_helpers import WAIT_S
 
 
 async def test_generate_stream_and_batch_agree(tiny: LoadedModel) -> None:
@@ -80,7 +80,7 @@ async def test_full_queue_raises_overloaded(tiny: LoadedModel) -> None:
             await asyncio.to_thread(next, running)  # admitted
             waiting = client.stream("Twice", max_new_tokens=500, ignore_eos=True)
             waiting_task = asyncio.create_task(asyncio.to_thread(next, waiting))
-            await wait_until(lambda: served.engine.num_in_flight == 2)
+            await served.engine.wait_for(lambda: served.engine.num_in_flight == 2, WAIT_S)
             with pytest.raises(OverloadedError) as caught:
                 await asyncio.to_thread(lambda: client.generate("Thrice"))
             assert caught.value.reason == "QUEUE_FULL"

@@ -10,7 +10,7 @@ from gpt2_service.config import EngineConfig
 from gpt2_service.engine import Engine
 from gpt2_service.weights import LoadedModel
 
-from tests.engine_helpers import request, run, wait_until
+from tests.engine_helpers import WAIT_S, request, run
 
 MIXED = [
     dict(temperature=0.0),
@@ -59,7 +59,7 @@ async def test_a_reused_slot_leaks_nothing(tiny: LoadedModel) -> None:
 
 async def test_staggered_arrivals_join_the_running_batch(engine: Engine) -> None:
     first = asyncio.ensure_future(run(engine, request([1, 2, 3], max_new_tokens=200, temperature=0.0)))
-    await wait_until(lambda: engine.stats.num_decode_steps >= 3)
+    await engine.wait_for(lambda: engine.stats.num_decode_steps >= 3, WAIT_S)
     steps_before = engine.stats.num_decode_steps
     second = await run(engine, request([4, 5, 6], max_new_tokens=5, temperature=0.0))
     assert not first.done(), "the newcomer must not wait for the running request to finish"
@@ -81,7 +81,7 @@ async def test_an_early_finisher_frees_its_slot_for_a_waiting_request(tiny: Load
 
         long = asyncio.ensure_future(go("long", 150))
         short = asyncio.ensure_future(go("short", 3))
-        await wait_until(lambda: engine.stats.num_running == 2)
+        await engine.wait_for(lambda: engine.stats.num_running == 2, WAIT_S)
         waiting = asyncio.ensure_future(go("waiting", 3))
         await asyncio.gather(long, short, waiting)
         assert finished_order == ["short", "waiting", "long"]

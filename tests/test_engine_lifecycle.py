@@ -13,7 +13,7 @@ from gpt2_service.engine import Engine
 from gpt2_service.errors import DeadlineExceededError, EngineOverloadedError, EngineUnavailableError
 from gpt2_service.weights import LoadedModel
 
-from tests.engine_helpers import request, run, wait_until
+from tests.engine_helpers import WAIT_S, request, run
 
 
 async def test_100_requests_with_random_cancels_leave_every_slot_free(tiny: LoadedModel) -> None:
@@ -33,18 +33,26 @@ async def _submit_100_and_cancel_30(engine: Engine) -> None:
         _, finished = await run(engine, request([i + 1, i + 2], max_new_tokens=lengths[i], temperature=0.0))
         return finished.usage.completion_tokens
 
+    async def steps_later(count: int) -> None:
+        """Once the engine has made ``count`` more steps, or has run and finished everything."""
+        target = engine.stats.num_steps + count
+        await engine.wait_for(
+            lambda: engine.stats.num_steps >= target or (engine.stats.num_steps > 0 and engine.num_in_flight == 0),
+            WAIT_S,
+        )
+
     tasks = {i: asyncio.ensure_future(consume(i)) for i in range(100)}
     cancelled = set(rng.sample(range(100), 30))
     for n, i in enumerate(sorted(cancelled)):
-        if n % 3:
-            await asyncio.sleep(0.002 * n)
+        if n % 3:  # the others at once: some before they are even submitted
+            await steps_later(2)
         tasks[i].cancel()
     results = await asyncio.gather(*tasks.values(), return_exceptions=True)
     for i, result in zip(tasks, results, strict=True):
         if i in cancelled and isinstance(result, asyncio.CancelledError):
             continue
         assert result == lengths[i]
-    await wait_until(lambda: engine.stats.kv_cache_slots_used == 0 and engine.stats.num_running == 0)
+    await engine.wait_for(lambda: engine.stats.kv_cache_slots_used == 0 and engine.stats.num_running == 0, WAIT_S)
     assert engine.stats.kv_cache_slots_free == engine.stats.kv_cache_slots
     assert engine.num_in_flight == 0
     assert engine.stats.num_waiting == 0
@@ -55,7 +63,7 @@ async def test_closing_a_stream_aborts_its_request_and_frees_the_slot(engine: En
     await anext(stream)
     assert engine.stats.kv_cache_slots_used == 1
     stream.close()
-    await wait_until(lambda: engine.stats.kv_cache_slots_used == 0)
+    await engine.wait_for(lambda: engine.stats.kv_cache_slots_used == 0, WAIT_S)
     assert engine.stats.num_aborted == 1
 
 
@@ -66,7 +74,7 @@ async def test_a_full_queue_raises_overloaded_at_once_without_tokenizing(tiny: L
     original = tiny.tokenizer.encode
     try:
         streams = [await engine.submit(request([1], max_new_tokens=400))]
-        await wait_until(lambda: engine.stats.num_running == 1)
+        await engine.wait_for(lambda: engine.stats.num_running == 1, WAIT_S)
         streams += [await engine.submit(request([1], max_new_tokens=400)) for _ in range(2)]  # queue: 2/2
         tiny.tokenizer.encode = lambda text: calls.append(text) or original(text)  # type: ignore[method-assign]
         started = time.monotonic()
@@ -85,7 +93,7 @@ async def test_an_expired_deadline_fails_the_request_and_frees_its_slot(engine: 
     req = dataclasses.replace(request([1, 2], max_new_tokens=1000), deadline=time.monotonic() + 0.2)
     with pytest.raises(DeadlineExceededError):
         await run(engine, req)
-    await wait_until(lambda: engine.stats.kv_cache_slots_used == 0)
+    await engine.wait_for(lambda: engine.stats.kv_cache_slots_used == 0, WAIT_S)
 
 
 async def test_a_request_whose_deadline_passed_while_waiting_is_never_admitted(engine: Engine) -> None:
@@ -114,3 +122,13 @@ async def test_a_draining_engine_refuses_new_requests(engine: Engine) -> None:
     engine.stop_accepting()
     with pytest.raises(EngineUnavailableError):
         await engine.submit(request([1]))
+
+
+async def test_wait_for_wakes_after_the_steps_that_make_it_true_and_times_out_otherwise(engine: Engine) -> None:
+    stream = await engine.submit(request([1, 2, 3], max_new_tokens=500, temperature=0.0))
+    target = engine.stats.num_steps + 3
+    await engine.wait_for(lambda: engine.stats.num_steps >= target, WAIT_S)
+    stream.close()
+    await engine.wait_for(lambda: engine.stats.kv_cache_slots_used == 0 and engine.num_in_flight == 0, WAIT_S)
+    with pytest.raises(TimeoutError):
+        await engine.wait_for(lambda: engine.stats.num_steps > target + 10_000, timeout=0.05)

@@ -27,7 +27,7 @@ from gpt2_service.sequence import Finished
 from gpt2_service.weights import LoadedModel
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.engine_helpers import request, run, wait_until
+from tests.engine_helpers import WAIT_S, request, run
 
 CONTEXT_WINDOW = 64  # small, so that truncation and context shifts happen in a short workload
 UNARY = [(3, 5), (70, 4), (10, 60), (1, 1)]  # (prompt tokens, new tokens); 70 is truncated to 64
@@ -85,7 +85,7 @@ async def _workload(loaded: LoadedModel, metrics: Metrics) -> tuple[list[Finishe
             metrics.observe_rpc("Generate", "INVALID_ARGUMENT")
 
         blockers = [await engine.submit(_request(*pn)) for pn in BLOCKERS]
-        await wait_until(lambda: engine.stats.num_running == len(BLOCKERS))
+        await engine.wait_for(lambda: engine.stats.num_running == len(BLOCKERS), WAIT_S)
         queued = [await engine.submit(_request(*pn)) for pn in QUEUED]
         with pytest.raises(EngineOverloadedError):
             await engine.submit(_request(1, 1))
