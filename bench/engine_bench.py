@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_driver import GREEDY, run_batch
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine, StepStats
+from gpt2_service.engine import Engine
+from gpt2_service.engine_events import StepEvent
 from gpt2_service.request import GenerationRequest, StoppingCriteria
 from gpt2_service.weights import load_model
 from hf_reference import hf_greedy, to_hf
@@ -101,7 +102,7 @@ class Systems:
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.engine.start())
         self.loop.run_until_complete(self.invariant_engine.start())
-        self.step_stats: list[StepStats] = []
+        self.step_stats: list[StepEvent] = []
         self.engine.add_step_observer(self.step_stats.append)
         self.cb_error = _continuous_batching_unavailable()
         self.max_batch_size = max_batch_size

@@ -12,7 +12,7 @@ One engine and one gRPC server serve both configurations, so the only difference
 The switch is bench-local: subclasses of ``EngineRecorder`` and ``Metrics`` whose observer methods
 forward to the real ones only while switched on. The recorder is attached once, so the engine's
 observer lists are the same in both configurations; "off" therefore still builds one
-``StepStats`` per step and makes one call per step, per finished request and per RPC that
+``StepEvent`` per step and makes one call per step, per finished request and per RPC that
 returns at once: about 4 us per step that takes a few hundred milliseconds (timed with timeit),
 below 0.01%, whereas production "off" (``--metrics-port -1``) attaches no observers at all. The
 counters read back at the end must equal what the "on" rounds generated and nothing more; the
@@ -68,8 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_bench import RequestTrace, grpc_request, run_level
 
 if TYPE_CHECKING:
-    from gpt2_service.engine import StepStats
-    from gpt2_service.sequence import Finished, Sequence
+    from gpt2_service.engine_events import FinishEvent, StepEvent
 
 TARGET_RATIO = 0.97
 MIN_PAIRS_FOR_VERDICT = 10
@@ -132,13 +131,13 @@ class SwitchableRecorder(EngineRecorder):
         super().__init__()
         self.enabled = False
 
-    def on_step(self, step: StepStats) -> None:
+    def on_step(self, step: StepEvent) -> None:
         if self.enabled:
             super().on_step(step)
 
-    def on_finish(self, seq: Sequence, finished: Finished | None, error: BaseException | None) -> None:
+    def on_finish(self, event: FinishEvent) -> None:
         if self.enabled:
-            super().on_finish(seq, finished, error)
+            super().on_finish(event)
 
 
 class SwitchableMetrics(Metrics):

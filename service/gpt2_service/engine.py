@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine_events import EngineStats, FinishObserver, StepEvent, StepObserver
+from gpt2_service.engine_events import EngineStats, FinishObserver, StepObserver
 from gpt2_service.engine_intake import QueueBound, SequenceFactory
 from gpt2_service.engine_loop import Abort, Add, EngineLoop, Job, Stop
 from gpt2_service.engine_stream import GenerationStream, StreamRouter
@@ -38,15 +38,13 @@ from gpt2_service.scheduler import Scheduler, SchedulerConfig
 from gpt2_service.sequence import GenerationOutput
 from gpt2_service.weights import LoadedModel
 
-__all__ = ["Engine", "GenerationStream", "StepStats"]
+__all__ = ["Engine", "GenerationStream"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 LONG_PROMPT = 8192  # prompts of more chars (or ids) than this are prepared off the event loop
-
-StepStats = StepEvent  # the name bench/ imports
 
 
 class Engine:
