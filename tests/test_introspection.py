@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from gpt2_service.api.introspection import response_budget
 from gpt2_service.errors import InvalidRequestError
-from gpt2_service.introspection import RESPONSE_TOO_LARGE, Inspector, TensorStats
-from gpt2_service.request import SamplingParams
+from gpt2_service.introspection import RESPONSE_TOO_LARGE, Inspector, SamplingOptions, TensorStats
+from gpt2_service.request import GenerationRequest, RequestLimits, SamplingParams, find_violations
 from gpt2_service.sampler import RowState, Sampler
 from gpt2_service.weights import LoadedModel, load_model
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -235,8 +236,19 @@ def test_sampling_options_out_of_range_name_each_field(inspector: Inspector) -> 
     assert violation_fields(lambda: inspector.trace(text="a", temperature=float("nan"))) == ["temperature"]
 
 
+def test_sampling_rules_are_generation_s_without_the_sampling_prefix(inspector: Inspector) -> None:
+    options = SamplingOptions(temperature=-1.0, top_k=-1, top_p=0.0, min_p=2.0, typical_p=0.0, seed=2**64)
+    with pytest.raises(InvalidRequestError) as info:
+        inspector.plan_predict_next("a", None, options)
+    request = GenerationRequest("r", prompt="a", sampling=options.params)
+    generation = find_violations(request, RequestLimits(vocab_size=50257, max_new_tokens_limit=16))
+    assert [(v.field, v.description) for v in info.value.violations] == [
+        (v.field.removeprefix("sampling."), v.description) for v in generation
+    ]
+
+
 def test_a_response_over_the_limit_names_the_options_to_narrow(tiny: LoadedModel) -> None:
-    small = Inspector(tiny, max_response_bytes=2000)
+    small = Inspector(tiny, response_budget(2000))  # the API layer's costs
     text = "a b c d e f g h"  # 8 tokens: one 8x8 matrix is 256 bytes
     with pytest.raises(InvalidRequestError) as info:
         small.attention(text=text, include_scores=True)

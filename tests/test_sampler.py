@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from gpt2_service.request import SamplingParams
-from gpt2_service.sampler import FilterParams, RowState, Sampler, apply_filters, apply_penalties
+from gpt2_service.sampler import (
+    FilterParams,
+    RowState,
+    Sampler,
+    apply_filters,
+    apply_penalties,
+    draw,
+    next_uniforms,
+)
 from transformers.generation import logits_process as hf
 
 V = 1000
@@ -115,6 +123,33 @@ def test_a_seeded_draw_does_not_depend_on_the_other_rows() -> None:
     rows = [RowState(SamplingParams(temperature=0.5, top_p=0.5), torch.Generator().manual_seed(i)) for i in range(4)]
     rows[2] = RowState(SamplingParams(), torch.Generator().manual_seed(9))
     assert Sampler().sample(x, rows).token_ids[2] == alone[0]
+
+
+def test_many_draws_from_one_row_are_that_row_s_draws_one_at_a_time() -> None:
+    # Introspection draws num_samples tokens from one distribution with one generator: each must be
+    # the token the engine's one-row draw gives for the same uniform.
+    probs = logits(1).softmax(dim=-1)
+    uniforms = next_uniforms([torch.Generator().manual_seed(7)] * 50)  # its next 50 numbers, in order
+    again = torch.Generator().manual_seed(7)
+    assert uniforms.tolist() == [float(torch.rand(1, generator=again)) for _ in range(50)]
+    one_at_a_time = [int(draw(probs, u.reshape(1, 1))) for u in uniforms]
+    assert draw(probs, uniforms[None])[0].tolist() == one_at_a_time
+    assert draw(probs, next_uniforms([])[None]).shape == (1, 0)
+
+
+def test_a_draw_at_the_very_top_of_the_cdf_takes_the_last_possible_token() -> None:
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    assert draw(probs, torch.tensor([[0.0, 0.5, 1.0]])).tolist() == [[0, 1, 1]]
+
+
+def test_one_row_filter_parameters_are_that_row_of_a_batch() -> None:
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, typical_p=0.8)
+    one, batch = (
+        FilterParams.of_row(params, torch.device("cpu")),
+        FilterParams.from_params([params], torch.device("cpu")),
+    )
+    for name in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
+        assert getattr(one, name).shape == (1,) and torch.equal(getattr(one, name), getattr(batch, name))
 
 
 def test_logprobs_are_those_of_the_raw_distribution_with_top_n() -> None:

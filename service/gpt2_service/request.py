@@ -128,6 +128,34 @@ def token_id_violation(field: str, token_id: int, vocab_size: int) -> tuple[str,
     return field, f"must be a token id in [0, {vocab_size}), got {token_id}"
 
 
+def check_sampling(bad: Violations, s: SamplingParams, prefix: str) -> None:
+    """The sampling parameters' rules, each broken one added to ``bad`` as ``prefix`` + its field
+    (``sampling.top_p`` in a GenerationRequest, ``top_p`` in an introspection request)."""
+    check = bad.check
+    check(
+        _finite(s.temperature) and s.temperature >= 0,
+        f"{prefix}temperature",
+        f"must be a finite number >= 0, got {s.temperature}",
+    )
+    check(s.top_k >= 0, f"{prefix}top_k", f"must be >= 0 (0 disables it), got {s.top_k}")
+    check(_finite(s.top_p) and 0 < s.top_p <= 1, f"{prefix}top_p", f"must be in (0, 1], got {s.top_p}")
+    check(_finite(s.min_p) and 0 <= s.min_p <= 1, f"{prefix}min_p", f"must be in [0, 1], got {s.min_p}")
+    check(_finite(s.typical_p) and 0 < s.typical_p <= 1, f"{prefix}typical_p", f"must be in (0, 1], got {s.typical_p}")
+    check(
+        _finite(s.repetition_penalty) and s.repetition_penalty > 0,
+        f"{prefix}repetition_penalty",
+        f"must be a finite number > 0 (1 disables it), got {s.repetition_penalty}",
+    )
+    for name, value in (("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)):
+        check(
+            _finite(value) and abs(value) <= MAX_ABS_PRESENCE_FREQUENCY_PENALTY,
+            f"{prefix}{name}",
+            f"must be in [-2, 2], got {value}",
+        )
+    if s.seed is not None:
+        check(0 <= s.seed <= MAX_SEED, f"{prefix}seed", f"must be in [0, 2^64-1], got {s.seed}")
+
+
 def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violations:
     """The rules the request breaks (empty if it is valid), at most ``MAX_REPORTED_VIOLATIONS``
     of them reported. Counts are checked before elements: a list over its limit is one
@@ -135,29 +163,7 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violat
     bad = Violations()
     check = bad.check
 
-    s = request.sampling
-    check(
-        _finite(s.temperature) and s.temperature >= 0,
-        "sampling.temperature",
-        f"must be a finite number >= 0, got {s.temperature}",
-    )
-    check(s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables it), got {s.top_k}")
-    check(_finite(s.top_p) and 0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-    check(_finite(s.min_p) and 0 <= s.min_p <= 1, "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
-    check(_finite(s.typical_p) and 0 < s.typical_p <= 1, "sampling.typical_p", f"must be in (0, 1], got {s.typical_p}")
-    check(
-        _finite(s.repetition_penalty) and s.repetition_penalty > 0,
-        "sampling.repetition_penalty",
-        f"must be a finite number > 0 (1 disables it), got {s.repetition_penalty}",
-    )
-    for name, value in (("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)):
-        check(
-            _finite(value) and abs(value) <= MAX_ABS_PRESENCE_FREQUENCY_PENALTY,
-            f"sampling.{name}",
-            f"must be in [-2, 2], got {value}",
-        )
-    if s.seed is not None:
-        check(0 <= s.seed <= MAX_SEED, "sampling.seed", f"must be in [0, 2^64-1], got {s.seed}")
+    check_sampling(bad, request.sampling, "sampling.")
 
     t = request.stopping
     if t.max_new_tokens is not None:

@@ -67,6 +67,11 @@ class FilterParams:
             typical_p=col([p.typical_p for p in params]),
         )
 
+    @classmethod
+    def of_row(cls, params: SamplingParams, device: torch.device) -> FilterParams:
+        """One row's filter parameters, as (1,) tensors."""
+        return cls.from_params([params], device)
+
 
 def apply_filters(logits: Tensor, f: FilterParams) -> Tensor:
     """Temperature, top-k, top-p, min-p and typical-p, each per row. (B, V) -> (B, V)."""
@@ -151,7 +156,7 @@ class Sampler:
             index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
             filters = FilterParams.from_params([rows[i].params for i in sampled_rows], logits.device)
             probs = apply_filters(processed[index], filters).softmax(dim=-1)
-            chosen[index] = self._draw(probs, [rows[i].generator for i in sampled_rows])
+            chosen[index] = draw(probs, next_uniforms([rows[i].generator for i in sampled_rows])[:, None])[:, 0]
 
         token_ids = chosen.tolist()
         logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
@@ -165,15 +170,23 @@ class Sampler:
                 top[i] = list(zip(ids_l[i][:n], values_l[i][:n], strict=True))
         return SampleResult(token_ids, logprobs, top)
 
-    @staticmethod
-    def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
-        """Inverse-CDF draw, one uniform per row from that row's generator. (B, V) -> (B,)."""
-        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)
-        cdf = probs.cumsum(dim=-1)
-        target = (uniforms * cdf[:, -1])[:, None]
-        # side="right": first index whose cdf exceeds the target, so never a zero-probability token
-        drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
-        # rounding can put the target at the very top of the CDF: take the last possible token
-        vocab = probs.shape[-1]
-        last_possible = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-        return torch.where(drawn >= vocab, last_possible, drawn)
+
+def next_uniforms(generators: Sequence[torch.Generator | None]) -> Tensor:
+    """One uniform number from each generator, in order, on the CPU. (n,). A generator that
+    appears more than once gives its next number each time."""
+    if not generators:
+        return torch.empty(0)
+    return torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
+def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draws: row b of ``probs`` (B, V) once for each of row b's ``uniforms`` (B, K).
+    -> (B, K). The same probabilities and uniforms give the same tokens, whatever B and K are."""
+    cdf = probs.cumsum(dim=-1)
+    target = uniforms.to(probs.device) * cdf[:, -1:]
+    # right=True: first index whose cdf exceeds the target, so never a zero-probability token
+    drawn = torch.searchsorted(cdf, target, right=True)
+    # rounding can put the target at the very top of the CDF: take the last possible token
+    vocab = probs.shape[-1]
+    last_possible = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    return torch.where(drawn >= vocab, last_possible, drawn)

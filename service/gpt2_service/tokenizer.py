@@ -7,6 +7,7 @@ bring their own files (tokenizer.json, or vocab.json + merges.txt).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -36,11 +37,22 @@ def _unicode_to_byte() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class TokenPiece:
+    """One token of a text, with where it came from."""
+
     id: int
-    text: str  # the piece decoded on its own (U+FFFD where it holds part of a character)
-    data: bytes  # the raw bytes the piece stands for
-    start: int  # char offset into the encoded text
-    end: int
+    text: str  # the piece decoded on its own; U+FFFD where it holds part of a character
+    data: bytes  # the raw bytes the piece stands for (differs from ``text`` when ``partial``)
+    start: int  # char offsets into the encoded text (or, from ``decode_pieces``, the decoded text);
+    end: int  # a piece holding part of a character spans that whole character
+
+    @property
+    def partial(self) -> bool:
+        """True when the piece's bytes are not valid UTF-8 on their own."""
+        try:
+            self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        return False
 
 
 class GPT2Tokenizer:
@@ -115,6 +127,22 @@ class GPT2Tokenizer:
             for i, (s, e) in zip(enc.ids, enc.offsets, strict=True)
         ]
 
+    def decode_pieces(self, token_ids: Sequence[int]) -> tuple[str, list[TokenPiece]]:
+        """The text of ``token_ids`` (as ``decode(token_ids, skip_special=False)`` gives it) and
+        their pieces, with char offsets into that text."""
+        data = [self.token_bytes[i] for i in token_ids]
+        text, char_of_byte = _decode_with_char_map(b"".join(data))
+        pieces: list[TokenPiece] = []
+        byte_pos = 0
+        for token_id, piece in zip(token_ids, data, strict=True):
+            if piece:
+                start, end = char_of_byte[byte_pos], char_of_byte[byte_pos + len(piece) - 1] + 1
+            else:
+                start = end = char_of_byte[byte_pos] if byte_pos < len(char_of_byte) else len(text)
+            pieces.append(TokenPiece(token_id, self.id_to_text(token_id), piece, start, end))
+            byte_pos += len(piece)
+        return text, pieces
+
     def min_num_tokens(self, text: str) -> int:
         """A lower bound on ``len(self.encode(text))`` that costs O(1): a token stands for at most
         ``max_token_bytes`` bytes, and a character for at least one. Lets a text that cannot fit
@@ -127,3 +155,66 @@ class GPT2Tokenizer:
 
     def id_to_text(self, token_id: int) -> str:
         return self.token_bytes[token_id].decode("utf-8", errors="replace")
+
+
+# -- byte -> char offsets ---------------------------------------------------------------------
+
+
+def _decode_with_char_map(data: bytes) -> tuple[str, list[int]]:
+    """``data.decode("utf-8", errors="replace")`` and, for every byte, the index of its char.
+
+    Like Python's decoder, each maximal ill-formed subpart (Unicode's recommended practice)
+    becomes one U+FFFD.
+    """
+    chars: list[str] = []
+    char_of_byte: list[int] = []
+    pos = 0
+    while pos < len(data):
+        length = _utf8_length(data[pos])
+        char = _decode_one(data[pos : pos + length]) if length else None
+        if char is None:
+            length = _maximal_subpart(data, pos, max(length, 1))
+            char = "\ufffd"
+        char_of_byte.extend([len(chars)] * length)
+        chars.append(char)
+        pos += length
+    return "".join(chars), char_of_byte
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes of the character a lead byte starts; 0 if it cannot start one."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def _decode_one(data: bytes) -> str | None:
+    """The one character ``data`` encodes, or None if it is not exactly one valid character."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if len(text) == 1 else None
+
+
+# Lead bytes whose second byte has a narrower range than 80..BF (Unicode Table 3-7): this rules
+# out overlong forms, surrogates and code points above U+10FFFF.
+_SECOND_BYTE_RANGE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _maximal_subpart(data: bytes, pos: int, length: int) -> int:
+    """Bytes in the maximal ill-formed subpart at ``pos``: the lead byte and the continuation
+    bytes that still fit a character of ``length`` bytes (at least 1)."""
+    n = 1
+    while n < length and pos + n < len(data):
+        lo, hi = _SECOND_BYTE_RANGE.get(data[pos], (0x80, 0xBF)) if n == 1 else (0x80, 0xBF)
+        if not lo <= data[pos + n] <= hi:
+            break
+        n += 1
+    return n

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 from gpt2_client.proto import introspection_pb2 as pb
 from gpt2_client.proto import introspection_pb2_grpc
-from gpt2_client.tensors import DTYPE_FROM_PROTO, TensorDtype, encode_tensor
+from gpt2_client.tensors import DTYPE_FROM_PROTO, ITEM_BYTES, TensorDtype, encode_tensor
 
 from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.logs import new_request_id
@@ -26,7 +26,6 @@ from gpt2_service.config import ServerConfig
 from gpt2_service.engine import Engine
 from gpt2_service.errors import FieldViolation, InvalidRequestError
 from gpt2_service.introspection import (
-    DEFAULT_MAX_RESPONSE_BYTES,
     TRACE_OPTIONS,
     AttentionResult,
     Candidate,
@@ -35,6 +34,7 @@ from gpt2_service.introspection import (
     Inspector,
     Plan,
     PredictNextResult,
+    ResponseBudget,
     SamplingOptions,
     StageTrace,
     TokenInfo,
@@ -47,6 +47,7 @@ T = TypeVar("T")
 INTROSPECTION_SERVICE = pb.DESCRIPTOR.services_by_name["Introspection"].full_name
 # Room left in a gRPC message for what the Inspector's size estimate leaves out (message framing).
 FRAMING_BYTES = 64 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 # Request fields passed to the Inspector only when set, so that its defaults apply.
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed", "num_samples", "num_candidates")
@@ -57,14 +58,14 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
 
     def __init__(self, gate: ServingGate, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self._gate = gate
-        self._max_response_bytes = max_response_bytes
+        self._budget = response_budget(max_response_bytes)
         self._inspector: tuple[Engine, Inspector] | None = None
 
     @asynccontextmanager
     async def _call(self, rpc: str, context: Context) -> AsyncIterator[tuple[Engine, Inspector]]:
         async with rpc_scope(self._gate, rpc, context, new_request_id()) as engine:
             if self._inspector is None or self._inspector[0] is not engine:
-                self._inspector = (engine, Inspector(engine.loaded, self._max_response_bytes, engine.context_window))
+                self._inspector = (engine, Inspector(engine.loaded, self._budget, engine.context_window))
             try:
                 yield self._inspector
             except InvalidRequestError as exc:
@@ -136,6 +137,17 @@ async def _run(engine: Engine, plan: Callable[[], Plan[T]]) -> T:
     event loop nor in the engine's exclusive section), then the forward pass on the engine thread."""
     run = await asyncio.to_thread(plan)
     return await engine.run_exclusive(run)
+
+
+def response_budget(max_bytes: int) -> ResponseBudget:
+    """What an answer costs in these messages, for the Inspector's estimate (before any model work)."""
+    return ResponseBudget(
+        max_bytes=max_bytes,
+        token_bytes=24,  # id, offsets and framing of one InputToken or Candidate
+        float_bytes=ITEM_BYTES[TensorDtype.FLOAT32],  # the widest dtype a request can ask for
+        piece_bytes=16,  # a typical Candidate's text
+        stage_bytes=128,  # one Stage: name, shapes, seconds, TensorStats
+    )
 
 
 def max_response_bytes(config: ServerConfig) -> int:
