@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_driver import GREEDY, run_batch
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.kv_cache import KVCache
-from gpt2_service.model import AttentionLayout, Capture
-from gpt2_service.request import SamplingParams
-from gpt2_service.weights import LoadedModel, load_model
+from gpt2_service.core.request import SamplingParams
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.gpt2 import AttentionLayout, Capture
+from gpt2_service.model.kv_cache import KVCache
+from gpt2_service.model.weights import LoadedModel, load_model
 from hf_reference import to_hf
 
 TOLERANCE = 1e-4

@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_driver import GREEDY, run_batch
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.engine_events import StepEvent
-from gpt2_service.request import GenerationRequest, StoppingCriteria
-from gpt2_service.weights import load_model
+from gpt2_service.core.request import GenerationRequest, StoppingCriteria
+from gpt2_service.engine.events import StepEvent
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.weights import load_model
 from hf_reference import hf_greedy, to_hf
 
 MODEL = "random:gpt2"

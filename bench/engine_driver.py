@@ -9,9 +9,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from gpt2_service.engine import Engine
-from gpt2_service.request import GenerationRequest, SamplingParams, StoppingCriteria
-from gpt2_service.sequence import Finished, TokenInfo
+from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
+from gpt2_service.core.sequence import Finished, TokenInfo
+from gpt2_service.engine.frontend import Engine
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -7,7 +7,7 @@ the LM head is tied to the token embedding, so the state dict loads as it is.
 from __future__ import annotations
 
 import torch
-from gpt2_service.model import GPT2
+from gpt2_service.model.gpt2 import GPT2
 from transformers import GPT2Config as HFConfig
 from transformers import GPT2LMHeadModel
 

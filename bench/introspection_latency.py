@@ -33,8 +33,8 @@ from gpt2_client.proto import introspection_pb2 as pb
 from gpt2_service.api.introspection import max_response_bytes
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig
-from gpt2_service.engine import Engine
-from gpt2_service.weights import load_model
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.weights import load_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PASSAGE = (

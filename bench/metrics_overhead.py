@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_driver import run_batch
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.metrics import Metrics
-from gpt2_service.weights import load_model
+from gpt2_service.model.weights import load_model
 
 TARGET_RATIO = 0.97
 BENCH_DIR = Path(__file__).resolve().parent

@@ -36,9 +36,9 @@ from gpt2_client.proto import common_pb2, generation_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig
-from gpt2_service.engine import Engine
-from gpt2_service.request import GenerationRequest, SamplingParams, StoppingCriteria
-from gpt2_service.weights import load_model
+from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.weights import load_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_CONCURRENCY, TARGET_RATIO = 32, 0.90  # gRPC throughput >= 90% of the engine's at 32

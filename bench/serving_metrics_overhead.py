@@ -60,15 +60,15 @@ import torch
 from gpt2_client.proto import generation_pb2_grpc
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.metrics import EngineRecorder, Metrics
-from gpt2_service.weights import load_model
+from gpt2_service.model.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_bench import RequestTrace, grpc_request, run_level
 
 if TYPE_CHECKING:
-    from gpt2_service.engine_events import FinishEvent, StepEvent
+    from gpt2_service.engine.events import FinishEvent, StepEvent
 
 TARGET_RATIO = 0.97
 MIN_PAIRS_FOR_VERDICT = 10

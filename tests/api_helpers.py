@@ -18,9 +18,9 @@ from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.metrics import Metrics
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 from grpc_status import rpc_status
 
 from tests.engine_helpers import WAIT_S

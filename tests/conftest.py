@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.model import GPT2
-from gpt2_service.weights import LoadedModel, load_model
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.gpt2 import GPT2
+from gpt2_service.model.weights import LoadedModel, load_model
 
 
 def to_hf(model: GPT2) -> transformers.GPT2LMHeadModel:

@@ -6,9 +6,9 @@ engine re-checks it after every step it delivers, and on every submit and abort;
 
 from __future__ import annotations
 
-from gpt2_service.engine import Engine
-from gpt2_service.request import GenerationRequest, SamplingParams, StoppingCriteria
-from gpt2_service.sequence import Finished, GenerationOutput
+from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
+from gpt2_service.core.sequence import Finished, GenerationOutput
+from gpt2_service.engine.frontend import Engine
 
 WAIT_S = 10.0  # how long a test awaits a state of the engine before it fails
 

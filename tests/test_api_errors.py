@@ -21,7 +21,7 @@ from gpt2_service.errors import (
     EngineUnavailableError,
     InvalidRequestError,
 )
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.api_helpers import (
     API_ENGINE_CONFIG,

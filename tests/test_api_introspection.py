@@ -18,8 +18,8 @@ from gpt2_client.proto import introspection_pb2 as pb
 from gpt2_client.tensors import decode_tensor
 from gpt2_service.api.introspection import INTROSPECTION_SERVICE
 from gpt2_service.config import ServerConfig
-from gpt2_service.introspection import RESPONSE_TOO_LARGE, Candidate, Inspector
-from gpt2_service.weights import LoadedModel
+from gpt2_service.introspection.inspector import RESPONSE_TOO_LARGE, Candidate, Inspector
+from gpt2_service.model.weights import LoadedModel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -17,7 +17,7 @@ import pytest
 from gpt2_client.proto import common_pb2, generation_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_service.api.logs import JsonFormatter, TextFormatter, log_fields
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.api_helpers import API_SERVER_CONFIG, LogRecords, greedy, serve, stub_for
 from tests.process_helpers import poll, serve_process

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from gpt2_client.proto import generation_pb2 as pb
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.api_helpers import serve, stub_for

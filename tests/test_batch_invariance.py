@@ -10,11 +10,11 @@ import asyncio
 import pytest
 import torch
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.kernels import batch_invariant_kernels, linear, onednn_applies
-from gpt2_service.request import SamplingParams
-from gpt2_service.sampler import RowState, Sampler
-from gpt2_service.weights import LoadedModel, load_model
+from gpt2_service.core.request import SamplingParams
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.engine.sampler import RowState, Sampler
+from gpt2_service.model.kernels import batch_invariant_kernels, linear, onednn_applies
+from gpt2_service.model.weights import LoadedModel, load_model
 
 from tests.engine_helpers import request, run
 from tests.test_engine_batching import MIXED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from gpt2_client import AsyncClient, DeadlineExceededError, FinishReason, HealthStatus, InvalidArgumentError
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.api_helpers import serve, wait_for_slots_free
 

@@ -16,7 +16,7 @@ from gpt2_client import AsyncClient, Client, HealthStatus, UnavailableError
 from gpt2_client.channel import RETRIED_METHODS, ChannelConfig, multi_address_target
 from gpt2_client.proto import generation_pb2, introspection_pb2  # noqa: F401  (register their services)
 from gpt2_service.api.server import GenerationServer
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 from grpc_health.v1 import health, health_pb2_grpc
 
 from tests.api_helpers import API_SERVER_CONFIG, serve

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.api_helpers import VENV_BIN, serve
 

@@ -14,8 +14,8 @@ import pytest
 from gpt2_client import AsyncClient, Client, InvalidArgumentError
 from gpt2_client.cli import main
 from gpt2_client.inspect import AttentionResult, PredictNextResult
-from gpt2_service.introspection import Inspector
-from gpt2_service.weights import LoadedModel
+from gpt2_service.introspection.inspector import Inspector
+from gpt2_service.model.weights import LoadedModel
 from PIL import Image
 
 from tests.api_helpers import VENV_BIN, Served, serve

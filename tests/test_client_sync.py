@@ -17,7 +17,7 @@ from gpt2_client import (
     OverloadedError,
     UnavailableError,
 )
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.api_helpers import API_ENGINE_CONFIG, serve, wait_for_slots_free
 from tests.engine_helpers import WAIT_S

@@ -31,9 +31,9 @@ import pytest
 import yaml
 from gpt2_service.api.server import OVERALL_HEALTH, TEXT_GENERATION_SERVICE
 from gpt2_service.config import ENV_PREFIX, EngineConfig, ServerConfig, build_parser
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.metrics import Metrics
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 REPO = Path(__file__).resolve().parents[1]

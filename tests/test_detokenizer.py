@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from gpt2_service.detokenizer import IncrementalDetokenizer
-from gpt2_service.tokenizer import GPT2Tokenizer
+from gpt2_service.core.detokenizer import IncrementalDetokenizer
+from gpt2_service.model.tokenizer import GPT2Tokenizer
 
 TEXTS = [
     "Hello 🤗 world, 東京タワー and café",

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.weights import LoadedModel
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.weights import LoadedModel
 
 from tests.engine_helpers import WAIT_S, request, run
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.engine_events import FinishEvent, StepEvent
+from gpt2_service.core.request import FinishReason, Overflow, Truncation
+from gpt2_service.engine.events import FinishEvent, StepEvent
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.errors import InvalidRequestError
-from gpt2_service.request import FinishReason, Overflow, Truncation
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.engine_helpers import request, run
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.errors import DeadlineExceededError, EngineOverloadedError, EngineUnavailableError
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.engine_helpers import WAIT_S, request, run
 

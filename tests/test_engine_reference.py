@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.weights import LoadedModel, load_model
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.weights import LoadedModel, load_model
 
 from tests.conftest import hf_greedy
 from tests.engine_helpers import request, run

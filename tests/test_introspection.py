@@ -17,11 +17,11 @@ import pytest
 import torch
 import transformers
 from gpt2_service.api.introspection import response_budget
+from gpt2_service.core.request import GenerationRequest, RequestLimits, SamplingParams, find_violations
+from gpt2_service.engine.sampler import RowState, Sampler
 from gpt2_service.errors import InvalidRequestError
-from gpt2_service.introspection import RESPONSE_TOO_LARGE, Inspector, SamplingOptions, TensorStats
-from gpt2_service.request import GenerationRequest, RequestLimits, SamplingParams, find_violations
-from gpt2_service.sampler import RowState, Sampler
-from gpt2_service.weights import LoadedModel, load_model
+from gpt2_service.introspection.inspector import RESPONSE_TOO_LARGE, Inspector, SamplingOptions, TensorStats
+from gpt2_service.model.weights import LoadedModel, load_model
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 TOLERANCE = 1e-4

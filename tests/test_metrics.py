@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine, GenerationStream
-from gpt2_service.engine_events import PhaseTimes, StepEvent
+from gpt2_service.core.request import GenerationRequest, Truncation
+from gpt2_service.core.sequence import Finished
+from gpt2_service.engine.events import PhaseTimes, StepEvent
+from gpt2_service.engine.frontend import Engine, GenerationStream
 from gpt2_service.errors import EngineOverloadedError, InvalidRequestError
 from gpt2_service.metrics import STAGES, Metrics
-from gpt2_service.request import GenerationRequest, Truncation
-from gpt2_service.sequence import Finished
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine_helpers import WAIT_S, request, run

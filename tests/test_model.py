@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from gpt2_service.kv_cache import AttentionLayout, KVCache
-from gpt2_service.model import Capture
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.gpt2 import Capture
+from gpt2_service.model.kv_cache import AttentionLayout, KVCache
+from gpt2_service.model.weights import LoadedModel
 
 TOLERANCE = 1e-4
 
@@ -48,8 +48,8 @@ def test_parameter_counts_add_up(tiny: LoadedModel) -> None:
 
 
 def test_gpt2_small_has_the_paper_s_parameter_count() -> None:
-    from gpt2_service.model import GPT2
-    from gpt2_service.weights import RANDOM_SIZES
+    from gpt2_service.model.gpt2 import GPT2
+    from gpt2_service.model.weights import RANDOM_SIZES
 
     model = GPT2(RANDOM_SIZES["gpt2"])
     assert model.parameter_counts()["total"] == 124_439_808  # Hugging Face's count for "gpt2"

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from gpt2_client import AsyncClient, Generation, GPT2Error
 from gpt2_service.api.server import GenerationServer
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 from tests.api_helpers import API_SERVER_CONFIG, serve
 from tests.process_helpers import ServeProcess

@@ -5,20 +5,20 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from gpt2_service.engine import Engine
+from gpt2_service.core.request import (
+    GenerationRequest,
+    RequestLimits,
+    SamplingParams,
+    StoppingCriteria,
+    find_violations,
+)
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.errors import (
     MAX_DESCRIPTION_CHARS,
     MAX_MESSAGE_CHARS,
     MAX_REPORTED_VIOLATIONS,
     InvalidRequestError,
     Violations,
-)
-from gpt2_service.request import (
-    GenerationRequest,
-    RequestLimits,
-    SamplingParams,
-    StoppingCriteria,
-    find_violations,
 )
 
 LIMITS = RequestLimits(vocab_size=50257, max_new_tokens_limit=512)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpt2_service.request import SamplingParams
-from gpt2_service.sampler import (
+from gpt2_service.core.request import SamplingParams
+from gpt2_service.engine.sampler import (
     FilterParams,
     RowState,
     Sampler,

@@ -6,11 +6,11 @@ import dataclasses
 import itertools
 
 import pytest
-from gpt2_service.detokenizer import IncrementalDetokenizer
-from gpt2_service.request import FinishReason, GenerationRequest, Overflow, StoppingCriteria
-from gpt2_service.scheduler import SampledToken, Scheduler, SchedulerConfig, StepPlan
-from gpt2_service.sequence import GenerationOutput, Sequence
-from gpt2_service.tokenizer import GPT2Tokenizer
+from gpt2_service.core.detokenizer import IncrementalDetokenizer
+from gpt2_service.core.request import FinishReason, GenerationRequest, Overflow, StoppingCriteria
+from gpt2_service.core.scheduler import SampledToken, Scheduler, SchedulerConfig, StepPlan
+from gpt2_service.core.sequence import GenerationOutput, Sequence
+from gpt2_service.model.tokenizer import GPT2Tokenizer
 
 EOS = 50256
 TOK = GPT2Tokenizer.embedded()

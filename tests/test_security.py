@@ -20,10 +20,10 @@ from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import ServerConfig
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.main import main
 from gpt2_service.metrics import Metrics
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

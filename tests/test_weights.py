@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from gpt2_service.errors import ModelLoadError
-from gpt2_service.weights import RANDOM_SIZES, load_model
+from gpt2_service.model.weights import RANDOM_SIZES, load_model
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import logging
 import sys
 
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine import Engine
-from gpt2_service.request import GenerationRequest, SamplingParams, StoppingCriteria
-from gpt2_service.weights import load_model
+from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.model.weights import load_model
 
 
 async def _demo(args: argparse.Namespace) -> None:

@@ -23,10 +23,10 @@ from gpt2_service.api.auth import SecurityConfigError, load_security
 from gpt2_service.api.logs import configure_logging, log_fields
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig, build_parser, config_from_args
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.errors import ModelLoadError
 from gpt2_service.metrics import Metrics
-from gpt2_service.weights import load_model
+from gpt2_service.model.weights import load_model
 
 log = logging.getLogger("gpt2_service.main")
 

@@ -29,12 +29,12 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from gpt2_service import __version__
-from gpt2_service.request import FinishReason
+from gpt2_service.core.request import FinishReason
 
 if TYPE_CHECKING:
-    from gpt2_service.engine import Engine
-    from gpt2_service.engine_events import EngineStats, FinishEvent, SampledSequence, StepEvent
-    from gpt2_service.weights import LoadedModel
+    from gpt2_service.engine.events import EngineStats, FinishEvent, SampledSequence, StepEvent
+    from gpt2_service.engine.frontend import Engine
+    from gpt2_service.model.weights import LoadedModel
 
 
 def _exponential(start: float, factor: float, count: int) -> tuple[float, ...]:

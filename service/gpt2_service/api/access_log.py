@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from gpt2_service.api.logs import log_fields
-from gpt2_service.sequence import Finished
+from gpt2_service.core.sequence import Finished
 
 if TYPE_CHECKING:
     from gpt2_service.api.accounting import CallRecord

@@ -32,8 +32,8 @@ from gpt2_service.api.access_log import log_access
 from gpt2_service.api.handlers import Context, Handler, MalformedRequest, tolerant
 from gpt2_service.api.logs import NO_REQUEST, new_request_id
 from gpt2_service.api.status import MALFORMED_REQUEST, rich_status
+from gpt2_service.core.sequence import Finished
 from gpt2_service.metrics import REJECT_REASONS, Metrics
-from gpt2_service.sequence import Finished
 
 log = logging.getLogger(__name__)
 

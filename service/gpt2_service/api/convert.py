@@ -18,9 +18,7 @@ from gpt2_client.proto import common_pb2
 from gpt2_client.proto import generation_pb2 as pb
 
 from gpt2_service.api.logs import new_request_id
-from gpt2_service.engine import Engine
-from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError, Violations
-from gpt2_service.request import (
+from gpt2_service.core.request import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
@@ -37,7 +35,9 @@ from gpt2_service.request import (
     first_bad_token_id,
     token_id_violation,
 )
-from gpt2_service.sequence import Finished, GenerationOutput, TokenInfo
+from gpt2_service.core.sequence import Finished, GenerationOutput, TokenInfo
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError, Violations
 
 MAX_REQUEST_ID_CHARS = 128
 # Request ids go into every log line and the ErrorInfo of errors: printable ASCII, no spaces, so

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from gpt2_service.api.status import DrainingError, NotReadyError
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 
 DRAINING_CUT_MESSAGE = "the server's grace period for shutting down ended before this call finished; retry elsewhere"
 

@@ -4,7 +4,7 @@ Model RPCs run on the engine thread between two generation steps (``engine.run_e
 they never race a forward pass and delay running streams by one introspection pass at most.
 Tokenize and Detokenize need no model: they run on a worker thread and never hold up the engine.
 Errors, the serving gate and request ids are TextGeneration's (``rpc_scope``). Not here: the
-numbers themselves (gpt2_service.introspection) and the Tensor byte layout (gpt2_client.tensors).
+numbers themselves (gpt2_service.introspection.inspector) and the Tensor byte layout (gpt2_client.tensors).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.logs import new_request_id
 from gpt2_service.api.servicer import Context, rpc_scope
 from gpt2_service.config import ServerConfig
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.errors import FieldViolation, InvalidRequestError
-from gpt2_service.introspection import (
+from gpt2_service.introspection.inspector import (
     TRACE_OPTIONS,
     AttentionResult,
     Candidate,

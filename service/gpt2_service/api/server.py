@@ -30,7 +30,7 @@ from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.introspection import INTROSPECTION_SERVICE, IntrospectionServicer, max_response_bytes
 from gpt2_service.api.servicer import TextGenerationServicer
 from gpt2_service.config import ServerConfig
-from gpt2_service.engine import Engine
+from gpt2_service.engine.frontend import Engine
 from gpt2_service.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from gpt2_service.api.accounting import CallRecord, FinishedRequest, Prompt, cur
 from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.logs import new_request_id, request_id_var
 from gpt2_service.api.status import internal_status, status_code_for, status_for_error
-from gpt2_service.engine import Engine, GenerationStream
+from gpt2_service.core.sequence import GenerationOutput
+from gpt2_service.engine.frontend import Engine, GenerationStream
 from gpt2_service.errors import DeadlineExceededError, EngineError, EngineOverloadedError, InvalidRequestError, clip
-from gpt2_service.sequence import GenerationOutput
 
 log = logging.getLogger(__name__)
 

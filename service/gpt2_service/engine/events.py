@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpt2_service.sequence import Finished, GenerationOutput
+from gpt2_service.core.sequence import Finished, GenerationOutput
 
 Delivery = list[tuple[int, GenerationOutput | BaseException]]  # one step's (seq id, output or error), in order
 

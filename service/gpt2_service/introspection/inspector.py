@@ -20,10 +20,10 @@ from dataclasses import replace
 from typing import TypeAlias, TypedDict, TypeVar, Unpack
 
 from gpt2_service.errors import Violations
-from gpt2_service.introspection_budget import NO_LIMIT, RESPONSE_TOO_LARGE, ResponseBudget
-from gpt2_service.introspection_inputs import MAX_INDEX_LIST, MAX_NUM_SAMPLES, InputChecker, input_field
-from gpt2_service.introspection_passes import ForwardPasses, Tokens
-from gpt2_service.introspection_results import (
+from gpt2_service.introspection.budget import NO_LIMIT, RESPONSE_TOO_LARGE, ResponseBudget
+from gpt2_service.introspection.inputs import MAX_INDEX_LIST, MAX_NUM_SAMPLES, InputChecker, input_field
+from gpt2_service.introspection.passes import ForwardPasses, Tokens
+from gpt2_service.introspection.results import (
     PREDICT_NEXT_OPTIONS,
     TRACE_OPTIONS,
     AttentionResult,
@@ -38,7 +38,7 @@ from gpt2_service.introspection_results import (
     TokenizeResult,
     TraceResult,
 )
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.weights import LoadedModel
 
 __all__ = [
     "MAX_INDEX_LIST",

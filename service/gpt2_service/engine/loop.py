@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gpt2_service.engine_events import (
+from gpt2_service.core.scheduler import Scheduler, StepPlan, StepResult
+from gpt2_service.core.sequence import Finished, Sequence
+from gpt2_service.engine.events import (
     Delivery,
     EngineStats,
     FinishEvent,
@@ -26,12 +28,10 @@ from gpt2_service.engine_events import (
     StepEvent,
     StepObserver,
 )
+from gpt2_service.engine.runner import ModelRunner, StepTimes
 from gpt2_service.errors import EngineDeadError, EngineError
-from gpt2_service.runner import ModelRunner, StepTimes
-from gpt2_service.scheduler import Scheduler, StepPlan, StepResult
-from gpt2_service.sequence import Finished, Sequence
 
-log = logging.getLogger("gpt2_service.engine")  # the engine's one logger, whichever module writes
+log = logging.getLogger("gpt2_service.engine.frontend")  # the engine's one logger, whichever module writes
 
 
 # -- the inbox -------------------------------------------------------------------------------------

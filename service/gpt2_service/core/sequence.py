@@ -11,8 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from gpt2_service.detokenizer import IncrementalDetokenizer
-from gpt2_service.request import FinishReason, GenerationRequest
+from gpt2_service.core.detokenizer import IncrementalDetokenizer
+from gpt2_service.core.request import FinishReason, GenerationRequest
 
 
 class SequenceStatus(enum.Enum):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpt2_service.errors import FieldViolation, InvalidRequestError
-from gpt2_service.tokenizer import TokenPiece
+from gpt2_service.model.tokenizer import TokenPiece
 
 RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
 

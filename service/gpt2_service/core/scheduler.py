@@ -21,9 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gpt2_service.errors import DeadlineExceededError, EngineError
-from gpt2_service.request import FinishReason, Overflow
-from gpt2_service.sequence import (
+from gpt2_service.core.request import FinishReason, Overflow
+from gpt2_service.core.sequence import (
     Finished,
     GenerationOutput,
     Sequence,
@@ -32,7 +31,8 @@ from gpt2_service.sequence import (
     TokenInfo,
     TopLogprob,
 )
-from gpt2_service.slots import SlotAllocator
+from gpt2_service.core.slots import SlotAllocator
+from gpt2_service.errors import DeadlineExceededError, EngineError
 
 
 @dataclass(frozen=True)

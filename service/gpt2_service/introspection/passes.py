@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt2_service.introspection_results import (
+from gpt2_service.engine.sampler import FilterParams, apply_filters, draw, next_uniforms
+from gpt2_service.introspection.results import (
     AttentionResult,
     Candidate,
     EmbedResult,
@@ -29,9 +30,8 @@ from gpt2_service.introspection_results import (
     TokenInfo,
     TraceResult,
 )
-from gpt2_service.model import Capture, StageTimer
-from gpt2_service.sampler import FilterParams, apply_filters, draw, next_uniforms
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.gpt2 import Capture, StageTimer
+from gpt2_service.model.weights import LoadedModel
 
 Tokens = tuple[TokenInfo, ...]
 

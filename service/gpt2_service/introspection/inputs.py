@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gpt2_service.core.request import check_sampling, first_bad_token_id
 from gpt2_service.errors import FieldViolation, InvalidRequestError, Violations
-from gpt2_service.introspection_results import SamplingOptions, TokenizeResult
-from gpt2_service.request import check_sampling, first_bad_token_id
-from gpt2_service.tokenizer import GPT2Tokenizer
+from gpt2_service.introspection.results import SamplingOptions, TokenizeResult
+from gpt2_service.model.tokenizer import GPT2Tokenizer
 
 MAX_NUM_SAMPLES = 1024
 MAX_INDEX_LIST = 1024  # entries of a layers / heads list (duplicates are allowed, and ignored)

@@ -8,11 +8,11 @@ import secrets
 import threading
 import time
 
-from gpt2_service.detokenizer import IncrementalDetokenizer
+from gpt2_service.core.detokenizer import IncrementalDetokenizer
+from gpt2_service.core.request import GenerationRequest, Truncation
+from gpt2_service.core.sequence import Sequence
 from gpt2_service.errors import EngineOverloadedError, FieldViolation, InvalidRequestError
-from gpt2_service.request import GenerationRequest, Truncation
-from gpt2_service.sequence import Sequence
-from gpt2_service.tokenizer import GPT2Tokenizer
+from gpt2_service.model.tokenizer import GPT2Tokenizer
 
 
 class QueueBound:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpt2_service.request import SamplingParams
+from gpt2_service.core.request import SamplingParams
 
 NEG_INF = float("-inf")
 

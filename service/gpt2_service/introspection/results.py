@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from gpt2_service.request import SamplingParams
-from gpt2_service.tokenizer import TokenPiece
+from gpt2_service.core.request import SamplingParams
+from gpt2_service.model.tokenizer import TokenPiece
 
 FloatArray = npt.NDArray[np.float32]
 

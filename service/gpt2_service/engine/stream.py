@@ -11,9 +11,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from gpt2_service.engine_events import Delivery
+from gpt2_service.core.sequence import Finished, GenerationOutput, Sequence
+from gpt2_service.engine.events import Delivery
 from gpt2_service.errors import EngineError
-from gpt2_service.sequence import Finished, GenerationOutput, Sequence
 
 
 class GenerationStream:

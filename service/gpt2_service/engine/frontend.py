@@ -25,18 +25,18 @@ from typing import Any, TypeVar
 import torch
 
 from gpt2_service.config import EngineConfig
-from gpt2_service.engine_events import EngineStats, FinishObserver, StepObserver
-from gpt2_service.engine_intake import QueueBound, SequenceFactory
-from gpt2_service.engine_loop import Abort, Add, EngineLoop, Job, Stop
-from gpt2_service.engine_stream import GenerationStream, StreamRouter
+from gpt2_service.core.request import GenerationRequest, RequestLimits, validate
+from gpt2_service.core.scheduler import Scheduler, SchedulerConfig
+from gpt2_service.core.sequence import GenerationOutput
+from gpt2_service.engine.events import EngineStats, FinishObserver, StepObserver
+from gpt2_service.engine.intake import QueueBound, SequenceFactory
+from gpt2_service.engine.loop import Abort, Add, EngineLoop, Job, Stop
+from gpt2_service.engine.runner import ModelRunner
+from gpt2_service.engine.stream import GenerationStream, StreamRouter
 from gpt2_service.errors import EngineDeadError, EngineError, EngineUnavailableError
-from gpt2_service.kv_cache import KVCache
-from gpt2_service.model import onednn_applies
-from gpt2_service.request import GenerationRequest, RequestLimits, validate
-from gpt2_service.runner import ModelRunner
-from gpt2_service.scheduler import Scheduler, SchedulerConfig
-from gpt2_service.sequence import GenerationOutput
-from gpt2_service.weights import LoadedModel
+from gpt2_service.model.gpt2 import onednn_applies
+from gpt2_service.model.kv_cache import KVCache
+from gpt2_service.model.weights import LoadedModel
 
 __all__ = ["Engine", "GenerationStream"]
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gpt2_service.kernels import batch_invariant_kernels
-from gpt2_service.kv_cache import AttentionLayout, KVCache
-from gpt2_service.model import GPT2, StageTimer
-from gpt2_service.sampler import RowState, Sampler
-from gpt2_service.scheduler import PrefillChunk, SampledToken, StepPlan
-from gpt2_service.sequence import Sequence
+from gpt2_service.core.scheduler import PrefillChunk, SampledToken, StepPlan
+from gpt2_service.core.sequence import Sequence
+from gpt2_service.engine.sampler import RowState, Sampler
+from gpt2_service.model.gpt2 import GPT2, StageTimer
+from gpt2_service.model.kernels import batch_invariant_kernels
+from gpt2_service.model.kv_cache import AttentionLayout, KVCache
 
 
 @dataclass

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2_service.kernels import attention, linear
-from gpt2_service.kernels import onednn_applies as onednn_applies  # re-exported for engine.py, for now
-from gpt2_service.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
-from gpt2_service.kv_cache import KeyValues, KVCache
+from gpt2_service.model.kernels import attention, linear
+from gpt2_service.model.kernels import onednn_applies as onednn_applies  # re-exported for engine.py, for now
+from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
+from gpt2_service.model.kv_cache import KeyValues, KVCache
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from gpt2_service.errors import ModelLoadError
-from gpt2_service.model import GPT2, GPT2Config
-from gpt2_service.tokenizer import GPT2Tokenizer
+from gpt2_service.model.gpt2 import GPT2, GPT2Config
+from gpt2_service.model.tokenizer import GPT2Tokenizer
 
 log = logging.getLogger(__name__)
 
