@@ -1,4 +1,5 @@
-"""``client.inspect``: the gpt2.v1.Introspection calls, returning frozen dataclasses of numpy arrays.
+"""``client.inspect``: the gpt2.v1.Introspection calls, returning frozen dataclasses of numpy arrays
+(``gpt2_client.inspect_results``, re-exported here).
 
     with Client("localhost:50051") as client:
         client.inspect.tokenize("cat sat on the").token_ids          # [9246, 3332, 319, 262]
@@ -16,131 +17,56 @@ Needs numpy, not torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
 import grpc.aio
 
 from gpt2_client.errors import error_from_rpc
+from gpt2_client.inspect_results import (
+    AttentionResult,
+    Candidate,
+    EmbedResult,
+    HiddenStatesResult,
+    InputToken,
+    PredictNextResult,
+    Stage,
+    TensorStats,
+    TokenizeResult,
+    TraceResult,
+    attention_from_proto,
+    detokenize_from_proto,
+    embed_from_proto,
+    hidden_states_from_proto,
+    predict_next_from_proto,
+    tokenize_from_proto,
+    trace_from_proto,
+)
 from gpt2_client.params import Prompt
 from gpt2_client.proto import common_pb2, introspection_pb2_grpc
 from gpt2_client.proto import introspection_pb2 as pb
-from gpt2_client.tensors import DTYPE_TO_PROTO, FloatArray, TensorDtype, decode_tensor
+from gpt2_client.tensors import DTYPE_TO_PROTO, TensorDtype
+
+__all__ = [
+    "AsyncInspect",
+    "AttentionResult",
+    "Candidate",
+    "EmbedResult",
+    "HiddenStatesResult",
+    "InputToken",
+    "Inspect",
+    "PredictNextResult",
+    "PredictionOptions",
+    "Stage",
+    "TensorStats",
+    "TokenizeResult",
+    "TraceResult",
+]
 
 M = TypeVar("M")
 R = TypeVar("R")
 DtypeLike = TensorDtype | str  # "float32", "float16" or "bfloat16"
 Timeout = Callable[[float | None], float | None]
-
-
-# -- results -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputToken:
-    """One token of the input: its id, its text on its own (U+FFFD where it holds part of a
-    character), the raw bytes it stands for, and its char offsets [start, end) into the text."""
-
-    id: int
-    text: str
-    data: bytes
-    start: int
-    end: int
-
-    @property
-    def partial(self) -> bool:
-        """True when the piece's bytes are not valid UTF-8 on their own."""
-        try:
-            self.data.decode("utf-8")
-        except UnicodeDecodeError:
-            return True
-        return False
-
-
-@dataclass(frozen=True)
-class TokenizeResult:
-    text: str  # the text the offsets index into (the input, or the decoded token ids)
-    tokens: tuple[InputToken, ...]
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [t.id for t in self.tokens]
-
-
-@dataclass(frozen=True, eq=False)
-class EmbedResult:
-    tokens: tuple[InputToken, ...]
-    token_embeddings: FloatArray  # [seq, d_model], rows of wte
-    position_embeddings: FloatArray  # [seq, d_model], rows 0..seq-1 of wpe
-    input_embeddings: FloatArray  # [seq, d_model], their sum: what block 0 reads
-    cosine_similarity: FloatArray  # [seq, seq] of the input embeddings
-
-
-@dataclass(frozen=True, eq=False)
-class AttentionResult:
-    tokens: tuple[InputToken, ...]
-    layers: tuple[int, ...]  # block of each entry of axis 0
-    heads: tuple[int, ...]  # head of each entry of axis 1
-    weights: FloatArray  # [layers, heads, seq, seq]; row = query, column = key; causal
-    scores: FloatArray | None  # same shape, before softmax (-inf above the diagonal); if asked for
-
-
-@dataclass(frozen=True, eq=False)
-class HiddenStatesResult:
-    tokens: tuple[InputToken, ...]
-    layers: tuple[int, ...]  # 0 = embeddings, i = after block i, n_layer = after the final LayerNorm
-    positions: tuple[int, ...]  # token position of each entry of axis 1
-    norms: FloatArray  # [layers, positions]
-    vectors: FloatArray | None  # [layers, positions, d_model] if asked for
-
-
-@dataclass(frozen=True)
-class Candidate:
-    id: int
-    text: str
-    logit: float  # raw LM-head output
-    probability: float  # softmax of the raw logits
-    sampled_probability: float  # after temperature and the filters
-
-
-@dataclass(frozen=True)
-class PredictNextResult:
-    tokens: tuple[InputToken, ...]
-    candidates: tuple[Candidate, ...]  # most probable first
-    greedy_token: Candidate
-    sampled_tokens: tuple[Candidate, ...]  # in draw order
-    seed: int  # the seed of the draws (the server's choice when none was given)
-    entropy: float  # of the raw next-token distribution, in nats
-
-
-@dataclass(frozen=True)
-class TensorStats:
-    mean: float
-    std: float
-    l2_norm: float
-    min: float
-    max: float
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of the forward pass; shapes leave out the batch axis."""
-
-    name: str  # tokenizer, embedding, block.<i>.attention, block.<i>.mlp, final_layer_norm, lm_head, sampling
-    layer: int | None
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    seconds: float
-    output_stats: TensorStats | None  # None where the output is token ids
-
-
-@dataclass(frozen=True)
-class TraceResult:
-    tokens: tuple[InputToken, ...]
-    stages: tuple[Stage, ...]  # in dataflow order
-    prediction: PredictNextResult
-    seconds: float
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -200,97 +126,6 @@ def hidden_states_request(
         last_token_only=last_token_only,
         include_vectors=include_vectors,
         dtype=_dtype(dtype),
-    )
-
-
-# -- responses -----------------------------------------------------------------------------------
-
-
-def _tokens(messages: Sequence[pb.InputToken]) -> tuple[InputToken, ...]:
-    return tuple(
-        InputToken(t.id, t.text, t.data if t.partial else t.text.encode("utf-8"), t.start, t.end) for t in messages
-    )
-
-
-def _optional_tensor(message: Any, name: str) -> FloatArray | None:
-    return decode_tensor(getattr(message, name)) if message.HasField(name) else None
-
-
-def tokenize_from_proto(m: pb.TokenizeResponse) -> TokenizeResult:
-    return TokenizeResult(m.text, _tokens(m.tokens))
-
-
-def detokenize_from_proto(m: pb.DetokenizeResponse) -> str:
-    return m.text
-
-
-def embed_from_proto(m: pb.EmbedResponse) -> EmbedResult:
-    return EmbedResult(
-        tokens=_tokens(m.tokens),
-        token_embeddings=decode_tensor(m.token_embeddings),
-        position_embeddings=decode_tensor(m.position_embeddings),
-        input_embeddings=decode_tensor(m.input_embeddings),
-        cosine_similarity=decode_tensor(m.cosine_similarity),
-    )
-
-
-def attention_from_proto(m: pb.AttentionResponse) -> AttentionResult:
-    return AttentionResult(
-        tokens=_tokens(m.tokens),
-        layers=tuple(m.layers),
-        heads=tuple(m.heads),
-        weights=decode_tensor(m.weights),
-        scores=_optional_tensor(m, "scores"),
-    )
-
-
-def hidden_states_from_proto(m: pb.HiddenStatesResponse) -> HiddenStatesResult:
-    return HiddenStatesResult(
-        tokens=_tokens(m.tokens),
-        layers=tuple(m.layers),
-        positions=tuple(m.positions),
-        norms=decode_tensor(m.norms),
-        vectors=_optional_tensor(m, "vectors"),
-    )
-
-
-def _candidate(c: pb.Candidate) -> Candidate:
-    return Candidate(c.id, c.text, c.logit, c.probability, c.sampled_probability)
-
-
-def predict_next_from_proto(m: pb.PredictNextResponse) -> PredictNextResult:
-    return PredictNextResult(
-        tokens=_tokens(m.tokens),
-        candidates=tuple(_candidate(c) for c in m.candidates),
-        greedy_token=_candidate(m.greedy_token),
-        sampled_tokens=tuple(_candidate(c) for c in m.sampled_tokens),
-        seed=m.seed,
-        entropy=m.entropy,
-    )
-
-
-def _stage(s: pb.Stage) -> Stage:
-    stats = s.output_stats
-    return Stage(
-        name=s.name,
-        layer=s.layer if s.HasField("layer") else None,
-        input_shape=tuple(s.input_shape),
-        output_shape=tuple(s.output_shape),
-        seconds=s.seconds,
-        output_stats=(
-            TensorStats(stats.mean, stats.std, stats.l2_norm, stats.min, stats.max)
-            if s.HasField("output_stats")
-            else None
-        ),
-    )
-
-
-def trace_from_proto(m: pb.TraceResponse) -> TraceResult:
-    return TraceResult(
-        tokens=_tokens(m.tokens),
-        stages=tuple(_stage(s) for s in m.stages),
-        prediction=predict_next_from_proto(m.prediction),
-        seconds=m.seconds,
     )
 
 

@@ -3,7 +3,7 @@ and the process's lifecycle. Not the gRPC server itself (api/server.py).
 
 Flags come from config.py (generated from the fields of ``EngineConfig`` and ``ServerConfig``;
 each has an environment twin ``GPT2_SERVE_<FLAG>`` that replaces its default). SIGTERM or SIGINT drains the server (see api/server.py) and the process
-exits 0; a second signal cuts the grace period short. Prometheus metrics (metrics.py) are served
+exits 0; a second signal cuts the grace period short. Prometheus metrics (metrics/) are served
 on their own HTTP port from the start; the engine's series appear once the model is loaded.
 """
 

@@ -2,7 +2,7 @@
 exactly one final status code, which is counted (``gpt2_requests_total``, and the rejected and
 cancelled counters) and logged as the request's one access line. Health and reflection RPCs are
 neither counted nor logged (probes every few seconds would drown the rest). Not the error table
-(api/status.py), nor the metric definitions (metrics.py).
+(api/status.py), nor the metric definitions (metrics/).
 
 grpc.aio interceptors see the handler, not the outcome, so this one wraps the handler's
 behaviour: it notes how the behaviour ended (returned: the context's code, else OK; aborted: the
