@@ -43,6 +43,7 @@ from gpt2_service.introspection.inspector import (
 )
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 INTROSPECTION_SERVICE = pb.DESCRIPTOR.services_by_name["Introspection"].full_name
 # Room left in a gRPC message for what the Inspector's size estimate leaves out (message framing).
@@ -82,61 +83,59 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             return pb.DetokenizeResponse(text=await asyncio.to_thread(inspector.detokenize, request.token_ids.ids))
         raise AssertionError("unreachable: _call aborts on every error")
 
-    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        async with self._call("Embed", context) as (engine, inspector):
-            dtype = tensor_dtype(request.dtype)
-            result = await _run(engine, lambda: inspector.plan_embed(*_input(request)))
-            return await asyncio.to_thread(to_embed_response, result, dtype)
+    async def _model_rpc(
+        self,
+        rpc: str,
+        context: Context,
+        plan: Callable[[Inspector], Plan[T]],
+        respond: Callable[[T, TensorDtype], R],
+        dtype: int = 0,
+    ) -> R:
+        """A model RPC: ``plan`` (validation, tokenization: work that grows with the input) on a
+        worker thread, the forward pass on the engine thread between two steps, then ``respond``
+        (the response, with its tensors as ``dtype``) on a worker thread again."""
+        async with self._call(rpc, context) as (engine, inspector):
+            tensors = tensor_dtype(dtype)  # an unknown value is refused before any work
+            run = await asyncio.to_thread(plan, inspector)
+            result = await engine.run_exclusive(run)
+            return await asyncio.to_thread(respond, result, tensors)
         raise AssertionError("unreachable: _call aborts on every error")
+
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        return await self._model_rpc(
+            "Embed", context, lambda i: i.plan_embed(*_input(request)), to_embed_response, request.dtype
+        )
 
     async def Attention(self, request: pb.AttentionRequest, context: Context) -> pb.AttentionResponse:
-        async with self._call("Attention", context) as (engine, inspector):
-            dtype = tensor_dtype(request.dtype)
-            result = await _run(
-                engine,
-                lambda: inspector.plan_attention(
-                    *_input(request), request.layers, request.heads, request.include_scores
-                ),
-            )
-            return await asyncio.to_thread(to_attention_response, result, dtype)
-        raise AssertionError("unreachable: _call aborts on every error")
+        def plan(i: Inspector) -> Plan[AttentionResult]:
+            return i.plan_attention(*_input(request), request.layers, request.heads, request.include_scores)
+
+        return await self._model_rpc("Attention", context, plan, to_attention_response, request.dtype)
 
     async def HiddenStates(self, request: pb.HiddenStatesRequest, context: Context) -> pb.HiddenStatesResponse:
-        async with self._call("HiddenStates", context) as (engine, inspector):
-            dtype = tensor_dtype(request.dtype)
-            result = await _run(
-                engine,
-                lambda: inspector.plan_hidden_states(
-                    *_input(request), request.layers, request.last_token_only, request.include_vectors
-                ),
-            )
-            return await asyncio.to_thread(to_hidden_states_response, result, dtype)
-        raise AssertionError("unreachable: _call aborts on every error")
+        def plan(i: Inspector) -> Plan[HiddenStatesResult]:
+            layers, last_only, vectors = request.layers, request.last_token_only, request.include_vectors
+            return i.plan_hidden_states(*_input(request), layers, last_only, vectors)
+
+        return await self._model_rpc("HiddenStates", context, plan, to_hidden_states_response, request.dtype)
 
     async def PredictNext(self, request: pb.PredictNextRequest, context: Context) -> pb.PredictNextResponse:
-        options = _set_fields(request, SAMPLING_FIELDS)
-        async with self._call("PredictNext", context) as (engine, inspector):
-            result = await _run(
-                engine, lambda: inspector.plan_predict_next(*_input(request), SamplingOptions(**options))
-            )
-            return to_predict_next_response(result)
-        raise AssertionError("unreachable: _call aborts on every error")
+        options = SamplingOptions(**_set_fields(request, SAMPLING_FIELDS))
+        return await self._model_rpc(
+            "PredictNext",
+            context,
+            lambda i: i.plan_predict_next(*_input(request), options),
+            lambda result, _: to_predict_next_response(result),
+        )
 
     async def Trace(self, request: pb.TraceRequest, context: Context) -> pb.TraceResponse:
-        options = _set_fields(request, SAMPLING_FIELDS)
-        async with self._call("Trace", context) as (engine, inspector):
-            result = await _run(
-                engine, lambda: inspector.plan_trace(*_input(request), replace(TRACE_OPTIONS, **options))
-            )
-            return to_trace_response(result)
-        raise AssertionError("unreachable: _call aborts on every error")
-
-
-async def _run(engine: Engine, plan: Callable[[], Plan[T]]) -> T:
-    """Validate and tokenize on a worker thread (work that grows with the input never runs on the
-    event loop nor in the engine's exclusive section), then the forward pass on the engine thread."""
-    run = await asyncio.to_thread(plan)
-    return await engine.run_exclusive(run)
+        options = replace(TRACE_OPTIONS, **_set_fields(request, SAMPLING_FIELDS))
+        return await self._model_rpc(
+            "Trace",
+            context,
+            lambda i: i.plan_trace(*_input(request), options),
+            lambda result, _: to_trace_response(result),
+        )
 
 
 def response_budget(max_bytes: int) -> ResponseBudget:

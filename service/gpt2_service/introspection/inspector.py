@@ -17,7 +17,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TypeAlias, TypedDict, TypeVar, Unpack
+from typing import ParamSpec, TypeAlias, TypedDict, TypeVar, Unpack
 
 from gpt2_service.errors import Violations
 from gpt2_service.introspection.budget import NO_LIMIT, RESPONSE_TOO_LARGE, ResponseBudget
@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 R = TypeVar("R")
+P = ParamSpec("P")
 # The model half of a request: validation and tokenization are done when a plan is made (on any
 # thread); calling it runs the forward pass (on the engine thread, between steps).
 Plan: TypeAlias = Callable[[], R]
@@ -79,6 +80,16 @@ class SamplingArgs(TypedDict, total=False):
     seed: int | None
     num_samples: int
     num_candidates: int
+
+
+def _now(plan: Callable[P, Plan[R]]) -> Callable[P, R]:
+    """The one-call form of a ``plan_*`` method: plan, then run the forward pass at once."""
+
+    @functools.wraps(plan)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return plan(*args, **kwargs)()
+
+    return run
 
 
 class Inspector:
@@ -133,30 +144,15 @@ class Inspector:
 
     # -- model stages: each a plan (checks, tokenization, size) and a forward pass ----------------
 
-    def embed(self, text: str | None = None, token_ids: Sequence[int] | None = None) -> EmbedResult:
+    def plan_embed(self, text: str | None = None, token_ids: Sequence[int] | None = None) -> Plan[EmbedResult]:
         """Token, position and input embeddings ([seq, d_model] each) and the input embeddings'
         cosine-similarity matrix [seq, seq]."""
-        return self.plan_embed(text, token_ids)()
-
-    def plan_embed(self, text: str | None = None, token_ids: Sequence[int] | None = None) -> Plan[EmbedResult]:
         tokens = self._inputs.tokens(text, token_ids).tokens
         seq = len(tokens)
         self.budget.check(
             self.budget.tokens(tokens) + self.budget.floats(3 * seq * self.d_model + seq * seq), _narrowing(text)
         )
         return functools.partial(self._passes.embed, tokens)
-
-    def attention(
-        self,
-        text: str | None = None,
-        token_ids: Sequence[int] | None = None,
-        layers: Sequence[int] | None = None,
-        heads: Sequence[int] | None = None,
-        include_scores: bool = False,
-    ) -> AttentionResult:
-        """Attention weights [layers, heads, seq, seq] of the chosen blocks and heads (None or
-        empty = all, returned in ascending order), and optionally the pre-softmax scores."""
-        return self.plan_attention(text, token_ids, layers, heads, include_scores)()
 
     def plan_attention(
         self,
@@ -166,6 +162,8 @@ class Inspector:
         heads: Sequence[int] | None = None,
         include_scores: bool = False,
     ) -> Plan[AttentionResult]:
+        """Attention weights [layers, heads, seq, seq] of the chosen blocks and heads (None or
+        empty = all, returned in ascending order), and optionally the pre-softmax scores."""
         bad = Violations()
         self._inputs.indices(bad, "layers", layers, self.n_layer, "layers")
         self._inputs.indices(bad, "heads", heads, self.n_head, "heads per layer")
@@ -183,19 +181,6 @@ class Inspector:
         self.budget.check(self.budget.tokens(tokens) + self.budget.floats(num_floats), narrow)
         return functools.partial(self._passes.attention, tokens, layer_list, head_list, include_scores)
 
-    def hidden_states(
-        self,
-        text: str | None = None,
-        token_ids: Sequence[int] | None = None,
-        layers: Sequence[int] | None = None,
-        last_token_only: bool = False,
-        include_vectors: bool = False,
-    ) -> HiddenStatesResult:
-        """Hidden states indexed like Hugging Face's ``output_hidden_states`` (0 = embeddings,
-        i = after block i, n_layer = after the final LayerNorm; None or empty = all): their L2
-        norms always, the vectors when ``include_vectors``."""
-        return self.plan_hidden_states(text, token_ids, layers, last_token_only, include_vectors)()
-
     def plan_hidden_states(
         self,
         text: str | None = None,
@@ -204,6 +189,9 @@ class Inspector:
         last_token_only: bool = False,
         include_vectors: bool = False,
     ) -> Plan[HiddenStatesResult]:
+        """Hidden states indexed like Hugging Face's ``output_hidden_states`` (0 = embeddings,
+        i = after block i, n_layer = after the final LayerNorm; None or empty = all): their L2
+        norms always, the vectors when ``include_vectors``."""
         num_states = self.n_layer + 1
         bad = Violations()
         self._inputs.indices(bad, "layers", layers, num_states, "hidden states (0 = embeddings)")
@@ -220,6 +208,11 @@ class Inspector:
         )
         self.budget.check(self.budget.tokens(tokens) + self.budget.floats(num_floats), narrow)
         return functools.partial(self._passes.hidden_states, tokens, layer_list, positions, include_vectors)
+
+    # One call, validation and forward pass together (tests, benches, a single thread).
+    embed = _now(plan_embed)
+    attention = _now(plan_attention)
+    hidden_states = _now(plan_hidden_states)
 
     def predict_next(
         self, text: str | None = None, token_ids: Sequence[int] | None = None, **options: Unpack[SamplingArgs]
