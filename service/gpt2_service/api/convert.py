@@ -36,7 +36,7 @@ from gpt2_service.core.request import (
     token_id_violation,
 )
 from gpt2_service.core.sequence import Finished, GenerationOutput, TokenInfo
-from gpt2_service.engine.frontend import Engine
+from gpt2_service.engine.frontend import LONG_PROMPT, Engine
 from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError, Violations
 
 MAX_REQUEST_ID_CHARS = 128
@@ -46,10 +46,6 @@ _SAFE_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_CHARS}}}")
 # A call with less time left than this cannot get through the queue and one engine step; it is
 # refused up front instead of taking a batch place it would give up at once.
 MIN_TIME_REMAINING_SECONDS = 0.01
-# Requests with more than this many prompt characters or ids are converted, validated and
-# tokenized on a worker thread, never on the event loop (smaller ones cost microseconds).
-LARGE_PROMPT_CHARS = 8192
-LARGE_PROMPT_IDS = 8192
 _ID_CHUNK = 65536  # ids converted per C call, so a huge list never holds the GIL for long
 
 TRUNCATION_FROM_PROTO = {
@@ -110,7 +106,8 @@ def deadline_from_time_remaining(remaining: float | None, now: float | None = No
 
 def is_large(msg: pb.GenerateRequest) -> bool:
     """Whether converting ``msg`` may take long enough to matter on the event loop (O(1) to ask)."""
-    return len(msg.prompt) > LARGE_PROMPT_CHARS or len(msg.prompt_token_ids.ids) > LARGE_PROMPT_IDS
+    # the engine's own bound: above it, a prompt is also tokenized on a worker thread
+    return len(msg.prompt) > LONG_PROMPT or len(msg.prompt_token_ids.ids) > LONG_PROMPT
 
 
 def _prompt_ids(ids: Sequence[int], keep: int, vocab_size: int, bad: Violations) -> tuple[tuple[int, ...], int]:
