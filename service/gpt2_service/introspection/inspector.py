@@ -139,7 +139,7 @@ class Inspector:
         """The text of ``token_ids``, special tokens included; the inverse of ``tokenize``."""
         self.budget.check(len(token_ids), _narrowing(None))  # a token is at least one byte
         ids = self._inputs.checked_ids(token_ids)
-        self.budget.check(sum(len(self.tokenizer.token_bytes[i]) for i in ids), _narrowing(None))
+        self.budget.check(self.tokenizer.num_bytes(ids), _narrowing(None))
         return self.tokenizer.decode(ids, skip_special=False)
 
     # -- model stages: each a plan (checks, tokenization, size) and a forward pass ----------------
