@@ -9,10 +9,9 @@ Field paths are protobuf paths: ``sampling.top_p``, ``prompt_token_ids.ids[3]``,
 
 from __future__ import annotations
 
-import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 
 from gpt2_client.proto import common_pb2
 from gpt2_client.proto import generation_pb2 as pb
@@ -32,7 +31,7 @@ from gpt2_service.core.request import (
     Truncation,
     check_count,
     find_violations,
-    first_bad_token_id,
+    scan_token_ids,
     token_id_violation,
 )
 from gpt2_service.core.sequence import Finished, GenerationOutput, TokenInfo
@@ -46,7 +45,6 @@ _SAFE_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_CHARS}}}")
 # A call with less time left than this cannot get through the queue and one engine step; it is
 # refused up front instead of taking a batch place it would give up at once.
 MIN_TIME_REMAINING_SECONDS = 0.01
-_ID_CHUNK = 65536  # ids converted per C call, so a huge list never holds the GIL for long
 
 TRUNCATION_FROM_PROTO = {
     pb.TRUNCATION_UNSPECIFIED: Truncation.TRUNCATE_LEFT,
@@ -110,23 +108,6 @@ def is_large(msg: pb.GenerateRequest) -> bool:
     return len(msg.prompt) > LONG_PROMPT or len(msg.prompt_token_ids.ids) > LONG_PROMPT
 
 
-def _prompt_ids(ids: Sequence[int], keep: int, vocab_size: int, bad: Violations) -> tuple[tuple[int, ...], int]:
-    """The last ``keep`` ids of a repeated field and how many came before them, every id checked
-    against the vocabulary. A chunk at a time: the GIL is free between chunks, and an id list of
-    millions never becomes millions of Python ints at once."""
-    num_dropped = max(len(ids) - keep, 0)
-    it, tail, start = iter(ids), list[int](), 0
-    while chunk := list(itertools.islice(it, _ID_CHUNK)):
-        first_bad = first_bad_token_id(chunk, vocab_size)
-        if first_bad is not None:
-            bad.add(*token_id_violation(f"prompt_token_ids.ids[{start + first_bad}]", chunk[first_bad], vocab_size))
-            return (), 0
-        if start + len(chunk) > num_dropped:
-            tail.extend(chunk[max(num_dropped - start, 0) :])
-        start += len(chunk)
-    return tuple(tail), num_dropped
-
-
 def to_engine_request(
     msg: pb.GenerateRequest, request_id: str, deadline: float | None, limits: RequestLimits
 ) -> GenerationRequest:
@@ -151,7 +132,11 @@ def to_engine_request(
     if which == "prompt_token_ids":
         # Only the window's worth is converted; the ids before it are checked and counted (the
         # engine truncates them, or refuses the prompt under REJECT).
-        prompt_ids, num_dropped = _prompt_ids(msg.prompt_token_ids.ids, limits.context_window, limits.vocab_size, bad)
+        scan = scan_token_ids(msg.prompt_token_ids.ids, limits.vocab_size, keep=limits.context_window)
+        if scan.first_bad is not None:
+            index, value = scan.first_bad
+            bad.add(*token_id_violation(f"prompt_token_ids.ids[{index}]", value, limits.vocab_size))
+        prompt_ids, num_dropped = tuple(scan.kept.tolist()), scan.num_dropped
     request = GenerationRequest(
         request_id=request_id,
         prompt=msg.prompt if which != "prompt_token_ids" else None,

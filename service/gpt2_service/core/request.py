@@ -7,9 +7,13 @@ engine validates them before anything is enqueued.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from gpt2_service.errors import Violations
 
@@ -154,6 +158,35 @@ def check_sampling(bad: Violations, s: SamplingParams, prefix: str) -> None:
         )
     if s.seed is not None:
         check(0 <= s.seed <= MAX_SEED, f"{prefix}seed", f"must be in [0, 2^64-1], got {s.seed}")
+
+
+TOKEN_ID_CHUNK = 65536  # ids read per C call: a huge list never holds the GIL for long
+
+
+@dataclass(frozen=True, eq=False)
+class TokenIdScan:
+    """What ``scan_token_ids`` found: the ids kept (int64), how many came before them, and the first
+    id outside the vocabulary (its index and value), if any."""
+
+    kept: npt.NDArray[np.int64]
+    num_dropped: int
+    first_bad: tuple[int, int] | None
+
+
+def scan_token_ids(ids: Sequence[int], vocab_size: int, keep: int | None = None) -> TokenIdScan:
+    """Check every id of ``ids`` against the vocabulary and keep the last ``keep`` (None: all), a
+    chunk at a time into numpy: the GIL is free between chunks, and a list of millions never
+    becomes millions of Python ints. Stops at the first bad id."""
+    num_dropped = max(len(ids) - keep, 0) if keep is not None else 0
+    it, kept, start = iter(ids), list[npt.NDArray[np.int64]](), 0
+    while (chunk := np.fromiter(itertools.islice(it, TOKEN_ID_CHUNK), dtype=np.int64)).size:
+        bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size))
+        if bad.size:
+            return TokenIdScan(np.empty(0, np.int64), 0, (start + int(bad[0]), int(chunk[bad[0]])))
+        if start + chunk.size > num_dropped:
+            kept.append(chunk[max(num_dropped - start, 0) :])
+        start += chunk.size
+    return TokenIdScan(np.concatenate(kept) if kept else np.empty(0, np.int64), num_dropped, None)
 
 
 def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violations:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gpt2_service.core.request import check_sampling, first_bad_token_id
+import numpy as np
+import numpy.typing as npt
+
+from gpt2_service.core.request import check_sampling, scan_token_ids
 from gpt2_service.errors import FieldViolation, InvalidRequestError, Violations
 from gpt2_service.introspection.results import SamplingOptions, TokenizeResult
 from gpt2_service.model.tokenizer import GPT2Tokenizer
@@ -69,13 +72,18 @@ class InputChecker:
 
     def checked_ids(self, token_ids: Sequence[int]) -> list[int]:
         """``token_ids`` as a list, or InvalidRequestError naming the first id outside the vocabulary."""
-        ids = list(token_ids)
-        i = first_bad_token_id(ids, self.vocab_size)
-        if i is not None:
+        return self.checked_array(token_ids).tolist()  # type: ignore[no-any-return]
+
+    def checked_array(self, token_ids: Sequence[int]) -> npt.NDArray[np.int64]:
+        """``token_ids`` as an int64 array (read a chunk at a time), or InvalidRequestError naming
+        the first id outside the vocabulary."""
+        scan = scan_token_ids(token_ids, self.vocab_size)
+        if scan.first_bad is not None:
+            i, value = scan.first_bad
             raise InvalidRequestError(
-                [FieldViolation("token_ids", f"token_ids[{i}] = {ids[i]} is not a token id in [0, {self.vocab_size})")]
+                [FieldViolation("token_ids", f"token_ids[{i}] = {value} is not a token id in [0, {self.vocab_size})")]
             )
-        return ids
+        return scan.kept
 
     def sampling(self, o: SamplingOptions) -> Violations:
         """The options' violations: the sampler's rules (as for generation), then the draws' and

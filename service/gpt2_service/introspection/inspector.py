@@ -138,9 +138,9 @@ class Inspector:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """The text of ``token_ids``, special tokens included; the inverse of ``tokenize``."""
         self.budget.check(len(token_ids), _narrowing(None))  # a token is at least one byte
-        ids = self._inputs.checked_ids(token_ids)
+        ids = self._inputs.checked_array(token_ids)
         self.budget.check(self.tokenizer.num_bytes(ids), _narrowing(None))
-        return self.tokenizer.decode(ids, skip_special=False)
+        return self.tokenizer.decode(ids.tolist(), skip_special=False)
 
     # -- model stages: each a plan (checks, tokenization, size) and a forward pass ----------------
 
