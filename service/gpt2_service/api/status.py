@@ -7,7 +7,7 @@ traceback goes to the server log, never to the caller).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf import any_pb2
@@ -17,13 +17,11 @@ from grpc_status import rpc_status
 from gpt2_service.errors import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
-    MAX_REPORTED_VIOLATIONS,
     DeadlineExceededError,
     EngineDeadError,
     EngineError,
     EngineOverloadedError,
     EngineUnavailableError,
-    FieldViolation,
     InvalidRequestError,
     clip,
 )
@@ -70,33 +68,26 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
 
 
 def rich_status(
-    code: grpc.StatusCode,
-    message: str,
-    reason: str,
-    request_id: str,
-    violations: Sequence[FieldViolation] = (),
-    num_omitted: int = 0,
+    code: grpc.StatusCode, message: str, reason: str, request_id: str, invalid: InvalidRequestError | None = None
 ) -> grpc.Status:
-    """A grpc.Status whose trailer carries google.rpc.Status with ErrorInfo (+ BadRequest).
-
-    Bounded whatever the inputs: the message is clipped, at most ``MAX_REPORTED_VIOLATIONS``
-    violations are listed (each clipped) and a last entry, field ``OMITTED_FIELD``, says how
-    many more there were, so the trailers fit gRPC's default 8 KiB metadata budget."""
+    """A grpc.Status whose trailer carries google.rpc.Status with ErrorInfo, and a BadRequest for
+    ``invalid``'s violations (already bounded: at most ``MAX_REPORTED_VIOLATIONS``, each clipped),
+    closed by an entry with field ``OMITTED_FIELD`` that counts the others. With the message
+    clipped, the trailers fit gRPC's default 8 KiB metadata budget."""
     metadata = {"request_id": clip(request_id, MAX_FIELD_CHARS)}
     details = []
-    if violations:
-        listed = [v.clipped() for v in violations[:MAX_REPORTED_VIOLATIONS]]
-        num_omitted += len(violations) - len(listed)
+    if invalid is not None and invalid.violations:
         entries = [
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in listed
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in invalid.violations
         ]
-        if num_omitted:
+        if invalid.num_omitted:
             entries.append(
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=OMITTED_FIELD, description=f"and {num_omitted} more violations, not listed"
+                    field=OMITTED_FIELD, description=f"and {invalid.num_omitted} more violations, not listed"
                 )
             )
-        metadata["num_violations"] = str(len(listed) + num_omitted)
+        metadata["num_violations"] = str(len(invalid.violations) + invalid.num_omitted)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=entries)))
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     details.insert(0, _pack(info))
@@ -110,9 +101,8 @@ def status_for_error(error: EngineError, request_id: str) -> grpc.Status:
     code = status_code_for(error)
     if code is grpc.StatusCode.INTERNAL:
         return internal_status(request_id)
-    if isinstance(error, InvalidRequestError):
-        return rich_status(code, str(error), error.reason, request_id, error.violations, error.num_omitted)
-    return rich_status(code, str(error), error.reason, request_id)
+    invalid = error if isinstance(error, InvalidRequestError) else None
+    return rich_status(code, str(error), error.reason, request_id, invalid)
 
 
 def internal_status(request_id: str) -> grpc.Status:
