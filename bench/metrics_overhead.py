@@ -87,7 +87,7 @@ async def _measure(args: argparse.Namespace) -> None:
     engines = {"off": Engine(loaded, config), "on": Engine(loaded, config)}
     metrics = Metrics()
     metrics.attach(engines["on"])
-    metrics.set_model_info(loaded, args.dtype, args.device)
+    metrics.set_model_info(loaded, args.dtype, args.device, "float32", True)
     server, server_thread = metrics.start_http_server("127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.server_port}/metrics"
     gen = torch.Generator().manual_seed(0)

@@ -294,7 +294,7 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
     loaded = load_model(args.model)
     config = EngineConfig(model=args.model, max_batch_size=args.concurrency, stage_timing=False)
     metrics = SwitchableMetrics()
-    metrics.set_model_info(loaded, dtype="float32", device="cpu")
+    metrics.set_model_info(loaded, dtype="float32", device="cpu", weights="float32", batch_invariant=True)
     engine = Engine(loaded, config)
     metrics.attach(engine)  # once: the switch decides whether it records
     await engine.start()

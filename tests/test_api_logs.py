@@ -135,13 +135,15 @@ def test_prompts_stay_out_of_the_log_by_default(served_log: list[Entry]) -> None
 
 def test_start_up_lines_name_the_model_budget_limits_and_ports(served_log: list[Entry]) -> None:
     model = _one(served_log, message="model loaded")
-    assert {k: model[k] for k in ("model", "source", "random_weights", "dtype", "device", "batch_invariant")} == {
+    keys = ("model", "source", "random_weights", "dtype", "weights", "device", "batch_invariant")
+    assert {k: model[k] for k in keys} == {
         "model": "random:tiny",
         "source": "random (seed 0)",
         "random_weights": True,
         "dtype": "float32",
+        "weights": "float32",
         "device": "cpu",
-        "batch_invariant": False,
+        "batch_invariant": True,
     }
     assert model["engine_threads"] >= 1
     limits = _one(served_log, message="KV-cache budget and limits")

@@ -184,6 +184,8 @@ def test_model_info_names_the_served_model(scrape: Scrape) -> None:
         "source": "random (seed 0)",
         "random_weights": "true",
         "dtype": "float32",
+        "weights": "float32",
+        "batch_invariant": "true",
         "device": "cpu",
     }
 

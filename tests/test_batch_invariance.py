@@ -1,7 +1,8 @@
-"""Batch-invariant mode (``EngineConfig.batch_invariant``): a request's numbers do not depend, to
-the last bit, on what else shares its batch. Built from three properties tested here: oneDNN's
-linear computes each row the same for any row count >= 2, the sampler treats rows independently,
-and attention runs row by row; then the engine-level property over several scenarios."""
+"""Batch-invariant mode (``EngineConfig.batch_invariant``, the default): a request's numbers do not
+depend, to the last bit, on what else shares its batch. Built from properties tested here: every
+weight format's linear kernel computes each row the same for any row count (float32 padding one
+row to two), the sampler treats rows independently, and attention runs row by row; then the
+engine-level property over several scenarios (and over many in tests/test_determinism.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from gpt2_service.config import EngineConfig
 from gpt2_service.core.request import SamplingParams
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.engine.sampler import RowState, Sampler
-from gpt2_service.model.kernels import batch_invariant_kernels, linear, onednn_applies
+from gpt2_service.model.kernels import (
+    KernelMode,
+    PackedLinear,
+    batch_invariant_kernels,
+    current_mode,
+    kernel_mode,
+    linear,
+    onednn_applies,
+)
 from gpt2_service.model.weights import LoadedModel, load_model
 
 from tests.engine_helpers import request, run
@@ -37,6 +46,35 @@ def test_linear_rows_are_bitwise_the_same_for_any_row_count(n_in: int, n_out: in
             for rows in (1, 2, 3, 7, 64, 257, 2048):
                 assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), f"{rows} rows, {threads} threads"
             assert torch.equal(linear(x[5][None, None], weight, bias)[0, 0], full[5])  # any leading shape
+
+
+@pytest.mark.parametrize("weights", ["float16", "int8"])
+@pytest.mark.parametrize(("n_in", "n_out"), [(768, 2304), (3072, 768), (64, 50257)])
+def test_packed_linear_rows_are_bitwise_the_same_for_any_row_count(weights: str, n_in: int, n_out: int) -> None:
+    """FBGEMM's fp16 kernel, and the int8 kernel fed rows of their own scale, compute a row alike
+    whether it is alone or anywhere in a batch of any size, whatever the other rows hold."""
+    gen = torch.Generator().manual_seed(n_out)
+    weight = torch.randn(n_out, n_in, generator=gen) * 0.02
+    packed = PackedLinear(weight, torch.randn(n_out, generator=gen) * 0.01, weights)
+    x = torch.randn(300, n_in, generator=gen) * torch.rand(300, 1, generator=gen) * 4  # rows of unequal scale
+    for threads in (1, torch.get_num_threads()):
+        torch.set_num_threads(threads)
+        full = packed(x)
+        for rows in (1, 2, 3, 7, 64, 257):
+            assert torch.equal(packed(x[:rows]), full[:rows]), f"{rows} rows, {threads} threads"
+        assert torch.equal(packed(x[[5]]), full[[5]])
+        assert torch.equal(packed(torch.cat([x[[5]], x[200:] * 100]))[0], full[5])  # louder neighbours
+        assert torch.equal(packed(x[5][None, None])[0, 0], full[5])  # any leading shape
+
+
+def test_packed_linear_stays_close_to_float32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(512, 256, generator=gen) * 0.02, torch.randn(512, generator=gen) * 0.01
+    x = torch.randn(64, 256, generator=gen)
+    exact = torch.nn.functional.linear(x, weight, bias)
+    for weights, tolerance in (("float16", 1e-3), ("int8", 0.03)):
+        err = (PackedLinear(weight, bias, weights)(x) - exact).norm() / exact.norm()
+        assert err < tolerance, (weights, float(err))
 
 
 def test_the_sampler_treats_each_row_on_its_own() -> None:
@@ -97,7 +135,24 @@ async def test_a_request_gives_bitwise_the_same_result_alone_and_in_a_batch_of_e
         assert [t for o in t_out for t in o.tokens] == [t for o in a_out for t in o.tokens], f"request {i}"
 
 
-async def test_batch_invariant_mode_is_refused_where_it_cannot_hold() -> None:
+def test_batch_invariance_is_the_default_and_off_where_it_cannot_hold(
+    tiny: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert EngineConfig().batch_invariant
+    assert Engine(tiny, EngineConfig(model="random:tiny")).batch_invariant
+    assert not Engine(tiny, EngineConfig(model="random:tiny", batch_invariant=False)).batch_invariant
     half = load_model("random:tiny", dtype="bfloat16")
-    with pytest.raises(ValueError, match="batch_invariant needs float32 weights on CPU"):
-        Engine(half, EngineConfig(model="random:tiny", batch_invariant=True))
+    assert not Engine(half, EngineConfig(model="random:tiny")).batch_invariant  # and ModelInfo says so
+    assert "may depend on what shares its batch" in caplog.text
+
+
+def test_reduced_weight_formats_need_float32_on_the_cpu() -> None:
+    half = load_model("random:tiny", dtype="bfloat16")
+    with pytest.raises(ValueError, match="--weights int8 needs float32 arithmetic on the CPU"):
+        Engine(half, EngineConfig(model="random:tiny", weights="int8"))
+
+
+def test_the_weight_format_is_the_threads_own() -> None:
+    with kernel_mode(KernelMode("int8")), batch_invariant_kernels():
+        assert current_mode() == KernelMode("int8", batch_invariant=True)
+    assert current_mode() == KernelMode()

@@ -114,7 +114,7 @@ async def _workload(loaded: LoadedModel, metrics: Metrics) -> tuple[list[Finishe
 @pytest.fixture(scope="module")
 def scrape(tiny: LoadedModel) -> Scrape:
     metrics = Metrics()
-    metrics.set_model_info(tiny, "float32", "cpu")
+    metrics.set_model_info(tiny, "float32", "cpu", "int8", True)
     finished, num_decode_steps = asyncio.run(_workload(tiny, metrics))
     text = metrics.exposition().decode()
     samples: dict[tuple[str, Labels], float] = {}
@@ -208,6 +208,8 @@ def test_model_info_names_the_random_weights(scrape: Scrape) -> None:
         "source": "random (seed 0)",
         "random_weights": "true",
         "dtype": "float32",
+        "weights": "int8",
+        "batch_invariant": "true",
         "device": "cpu",
         "version": "0.1.0",
     }

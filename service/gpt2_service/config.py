@@ -16,6 +16,7 @@ T = TypeVar("T")
 C = TypeVar("C")
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # weights.DTYPES maps each to its torch dtype
+WEIGHT_FORMAT_NAMES = ("float32", "float16", "int8")  # kernels.WEIGHT_FORMATS
 
 
 def _opt(default: T, help: str) -> T:
@@ -29,6 +30,10 @@ class EngineConfig:
         True, "serve random weights (loudly) when --model cannot be loaded, instead of exiting"
     )
     dtype: str = _opt("float32", "weights and KV-cache dtype: float32, bfloat16 or float16")
+    weights: str = _opt(
+        "float32", "weight storage of the matrix products (CPU, --dtype float32; arithmetic stays float32): "
+        "float32 (exact), float16 or int8 (faster, approximate; see docs/performance.md)"
+    )  # fmt: skip
     device: str = _opt("cpu", "torch device, e.g. cpu or cuda")
     max_batch_size: int = _opt(32, "most sequences decoded together in one step")
     max_queue_size: int = _opt(256, "most requests waiting for a batch slot; beyond it requests are rejected")
@@ -42,9 +47,9 @@ class EngineConfig:
     default_max_new_tokens: int = _opt(64, "max_new_tokens of a request that does not set it")
     num_threads: int = _opt(0, "torch intra-op threads of the engine thread; 0 = torch's default (the cores)")
     batch_invariant: bool = _opt(
-        False,
-        "bitwise the same results for a request whatever shares its batch (CPU float32 only; "
-        "costs speed, see the README)",
+        True,
+        "bitwise the same tokens and log-probabilities for a seeded request whatever shares its batch "
+        "(CPU, --dtype float32, every --weights format); --no-batch-invariant trades that for a little speed",
     )
     stage_timing: bool = _opt(True, "time embedding/attention/mlp/lm_head/sampling per step (CPU only)")
     seed: int = _opt(0, "seed of the random weights of random:<size> models")
@@ -103,6 +108,7 @@ class ServerConfig:
 ENV_PREFIX = "GPT2_SERVE_"
 CHOICES: dict[str, Sequence[str]] = {
     "dtype": DTYPE_NAMES,
+    "weights": WEIGHT_FORMAT_NAMES,
     "log_format": ("text", "json"),
     "log_level": ("debug", "info", "warning", "error"),
 }

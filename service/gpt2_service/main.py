@@ -76,9 +76,17 @@ async def _serve_until(
         await server.stop()
         _stop_metrics_http(metrics_http)
         return 1
-    engine = Engine(loaded, engine_config)
+    try:
+        engine = Engine(loaded, engine_config)
+    except ValueError as exc:  # settings the model cannot run with, e.g. --weights int8 on a GPU
+        log.error("cannot start the engine: %s", exc)
+        await server.stop()
+        _stop_metrics_http(metrics_http)
+        return 1
     if metrics is not None:
-        metrics.set_model_info(loaded, engine_config.dtype, str(engine.runner.device))
+        metrics.set_model_info(
+            loaded, engine_config.dtype, str(engine.runner.device), engine_config.weights, engine.batch_invariant
+        )
         metrics.attach(engine)  # before the engine's first step
     await engine.start()
     _log_model(engine, server_config)
@@ -126,7 +134,8 @@ def _log_model(engine: Engine, server_config: ServerConfig) -> None:
         "parameters": loaded.model.parameter_counts()["total"],
         "context_window": engine.context_window,
         "engine_threads": engine.runner.num_threads,
-        "batch_invariant": config.batch_invariant,
+        "weights": config.weights,
+        "batch_invariant": engine.batch_invariant,
     }
     log_fields(log, logging.INFO, "model loaded", model)
     limits = {

@@ -68,6 +68,8 @@ class ModelInfo(_message.Message):
     PARAMETER_COUNTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     EOS_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    BATCH_INVARIANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model as requested with --model, e.g. "gpt2", "random:gpt2" or a checkpoint path."""
     source: _builtins.str
@@ -94,6 +96,19 @@ class ModelInfo(_message.Message):
     """Torch device the model runs on, e.g. "cpu" or "cuda:0"."""
     eos_token_id: _builtins.int
     """Id of <|endoftext|> (50256 for GPT-2)."""
+    weights: _builtins.str
+    """Storage of the weights the matrix products read (--weights): "float32" (exact: logits within
+    1e-4 of Hugging Face), "float16" (fp16 weights, float32 arithmetic) or "int8" (8-bit weights
+    with a scale per output channel, activations quantized with a scale per row). The reduced
+    formats are approximations; docs/performance.md gives their measured deviation.
+    """
+    batch_invariant: _builtins.bool
+    """True when a seeded request's tokens and log-probabilities are bitwise the same whatever shares
+    its batch, whenever it arrives and after a restart (the default, in every weight format). False
+    when the server runs with --no-batch-invariant, or where it cannot hold (--dtype other than
+    float32, or an accelerator): results may then differ in the last bits with the batch, and a
+    sampled token can change where two candidates are that close.
+    """
     @_builtins.property
     def parameter_counts(self) -> Global___ParameterCounts:
         """Parameter counts by component."""
@@ -119,10 +134,12 @@ class ModelInfo(_message.Message):
         parameter_counts: Global___ParameterCounts | None = ...,
         limits: Global___EngineLimits | None = ...,
         eos_token_id: _builtins.int = ...,
+        weights: _builtins.str = ...,
+        batch_invariant: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "parameter_counts", b"parameter_counts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "d_ff", b"d_ff", "d_model", b"d_model", "device", b"device", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "limits", b"limits", "n_head", b"n_head", "n_layer", b"n_layer", "name", b"name", "parameter_counts", b"parameter_counts", "random_weights", b"random_weights", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_invariant", b"batch_invariant", "context_window", b"context_window", "d_ff", b"d_ff", "d_model", b"d_model", "device", b"device", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "limits", b"limits", "n_head", b"n_head", "n_layer", b"n_layer", "name", b"name", "parameter_counts", b"parameter_counts", "random_weights", b"random_weights", "source", b"source", "vocab_size", b"vocab_size", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -294,6 +294,8 @@ def to_model_info(engine: Engine, max_batch_requests: int) -> common_pb2.ModelIn
         vocab_size=engine.limits.vocab_size,
         context_window=engine.context_window,
         dtype=config.dtype,
+        weights=config.weights,
+        batch_invariant=engine.batch_invariant,
         device=str(engine.runner.device),
         parameter_counts=common_pb2.ParameterCounts(**counts),
         limits=common_pb2.EngineLimits(

@@ -34,7 +34,7 @@ from gpt2_service.engine.loop import Abort, Add, EngineLoop, Job, Stop
 from gpt2_service.engine.runner import ModelRunner
 from gpt2_service.engine.stream import GenerationStream, StreamRouter
 from gpt2_service.errors import EngineDeadError, EngineError, EngineUnavailableError
-from gpt2_service.model.gpt2 import onednn_applies
+from gpt2_service.model.kernels import KernelMode, onednn_applies
 from gpt2_service.model.kv_cache import KVCache
 from gpt2_service.model.weights import LoadedModel
 
@@ -61,11 +61,20 @@ class Engine:
         if num_slots < config.max_batch_size:
             raise ValueError(f"kv_cache_slots ({num_slots}) must be >= max_batch_size ({config.max_batch_size})")
         parameter = next(loaded.model.parameters())
-        if config.batch_invariant and not onednn_applies(parameter):
+        if config.weights != "float32" and not onednn_applies(parameter):
             raise ValueError(
-                "batch_invariant needs float32 weights on CPU and a torch built with oneDNN; "
-                f"this engine has {parameter.dtype} on {parameter.device}"
+                f"--weights {config.weights} needs float32 arithmetic on the CPU (FBGEMM's kernels); "
+                f"this engine has {parameter.dtype} on {parameter.device}: use --weights float32"
             )
+        self.batch_invariant = config.batch_invariant and onednn_applies(parameter)
+        if config.batch_invariant and not self.batch_invariant:
+            log.warning(
+                "batch-invariant results need float32 on the CPU (a torch with oneDNN); this engine has %s on %s, "
+                "so a seeded request's tokens may depend on what shares its batch (ModelInfo.batch_invariant=false)",
+                parameter.dtype,
+                parameter.device,
+            )
+        loaded.model.prepare_weights(config.weights)
         self.cache = KVCache(
             n_layer=model_config.n_layer,
             num_slots=num_slots,
@@ -84,7 +93,7 @@ class Engine:
                 max_prefill_tokens=config.max_prefill_tokens,
                 context_shift_keep=min(shift_keep, self.context_window),
                 eos_token_id=self.tokenizer.eos_token_id,
-                fixed_prefill_chunks=config.batch_invariant,
+                fixed_prefill_chunks=self.batch_invariant,
             ),
             token_text=self.tokenizer.id_to_text,
         )
@@ -94,7 +103,7 @@ class Engine:
             self.tokenizer.eos_token_id,
             stage_timing=config.stage_timing and parameter.device.type == "cpu",
             num_threads=config.num_threads,
-            batch_invariant=config.batch_invariant,
+            mode=KernelMode(config.weights, self.batch_invariant),
         )
         self.limits = RequestLimits(
             vocab_size=self.tokenizer.vocab_size,
@@ -238,7 +247,7 @@ class Engine:
         def done(result: Any, error: BaseException | None) -> None:  # on the engine thread
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-        self._thread.post(Job(fn, done))
+        self._thread.post(Job(lambda: self.runner.run(fn), done))
         return await future
 
     def _warm_up(self) -> None:  # on the engine thread

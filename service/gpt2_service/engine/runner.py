@@ -8,16 +8,20 @@ Threads: ``execute`` sets the calling (engine) thread's torch intra-op pool to `
 (default: torch's default, the cores). Fewer leaves the event loop a core of its own, which can
 help a server that streams to many clients from a small machine; see EngineConfig.num_threads.
 
-Batch-invariant mode (``batch_invariant=True``): every row's numbers are bitwise independent of
-the rest of its batch. Linear layers pad one row to two (see ``kernels.linear``) and attention runs
-row by row at each row's exact size (``AttentionLayout.rows``); the scheduler keeps prefill
-chunk boundaries independent of the batch.
+Kernel mode (``mode``, a ``kernels.KernelMode``): the weight format of the matrix products, and
+batch invariance, in which every row's numbers are bitwise independent of the rest of its batch:
+the linear kernels compute each row alike whatever the row count (see kernels.py), attention runs
+row by row at each row's exact size (``AttentionLayout.rows``), and the scheduler keeps prefill
+chunk boundaries independent of the batch. Forward passes of other work on the engine thread
+(introspection, warm-up) run in the same mode through ``run``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -26,8 +30,10 @@ from gpt2_service.core.scheduler import PrefillChunk, SampledToken, StepPlan
 from gpt2_service.core.sequence import Sequence
 from gpt2_service.engine.sampler import RowState, Sampler
 from gpt2_service.model.gpt2 import GPT2, StageTimer
-from gpt2_service.model.kernels import batch_invariant_kernels
+from gpt2_service.model.kernels import KernelMode, kernel_mode
 from gpt2_service.model.kv_cache import AttentionLayout, KVCache
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,7 +59,7 @@ class ModelRunner:
         eos_token_id: int,
         stage_timing: bool = True,
         num_threads: int = 0,
-        batch_invariant: bool = False,
+        mode: KernelMode | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -61,7 +67,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.stage_timing = stage_timing
         self.num_threads = num_threads or torch.get_num_threads()
-        self.batch_invariant = batch_invariant
+        self.mode = mode or KernelMode()
+        self.batch_invariant = self.mode.batch_invariant
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
         self.last_times = StepTimes()
@@ -70,12 +77,14 @@ class ModelRunner:
         self._generators.pop(seq_id, None)
 
     def execute(self, plan: StepPlan) -> dict[int, SampledToken]:
+        return self.run(lambda: self._execute(plan))
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` with this runner's threads and kernel mode (on the calling thread)."""
         if torch.get_num_threads() != self.num_threads:  # per thread: applies to the caller only
             torch.set_num_threads(self.num_threads)
-        if self.batch_invariant:
-            with batch_invariant_kernels():
-                return self._execute(plan)
-        return self._execute(plan)
+        with kernel_mode(self.mode):
+            return fn()
 
     def _execute(self, plan: StepPlan) -> dict[int, SampledToken]:
         timer = StageTimer() if self.stage_timing else None

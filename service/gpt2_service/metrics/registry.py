@@ -59,7 +59,7 @@ class Metrics:
         """Record the engine's steps and finished requests, and read its gauges at scrape time."""
         self.recorder.attach(engine)
 
-    def set_model_info(self, loaded: LoadedModel, dtype: str, device: str) -> None:
+    def set_model_info(self, loaded: LoadedModel, dtype: str, device: str, weights: str, batch_invariant: bool) -> None:
         self._model.info(
             {
                 "name": loaded.name,
@@ -67,6 +67,8 @@ class Metrics:
                 "random_weights": "true" if loaded.random_weights else "false",
                 "dtype": dtype,
                 "device": device,
+                "weights": weights,
+                "batch_invariant": "true" if batch_invariant else "false",
                 "version": __version__,
             }
         )

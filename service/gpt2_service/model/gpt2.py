@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2_service.model.kernels import attention, linear
-from gpt2_service.model.kernels import onednn_applies as onednn_applies  # re-exported for engine.py, for now
+from gpt2_service.model.kernels import WEIGHT_FORMATS, PackedLinear, attention, current_mode, linear
 from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
 from gpt2_service.model.kv_cache import KeyValues, KVCache
 
@@ -111,9 +110,13 @@ class Conv1D(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_out, n_in).t())
         self.bias = nn.Parameter(torch.zeros(n_out))
+        self.packed: dict[str, PackedLinear] = {}  # weight format -> prepared copy (GPT2.prepare_weights)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight.t(), self.bias)
+        weights = current_mode().weights
+        if weights == "float32":
+            return linear(x, self.weight.t(), self.bias)
+        return self.packed[weights](x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -247,6 +250,7 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
+        self.lm_head_packed: dict[str, PackedLinear] = {}  # weight format -> the tied head, prepared
 
     @torch.inference_mode()
     def forward(
@@ -290,12 +294,37 @@ class GPT2(nn.Module):
                 capture.stages.append(("final_layer_norm", x, out))
         return out
 
+    def prepare_weights(self, weights: str) -> None:
+        """Make the reduced weight format ``weights`` (``kernels.WEIGHT_FORMATS``) available to
+        forward passes run under ``kernels.kernel_mode``: every linear layer and the LM head get a
+        packed copy (kept beside the float32 weights, which embeddings and introspection read).
+        Idempotent; float32 needs nothing."""
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+        if weights == "float32" or weights in self.lm_head_packed:
+            return
+        for module in self.modules():
+            if isinstance(module, Conv1D):
+                module.packed[weights] = PackedLinear(module.weight.t(), module.bias, weights)
+        self.lm_head_packed[weights] = PackedLinear(self.transformer.wte.weight, None, weights)
+
+    def packed_bytes(self, weights: str) -> int:
+        """Bytes of the packed copies of ``weights`` (0 for float32, which is not copied)."""
+        if weights == "float32":
+            return 0
+        layers = [m.packed[weights] for m in self.modules() if isinstance(m, Conv1D)]
+        return sum(p.nbytes for p in [*layers, self.lm_head_packed[weights]])
+
     @torch.inference_mode()
     def logits(self, hidden: Tensor, timer: StageTimer | None = None) -> Tensor:
         """The tied LM head: (..., d) -> (..., vocab_size), float32."""
         if timer is not None:
             timer.start("lm_head")
-        out = linear(hidden, self.transformer.wte.weight).float()
+        weights = current_mode().weights
+        if weights == "float32":
+            out = linear(hidden, self.transformer.wte.weight).float()
+        else:
+            out = self.lm_head_packed[weights](hidden)
         if timer is not None:
             timer.stop()
         return out

@@ -1,23 +1,37 @@
-"""Which kernel computes the model's matrix products, and how batch-invariant mode changes that.
+"""Which kernel computes the model's matrix products, in which weight format, and how
+batch-invariant mode changes that.
 
-What it is: ``linear`` (x @ W.T + b) sent to oneDNN's float32 kernel where it applies
-(``onednn_applies``) and to ``F.linear`` elsewhere; ``batch_invariant_kernels``, the per-thread
-switch under which ``linear`` pads a one-row input to two so that every row is computed bitwise
-the same whatever the number of rows; and ``attention``, scaled dot-product attention with one
-mask convention, choosing between SDPA's built-in causal mask and an explicit one.
+What it is: ``KernelMode`` (the weight format and whether results must be batch-invariant), set
+per thread with ``kernel_mode``; ``linear`` (x @ W.T + b in float32) sent to oneDNN's kernel where
+it applies (``onednn_applies``) and to ``F.linear`` elsewhere, padding one row to two in
+batch-invariant mode; ``PackedLinear``, a weight prepared once in a reduced format (``float16``:
+FBGEMM's fp16 weights with float32 arithmetic; ``int8``: FBGEMM's int8 weights with a scale per
+output channel and activations quantized with a scale per row); and ``attention``, scaled
+dot-product attention with one mask convention.
 
-What it is not: the model (model.py says what is computed, in GPT-2's terms), nor where keys and
+What it is not: the model (gpt2.py says what is computed, in GPT-2's terms), nor where keys and
 values live (kv_cache.py). Attention's batch invariance is not a kernel switch: it comes from
-attending row by row at each row's own length (``AttentionLayout.rows``, kv_cache.py). Nothing
-here changes what is computed, only how: different kernels for one function can round
-differently in the last bits, which is why each choice is fixed by device, dtype and mode.
+attending row by row at each row's own length (``AttentionLayout.rows``, kv_cache.py).
+
+Batch invariance of each format (tests/test_batch_invariance.py checks every one):
+- float32: oneDNN computes each row bitwise the same for any number of rows >= 2 but takes
+  another path for one row, so batch-invariant mode pads one row to two.
+- float16: FBGEMM's fp16 kernel computes each row the same for any number of rows, one included.
+- int8: a dynamically quantized product is batch-invariant only if each row's quantization is its
+  own. FBGEMM's dynamic kernel takes one activation scale for the whole input, so each row is
+  first divided by its largest magnitude and two constant columns (+1, -1, against zero weights)
+  fix the input's range to [-1, 1]: the kernel's scale is then the same for every batch, its
+  integer sums are exact, and the row's own magnitude is multiplied back after. This is also
+  about twice as accurate as one scale for the batch, so it is used in both modes.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +43,33 @@ from torch import Tensor
 # about 50 us per call more than MKL, which only tiny models notice.
 _ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise")  # registered only in builds with oneDNN
 
-_PAD_ONE_ROW: ContextVar[bool] = ContextVar("gpt2_linear_pad_one_row", default=False)
+WEIGHT_FORMATS = ("float32", "float16", "int8")
+
+
+@dataclass(frozen=True)
+class KernelMode:
+    """How this thread's forward passes compute: in which weight format (``WEIGHT_FORMATS``), and
+    whether each row's numbers must be bitwise independent of the rest of its batch."""
+
+    weights: str = "float32"
+    batch_invariant: bool = False
+
+
+_MODE: ContextVar[KernelMode] = ContextVar("gpt2_kernel_mode", default=KernelMode())  # noqa: B039 (frozen)
+
+
+def current_mode() -> KernelMode:
+    return _MODE.get()
+
+
+@contextmanager
+def kernel_mode(mode: KernelMode) -> Iterator[None]:
+    """Within the block (on this thread), forward passes compute as ``mode`` says."""
+    token = _MODE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
 
 
 def onednn_applies(x: Tensor) -> bool:
@@ -37,17 +77,9 @@ def onednn_applies(x: Tensor) -> bool:
     return _ONEDNN_LINEAR and x.is_cpu and x.dtype is torch.float32
 
 
-@contextmanager
-def batch_invariant_kernels() -> Iterator[None]:
-    """Within the block (on this thread), ``linear`` computes each row bitwise the same whatever
-    the number of rows: oneDNN does so for 2 rows and more (checked for 2..2048 in
-    tests/test_batch_invariance.py) but takes another path for one row, so one row is padded to
-    two. Attention is made invariant separately (``AttentionLayout.rows``)."""
-    token = _PAD_ONE_ROW.set(True)
-    try:
-        yield
-    finally:
-        _PAD_ONE_ROW.reset(token)
+def batch_invariant_kernels() -> AbstractContextManager[None]:
+    """``kernel_mode`` with this thread's weight format and batch invariance on."""
+    return kernel_mode(KernelMode(current_mode().weights, batch_invariant=True))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -56,7 +88,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
     out: Tensor
     if onednn_applies(rows) and weight.is_contiguous():
-        if rows.shape[0] == 1 and _PAD_ONE_ROW.get():  # batch-invariant mode: see batch_invariant_kernels
+        if rows.shape[0] == 1 and _MODE.get().batch_invariant:  # see the module docstring
             out = _onednn_linear(torch.cat([rows, torch.zeros_like(rows)]), weight, bias)[:1]
         else:
             out = _onednn_linear(rows, weight, bias)
@@ -68,6 +100,50 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def _onednn_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out: Tensor = torch.ops.mkldnn._linear_pointwise.default(rows, weight, bias, "none", [], "")
     return out
+
+
+class PackedLinear:
+    """``x @ weight.T + bias`` with the weight prepared once in a reduced format (float16 or
+    int8, see the module docstring); the arithmetic and the result are float32."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, weights: str) -> None:
+        if weights not in ("float16", "int8"):
+            raise ValueError(f"no packed kernel for {weights!r} weights")
+        if not weight.is_cpu:
+            raise ValueError(f"{weights} weights need the CPU (FBGEMM kernels); this weight is on {weight.device}")
+        self.weights = weights
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        w = weight.detach().float().contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        if weights == "float16":
+            self._packed = torch.ops.quantized.linear_prepack_fp16(w, self.bias)
+        else:
+            scales = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
+            padded = torch.cat([w, w.new_zeros(w.shape[0], 2)], dim=1)  # the two range columns
+            zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+            with warnings.catch_warnings():  # quantized tensors are deprecated, FBGEMM's kernels not (yet)
+                warnings.simplefilter("ignore")
+                q = torch.quantize_per_channel(padded, scales, zero_points, 0, torch.qint8)
+                self._packed = torch.ops.quantized.linear_prepack(q, None)
+            self._range = torch.tensor([1.0, -1.0])
+        self.nbytes = w.numel() * (2 if weights == "float16" else 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        if not rows.is_contiguous() or rows.dtype is not torch.float32:
+            rows = rows.float().contiguous()
+        out: Tensor
+        if self.weights == "float16":
+            out = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
+        else:
+            scale = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)  # (N, 1)
+            unit = torch.cat([rows / scale, self._range.expand(rows.shape[0], 2)], dim=1)  # each row in [-1, 1]
+            out = torch.ops.quantized.linear_dynamic(
+                unit, self._packed, True
+            )  # reduce_range: no int16 overflow on AVX2
+            out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
