@@ -34,7 +34,7 @@ from gpt2_service.engine.loop import Abort, Add, EngineLoop, Job, Stop
 from gpt2_service.engine.runner import ModelRunner
 from gpt2_service.engine.stream import GenerationStream, StreamRouter
 from gpt2_service.errors import EngineDeadError, EngineError, EngineUnavailableError
-from gpt2_service.model.kernels import KernelMode, onednn_applies
+from gpt2_service.model.kernels import KernelMode, onednn_applies, padded_keys
 from gpt2_service.model.kv_cache import KVCache
 from gpt2_service.model.weights import LoadedModel
 
@@ -79,7 +79,7 @@ class Engine:
             n_layer=model_config.n_layer,
             num_slots=num_slots,
             n_head=model_config.n_head,
-            max_len=self.context_window,
+            max_len=padded_keys(self.context_window),  # whole key blocks: see kernels.padded_keys
             head_dim=model_config.head_dim,
             dtype=parameter.dtype,
             device=parameter.device,

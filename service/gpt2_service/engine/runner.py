@@ -10,9 +10,11 @@ help a server that streams to many clients from a small machine; see EngineConfi
 
 Kernel mode (``mode``, a ``kernels.KernelMode``): the weight format of the matrix products, and
 batch invariance, in which every row's numbers are bitwise independent of the rest of its batch:
-the linear kernels compute each row alike whatever the row count (see kernels.py), attention runs
-row by row at each row's exact size (``AttentionLayout.rows``), and the scheduler keeps prefill
-chunk boundaries independent of the batch. Forward passes of other work on the engine thread
+the linear kernels compute each row alike whatever the row count (see kernels.py), a decode batch
+attends over keys padded to whole ``KEY_BLOCK``s (``kernels.padded_keys``; row by row where this
+machine's kernel is not invariant under that padding), prefill chunks attend row by row at each
+row's exact size (``AttentionLayout.rows``), and the scheduler keeps prefill chunk boundaries
+independent of the batch. Forward passes of other work on the engine thread
 (introspection, warm-up) run in the same mode through ``run``.
 """
 
@@ -30,7 +32,7 @@ from gpt2_service.core.scheduler import PrefillChunk, SampledToken, StepPlan
 from gpt2_service.core.sequence import Sequence
 from gpt2_service.engine.sampler import RowState, Sampler
 from gpt2_service.model.gpt2 import GPT2, StageTimer
-from gpt2_service.model.kernels import KernelMode, kernel_mode
+from gpt2_service.model.kernels import KernelMode, kernel_mode, padded_decode_attention_is_invariant, padded_keys
 from gpt2_service.model.kv_cache import AttentionLayout, KVCache
 
 T = TypeVar("T")
@@ -69,6 +71,8 @@ class ModelRunner:
         self.num_threads = num_threads or torch.get_num_threads()
         self.mode = mode or KernelMode()
         self.batch_invariant = self.mode.batch_invariant
+        # batch-invariant decode over padded keys where this machine's attention kernel allows it
+        self.padded_decode = self.batch_invariant and padded_decode_attention_is_invariant()
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
         self.last_times = StepTimes()
@@ -170,8 +174,15 @@ class ModelRunner:
         positions = torch.tensor(positions_l, dtype=torch.long)
         num_keys = max(positions_l) + 1
         aligned = min(positions_l) == num_keys - 1  # every row sees every key: no mask needed
+        rows = None
+        if self.batch_invariant and self.padded_decode:
+            # every row attends over its keys padded to whole KEY_BLOCKs, the batch over its
+            # widest row's: extra blocks are masked keys, which the kernel adds as exact zeros
+            num_keys, aligned = max(padded_keys(p + 1) for p in positions_l), False
+        elif self.batch_invariant:  # this machine's kernel is not invariant under padding
+            rows = tuple((s, p, 1) for s, p in zip(slot_list, positions_l, strict=True))
         mask = None
-        if not (aligned or self.batch_invariant):
+        if not aligned and rows is None:
             mask = (torch.arange(num_keys)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
         slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
         layout = AttentionLayout(
@@ -183,9 +194,7 @@ class ModelRunner:
             num_keys=num_keys,
             mask=None if mask is None else mask.to(self.device),
             write_span=(num_keys - 1, num_keys) if aligned else None,
-            rows=tuple((s, p, 1) for s, p in zip(slot_list, positions_l, strict=True))
-            if self.batch_invariant
-            else None,
+            rows=rows,
         )
         hidden: Tensor = self.model(
             ids.to(self.device), positions[:, None].to(self.device), layout, self.cache, timer=timer
