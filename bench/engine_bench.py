@@ -427,12 +427,13 @@ def write_plot(
     plt.close(fig)
 
 
-def update_readme(report: str) -> None:
-    block = f"{README_START}\n{report}\n{README_END}"
+def update_readme(report: str, start: str = README_START, end: str = README_END) -> None:
+    """Put ``report`` between the markers ``start`` and ``end`` of bench/README.md (appended if absent)."""
+    block = f"{start}\n{report}\n{end}"
     text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        text = head + block + rest.split(README_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     README.write_text(text)
