@@ -301,8 +301,9 @@ def _stream_requests() -> list[gen_pb.GenerateRequest]:
     return requests
 
 
-async def _generate_all(served: Served, introspect: bool) -> tuple[list[list[int]], int]:
-    """Token ids of the eight streams, and how many introspection calls finished while they ran.
+async def _generate_all(served: Served, introspect: bool) -> tuple[list[list[tuple[int, float]]], int]:
+    """(token id, log-probability) of the eight streams' tokens, and how many introspection calls
+    finished while they ran.
     Every stream is decoding (first message read) before introspection starts, so both runs
     batch the same sequences at every step."""
     async with served.channel() as channel:
@@ -328,11 +329,11 @@ async def _generate_all(served: Served, introspect: bool) -> tuple[list[list[int
                 await asyncio.gather(*(job() for job in jobs))  # several at once: they queue on the engine
                 num_calls += len(jobs)
 
-        async def rest(call: Any, first: Any) -> list[int]:
-            ids = [t.id for t in first.tokens]
+        async def rest(call: Any, first: Any) -> list[tuple[int, float]]:
+            tokens = [(t.id, t.logprob) for t in first.tokens]
             while (message := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]  # untyped in grpc-stubs
-                ids += [t.id for t in message.tokens]
-            return ids
+                tokens += [(t.id, t.logprob) for t in message.tokens]
+            return tokens
 
         prober = asyncio.create_task(introspection_loop()) if introspect else None
         outputs = await asyncio.gather(*(rest(c, f) for c, f in zip(calls, firsts, strict=True)))
@@ -347,6 +348,25 @@ async def test_streams_are_unchanged_by_concurrent_introspection(served: Served)
     beside, num_calls = await _generate_all(served, introspect=True)
     assert all(len(ids) == 24 for ids in alone)
     assert beside == alone
+    assert num_calls >= 5, f"only {num_calls} introspection calls overlapped the streams"
+
+
+async def test_seeded_streams_are_bitwise_the_same_alone_and_beside_streams_and_introspection(
+    served: Served,
+) -> None:
+    """Determinism by default: each stream run on its own, with nothing else on the server, gives
+    the tokens and log-probabilities it gives in a batch of eight while introspection runs."""
+    from gpt2_client.proto import generation_pb2_grpc
+
+    assert served.engine.batch_invariant
+    async with served.channel() as channel:
+        generation = generation_pb2_grpc.TextGenerationStub(channel)
+        alone = [
+            [(t.id, t.logprob) for m in [m async for m in generation.GenerateStream(r)] for t in m.tokens]
+            for r in _stream_requests()
+        ]
+    together, num_calls = await _generate_all(served, introspect=True)
+    assert together == alone
     assert num_calls >= 5, f"only {num_calls} introspection calls overlapped the streams"
 
 

@@ -22,6 +22,7 @@ from gpt2_service.model.kernels import (
     kernel_mode,
     linear,
     onednn_applies,
+    padded_keys,
 )
 from gpt2_service.model.weights import LoadedModel, load_model
 
@@ -133,6 +134,27 @@ async def test_a_request_gives_bitwise_the_same_result_alone_and_in_a_batch_of_e
     for i, ((a_out, a_fin), (t_out, t_fin)) in enumerate(zip(alone, together, strict=True)):
         assert t_fin.token_ids == a_fin.token_ids, f"request {i} ({params[i]})"
         assert [t for o in t_out for t in o.tokens] == [t for o in a_out for t in o.tokens], f"request {i}"
+
+
+async def test_decode_attends_row_by_row_where_padded_attention_is_not_invariant(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback for a machine whose attention kernel rounds differently under padding: the
+    runner attends row by row, and results stay bitwise the same alone and batched."""
+    import gpt2_service.engine.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "padded_decode_attention_is_invariant", lambda: False)
+    eng = Engine(tiny, EngineConfig(model="random:tiny", max_batch_size=8, max_prefill_tokens=64))
+    assert eng.runner.batch_invariant and not eng.runner.padded_decode
+    await eng.start()
+    try:
+        await test_a_request_gives_bitwise_the_same_result_alone_and_in_a_batch_of_eight(eng, 0)
+    finally:
+        await eng.shutdown()
+
+
+def test_decode_rows_attend_over_whole_key_blocks() -> None:
+    assert padded_keys(1) == padded_keys(64) == 64 and padded_keys(65) == 128 and padded_keys(1024) == 1024
 
 
 def test_batch_invariance_is_the_default_and_off_where_it_cannot_hold(
