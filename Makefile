@@ -36,8 +36,9 @@ fuzz: $(STAMP)  ## minutes of property-based fuzzing of every RPC, and the hosti
 proto: $(STAMP)  ## regenerate client/gpt2_client/proto/ from proto/gpt2/v1/*.proto (tests fail when it is stale)
 	$(PY) proto/generate_python.py
 
-bench: $(STAMP)  ## engine and serving benchmarks; JSON and a plot under bench/results/
-	$(PY) bench/engine_bench.py
+BENCH_ARGS ?=
+bench: $(STAMP)  ## every performance number in one run (bench/bench.py; BENCH_ARGS=--quick: < 5 minutes); JSON, plots, report
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,8 +13,10 @@ Measurements alternate between systems, after a warm-up. Ours and HF generate (t
 the median of a few repetitions, since the machine is noisy; the other columns run once each,
 which keeps the full run near 15 minutes. Prints a markdown table, writes
 ``bench/results/engine.json`` and ``engine.png``, and (full runs) the table in ``bench/README.md``.
+``make bench`` runs bench/bench.py, which measures these systems and more side by side; this
+script stays for HF continuous batching and the decode step vs context length.
 
-    make bench                                  # full run (~15 minutes on 2 CPU cores)
+    .venv/bin/python bench/engine_bench.py          # full run (~15 minutes on 2 CPU cores)
     .venv/bin/python bench/engine_bench.py --quick
 """
 
