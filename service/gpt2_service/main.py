@@ -24,6 +24,7 @@ from gpt2_service.api.logs import configure_logging, log_fields
 from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig, build_parser, config_from_args
 from gpt2_service.engine.frontend import Engine
+from gpt2_service.engine.threads import confine_torch_to_the_engine
 from gpt2_service.errors import ModelLoadError
 from gpt2_service.metrics import Metrics
 from gpt2_service.model.weights import load_model
@@ -34,6 +35,7 @@ log = logging.getLogger("gpt2_service.main")
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; the exit status (1 if the model cannot be loaded)."""
     loop = asyncio.get_running_loop()
+    confine_torch_to_the_engine(loop)  # before the model loads: see engine/threads.py
     stop, force = asyncio.Event(), asyncio.Event()
 
     def on_signal(signum: int) -> None:

@@ -74,7 +74,6 @@ class Engine:
                 parameter.dtype,
                 parameter.device,
             )
-        loaded.model.prepare_weights(config.weights)
         self.cache = KVCache(
             n_layer=model_config.n_layer,
             num_slots=num_slots,
@@ -250,7 +249,8 @@ class Engine:
         self._thread.post(Job(lambda: self.runner.run(fn), done))
         return await future
 
-    def _warm_up(self) -> None:  # on the engine thread
+    def _warm_up(self) -> None:  # on the engine thread, whose cores pack the weights faster
+        self.model.prepare_weights(self.config.weights)
         ids = torch.tensor([[self.tokenizer.eos_token_id]], device=self.runner.device)
         self.model.logits(self.model(ids, torch.zeros_like(ids)))
 

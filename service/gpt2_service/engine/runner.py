@@ -5,8 +5,9 @@
 ``SampledToken``s keyed by sequence id. It keeps one ``torch.Generator`` per sampled sequence.
 
 Threads: ``execute`` sets the calling (engine) thread's torch intra-op pool to ``num_threads``
-(default: torch's default, the cores). Fewer leaves the event loop a core of its own, which can
-help a server that streams to many clients from a small machine; see EngineConfig.num_threads.
+(default: torch's default, the cores; threads.py says why no other thread should have one).
+Fewer leaves the event loop a core of its own, which can help a server that streams to many
+clients from a small machine; see EngineConfig.num_threads.
 
 Kernel mode (``mode``, a ``kernels.KernelMode``): the weight format of the matrix products, and
 batch invariance, in which every row's numbers are bitwise independent of the rest of its batch:
@@ -31,6 +32,7 @@ from torch import Tensor
 from gpt2_service.core.scheduler import PrefillChunk, SampledToken, StepPlan
 from gpt2_service.core.sequence import Sequence
 from gpt2_service.engine.sampler import RowState, Sampler
+from gpt2_service.engine.threads import ENGINE_THREADS
 from gpt2_service.model.gpt2 import GPT2, StageTimer
 from gpt2_service.model.kernels import KernelMode, kernel_mode, padded_decode_attention_is_invariant, padded_keys
 from gpt2_service.model.kv_cache import AttentionLayout, KVCache
@@ -68,7 +70,7 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.device = next(model.parameters()).device
         self.stage_timing = stage_timing
-        self.num_threads = num_threads or torch.get_num_threads()
+        self.num_threads = num_threads or ENGINE_THREADS
         self.mode = mode or KernelMode()
         self.batch_invariant = self.mode.batch_invariant
         # batch-invariant decode over padded keys where this machine's attention kernel allows it
