@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -41,11 +42,12 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -63,6 +65,7 @@ from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig
 from gpt2_service.engine.events import StepEvent
 from gpt2_service.engine.frontend import Engine
+from gpt2_service.engine.threads import ENGINE_THREADS, confine_torch_to_the_engine
 from gpt2_service.model.kernels import WEIGHT_FORMATS
 from gpt2_service.model.weights import LoadedModel, load_model
 from hf_reference import hf_greedy, to_hf
@@ -74,6 +77,7 @@ OVERHEAD_BATCHES = (1, 32)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 log = logging.getLogger("bench")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,26 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 # -- the systems -----------------------------------------------------------------------------------
+
+
+async def in_fresh_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a new thread with the engine's thread count, which ends after: its OpenMP team
+    goes with it (see ``Bench.start``)."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def target() -> None:
+        torch.set_num_threads(ENGINE_THREADS)
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    thread = threading.Thread(target=target, name="bench-torch")
+    thread.start()
+    try:
+        return await asyncio.wrap_future(future)
+    finally:
+        thread.join()
 
 
 class StepRecorder:
@@ -164,36 +188,23 @@ class Bench:
         gen = torch.Generator().manual_seed(0)
         vocab = loaded.model.config.vocab_size
         self.prompts = torch.randint(0, vocab, (max(plan.concurrency), PROMPT_TOKENS), generator=gen).tolist()
-        self.engines: dict[str, Engine] = {}
-        self.servers: list[GenerationServer] = []
-        self.channels: list[grpc.aio.Channel] = []
         self.systems: list[System] = []
         self.hf: Any = None
         self._tokens: dict[tuple[str, int], list[list[int]]] = {}  # float32 ours and HF, to compare
         self.llama_args: dict[str, list[str]] = {}  # format -> extra llama-batched-bench arguments
 
     async def start(self, with_hf: bool) -> None:
-        top = max(self.plan.concurrency)
+        """The systems. Each run of ours (in-process or over gRPC) starts its own engine and stops
+        it after, so that its thread is the only one whose torch kernels run: a server's engine
+        thread is (gpt2_service/engine/threads.py), and an idle engine's OpenMP team would slow
+        the others down. HF runs on a fresh thread of its own for the same reason."""
         for weights in WEIGHT_FORMATS:
             for kind in ("ours", "fast"):
-                config = EngineConfig(
-                    model=MODEL,
-                    weights=weights,
-                    batch_invariant=kind == "ours",
-                    max_batch_size=top,
-                    kv_cache_slots=top,
-                    max_queue_size=max(256, 2 * top),
-                    context_window=PROMPT_TOKENS + self.plan.new_tokens,
-                )
-                engine = Engine(self.loaded, config)
-                await engine.start()
                 recorder = StepRecorder()
-                engine.add_step_observer(recorder)
-                self.engines[f"{kind}/{weights}"] = engine
                 mode = "deterministic" if kind == "ours" else "fast"
                 self.systems.append(
-                    System(f"{kind}/{weights}", kind, weights, f"ours {weights} ({mode})", self._ours(engine),
-                           self.plan.concurrency, recorder)
+                    System(f"{kind}/{weights}", kind, weights, f"ours {weights} ({mode})",
+                           self._ours(self._config(weights, kind == "ours"), recorder), self.plan.concurrency, recorder)
                 )  # fmt: skip
         if with_hf:
             self.hf = to_hf(self.loaded.model)
@@ -201,28 +212,37 @@ class Bench:
                 System("hf/float32", "hf", "float32", "HF generate float32", self._hf, self.plan.hf_concurrency)
             )
         for weights in WEIGHT_FORMATS:
-            server = GenerationServer(ServerConfig(host="127.0.0.1", port=0, reflection=False))
-            port = await server.start()
-            await server.attach(self.engines[f"ours/{weights}"])
-            self.servers.append(server)
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-            self.channels.append(channel)
-            stub = generation_pb2_grpc.TextGenerationStub(channel)
             self.systems.append(
-                System(f"grpc/{weights}", "grpc", weights, f"gRPC {weights}", self._grpc(stub), self.plan.concurrency)
-            )
+                System(f"grpc/{weights}", "grpc", weights, f"gRPC {weights}", self._grpc(self._config(weights, True)),
+                       self.plan.concurrency)
+            )  # fmt: skip
+
+    def _config(self, weights: str, batch_invariant: bool) -> EngineConfig:
+        top = max(self.plan.concurrency)
+        return EngineConfig(
+            model=MODEL,
+            weights=weights,
+            batch_invariant=batch_invariant,
+            max_batch_size=top,
+            kv_cache_slots=top,
+            max_queue_size=max(256, 2 * top),
+            context_window=PROMPT_TOKENS + self.plan.new_tokens,
+        )
 
     async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close(None)
-        for server in self.servers:
-            await server.stop()
-        for engine in self.engines.values():
-            await engine.shutdown()
+        pass
 
-    def _ours(self, engine: Engine) -> Callable[[list[list[int]], int], Awaitable[Sample]]:
+    def _ours(
+        self, config: EngineConfig, recorder: StepRecorder
+    ) -> Callable[[list[list[int]], int], Awaitable[Sample]]:
         async def run(prompts: list[list[int]], new_tokens: int) -> Sample:
-            batch = await run_batch(engine, prompts, new_tokens)
+            engine = Engine(self.loaded, config)
+            await engine.start()
+            engine.add_step_observer(recorder)
+            try:
+                batch = await run_batch(engine, prompts, new_tokens)
+            finally:
+                await engine.shutdown()
             assert batch.num_tokens == len(prompts) * new_tokens, batch.num_tokens
             return Sample(batch.num_tokens / batch.seconds, tokens=batch.token_ids)
 
@@ -230,14 +250,25 @@ class Bench:
 
     async def _hf(self, prompts: list[list[int]], new_tokens: int) -> Sample:
         start = time.perf_counter()
-        tokens = hf_greedy(self.hf, prompts, new_tokens)  # blocks the loop: nothing else runs now
+        tokens = await in_fresh_thread(lambda: hf_greedy(self.hf, prompts, new_tokens))
         return Sample(sum(map(len, tokens)) / (time.perf_counter() - start), tokens=tokens)
 
-    def _grpc(
-        self, stub: generation_pb2_grpc.TextGenerationAsyncStub
-    ) -> Callable[[list[list[int]], int], Awaitable[Sample]]:
+    def _grpc(self, config: EngineConfig) -> Callable[[list[list[int]], int], Awaitable[Sample]]:
         async def run(prompts: list[list[int]], new_tokens: int) -> Sample:
-            traces = await asyncio.gather(*(grpc_request(stub, p, new_tokens, i) for i, p in enumerate(prompts)))
+            engine = Engine(self.loaded, config)
+            await engine.start()
+            server = GenerationServer(ServerConfig(host="127.0.0.1", port=0, reflection=False))
+            try:
+                port = await server.start()
+                await server.attach(engine)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = generation_pb2_grpc.TextGenerationStub(channel)
+                    traces = await asyncio.gather(
+                        *(grpc_request(stub, p, new_tokens, i) for i, p in enumerate(prompts))
+                    )
+            finally:
+                await server.stop()
+                await engine.shutdown()
             level = summarise(list(traces))
             return Sample(level.tokens_per_s, level=level)
 
@@ -424,6 +455,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     build, where = (None, "skipped (--no-llama)") if args.no_llama else llama_cpp.find(args.llama_cpp_dir)
     llama_errors: list[str] = []
     log.info("llama.cpp: %s", where if build is None else f"{build.binary} ({where})")
+    confine_torch_to_the_engine(asyncio.get_running_loop())  # as gpt2-serve does
     loaded = load_model(MODEL)
     bench = Bench(plan, loaded)
     results = Results()
@@ -434,21 +466,20 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         if build is not None:
             bench.llama_args = llama_warm_up(build, plan.new_tokens, llama_errors)
         t = phase("start_and_warm_up", t)
-        ceilings = machine.ceilings(loaded.model, repeats=3 if plan.quick else 5)
+        ceilings = await in_fresh_thread(lambda: machine.ceilings(loaded.model, repeats=3 if plan.quick else 5))
         t = phase("ceilings", t)
         await bench.measure(results, build, llama_errors)
         t = phase("rounds", t)
         if not plan.quick:  # the machine's speed drifts: keep the better of two measurements
-            again = machine.ceilings(loaded.model, repeats=5)
+            again = await in_fresh_thread(lambda: machine.ceilings(loaded.model, repeats=5))
             ceilings = _best_ceilings(ceilings, again)
             t = phase("ceilings_again", t)
     finally:
         await bench.close()
-    loop = asyncio.get_running_loop()
-    dev: dict[str, Any] = {MODEL: await loop.run_in_executor(None, deviation.measure, loaded)}
+    dev: dict[str, Any] = {MODEL: await in_fresh_thread(lambda: deviation.measure(loaded))}
     if args.checkpoint:
         ckpt = load_model(str(args.checkpoint))
-        dev[str(args.checkpoint)] = await loop.run_in_executor(None, deviation.measure, ckpt)
+        dev[str(args.checkpoint)] = await in_fresh_thread(lambda: deviation.measure(ckpt))
     t = phase("deviation", t)
 
     summary = summarise_results(plan, results, loaded, ceilings)
@@ -465,7 +496,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             "rounds": {str(b): r for b, r in plan.rounds.items()},
             "hf_concurrency": plan.hf_concurrency,
             "quick": plan.quick,
-            "engine_threads": bench.engines["ours/float32"].runner.num_threads if bench.engines else None,
+            "engine_threads": ENGINE_THREADS,
         },
         "llama_cpp": {
             "found": build is not None,

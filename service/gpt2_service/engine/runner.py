@@ -174,17 +174,20 @@ class ModelRunner:
         positions_l = [s.num_computed for s in seqs]
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long)
         positions = torch.tensor(positions_l, dtype=torch.long)
-        num_keys = max(positions_l) + 1
-        aligned = min(positions_l) == num_keys - 1  # every row sees every key: no mask needed
+        position = max(positions_l)
+        aligned = min(positions_l) == position  # every row writes the same position: a slice copy
+        num_keys = position + 1
+        needs_mask = not aligned  # every row sees every key otherwise
         rows = None
         if self.batch_invariant and self.padded_decode:
             # every row attends over its keys padded to whole KEY_BLOCKs, the batch over its
             # widest row's: extra blocks are masked keys, which the kernel adds as exact zeros
-            num_keys, aligned = max(padded_keys(p + 1) for p in positions_l), False
+            num_keys, needs_mask = padded_keys(num_keys), True
         elif self.batch_invariant:  # this machine's kernel is not invariant under padding
             rows = tuple((s, p, 1) for s, p in zip(slot_list, positions_l, strict=True))
+            needs_mask = False
         mask = None
-        if not aligned and rows is None:
+        if needs_mask:
             mask = (torch.arange(num_keys)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
         slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
         layout = AttentionLayout(
@@ -195,7 +198,7 @@ class ModelRunner:
             write_positions=positions.to(self.device),
             num_keys=num_keys,
             mask=None if mask is None else mask.to(self.device),
-            write_span=(num_keys - 1, num_keys) if aligned else None,
+            write_span=(position, position + 1) if aligned else None,
             rows=rows,
         )
         hidden: Tensor = self.model(
