@@ -30,8 +30,9 @@ check: $(STAMP)  ## lint, format check, strict typing, import rules, and promtoo
 	$(PY) tools/check_metrics.py
 
 FUZZ_EXAMPLES ?= 3000
-fuzz: $(STAMP)  ## minutes of property-based fuzzing of every RPC, and the hostile-request suite (FUZZ_EXAMPLES per test)
-	GPT2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:cacheprovider tests/test_fuzz.py tests/test_adversarial.py $(PYTEST_ARGS)
+DETERMINISM_SCENARIOS ?= 200
+fuzz: $(STAMP)  ## minutes of property-based fuzzing of every RPC, the hostile-request suite (FUZZ_EXAMPLES per test), and the determinism property over DETERMINISM_SCENARIOS random scenarios per weight format
+	GPT2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GPT2_DETERMINISM_SCENARIOS=$(DETERMINISM_SCENARIOS) $(PY) -m pytest -p no:cacheprovider tests/test_fuzz.py tests/test_adversarial.py tests/test_determinism.py $(PYTEST_ARGS)
 
 proto: $(STAMP)  ## regenerate client/gpt2_client/proto/ from proto/gpt2/v1/*.proto (tests fail when it is stale)
 	$(PY) proto/generate_python.py

@@ -24,7 +24,7 @@ from gpt2_service.engine.frontend import Engine
 from gpt2_service.model.weights import LoadedModel, load_model
 
 # float32 over 50 scenarios, the reduced formats (same engine code, other kernels) over 25 each;
-# GPT2_DETERMINISM_SCENARIOS=N runs N of each (make fuzz runs 200)
+# GPT2_DETERMINISM_SCENARIOS=N runs N of each (make fuzz: 200)
 SCENARIOS = {"float32": 50, "float16": 25, "int8": 25}
 if "GPT2_DETERMINISM_SCENARIOS" in os.environ:
     SCENARIOS = dict.fromkeys(SCENARIOS, int(os.environ["GPT2_DETERMINISM_SCENARIOS"]))
