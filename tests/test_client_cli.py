@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 
 from gpt2_service.model.weights import LoadedModel
 
@@ -41,6 +42,7 @@ async def test_generate_json_and_stream_and_info(tiny: LoadedModel) -> None:
     assert streamed == result["text"] + "\n"  # the text, then a newline; the summary goes to stderr
     assert "[LENGTH: 6 tokens" in summary and "seed 9" in summary
     assert "random:tiny" in info and "RANDOM WEIGHTS" in info and "max_new_tokens_limit" in info
+    assert re.search(r"\nbatch-invariant +yes", info) and re.search(r"\nweights +float32\n", info)
     assert json.loads(health) == {"service": "", "status": "SERVING"}
 
 

@@ -100,6 +100,7 @@ async def test_health_and_model_info(tiny: LoadedModel) -> None:
             assert await asyncio.to_thread(client.health, "no.such.Service") is HealthStatus.SERVICE_UNKNOWN
             info = await asyncio.to_thread(client.model_info)
     assert info.name == "random:tiny" and info.random_weights
+    assert info.weights == "float32" and info.batch_invariant  # the defaults
     assert info.limits.max_new_tokens_limit == API_ENGINE_CONFIG.max_new_tokens_limit
 
 

@@ -111,6 +111,8 @@ def _describe(info: ModelInfo) -> str:
         ("vocabulary", f"{info.vocab_size} tokens (eos {info.eos_token_id})"),
         ("context window", f"{info.context_window} positions"),
         ("dtype / device", f"{info.dtype} on {info.device}"),
+        ("weights", info.weights),
+        ("batch-invariant", "yes: seeded results do not depend on the batch" if info.batch_invariant else "no"),
         ("parameters", f"{counts.total:,} total"),
     ]
     rows += [(f"  {f.name}", f"{getattr(counts, f.name):,}") for f in dataclasses.fields(counts) if f.name != "total"]

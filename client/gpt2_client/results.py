@@ -146,6 +146,8 @@ class ModelInfo:
     eos_token_id: int
     parameter_counts: ParameterCounts
     limits: EngineLimits
+    weights: str = "float32"  # storage of the matrix products' weights: float32, float16 or int8
+    batch_invariant: bool = False  # True: seeded results are bitwise independent of the batch
 
 
 # -- from protobuf -------------------------------------------------------------------------------
@@ -224,6 +226,8 @@ def model_info_from_proto(m: common_pb2.ModelInfo) -> ModelInfo:
             max_top_logprobs=lim.max_top_logprobs,
             max_batch_requests=lim.max_batch_requests,
         ),
+        weights=m.weights,
+        batch_invariant=m.batch_invariant,
     )
 
 
