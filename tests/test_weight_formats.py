@@ -4,14 +4,20 @@ format the device cannot run is refused at start-up."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
 
 import pytest
-from gpt2_client.proto import common_pb2, generation_pb2_grpc
+import torch
+from gpt2_client.proto import common_pb2, generation_pb2_grpc, introspection_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
+from gpt2_client.proto import introspection_pb2 as ipb
+from gpt2_service.model.weights import LoadedModel
 
+from tests.api_helpers import API_ENGINE_CONFIG, serve
 from tests.process_helpers import serve_process
 
 
@@ -53,3 +59,26 @@ def test_a_format_the_device_cannot_run_is_refused_at_start_up() -> None:
     assert done.returncode == 1
     assert "--weights int8 needs float32 arithmetic on the CPU" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_introspection_computes_with_the_served_weight_format(tiny: LoadedModel) -> None:
+    """Introspection shows the model the server runs: with int8 weights its LM head gives the
+    log-probability that generation reports for the same token, not float32's."""
+    config = dataclasses.replace(API_ENGINE_CONFIG, weights="int8")
+    async with serve(tiny, engine_config=config) as served, served.channel() as channel:
+        prompt = "The cat sat on the"
+        request = pb.GenerateRequest(prompt=prompt)
+        request.sampling.temperature = 0.0
+        request.stopping.max_new_tokens = 1
+        generated = await generation_pb2_grpc.TextGenerationStub(channel).Generate(request)
+        inspect = introspection_pb2_grpc.IntrospectionStub(channel)
+        predicted = await inspect.PredictNext(ipb.PredictNextRequest(text=prompt, num_candidates=1))
+        attention = await inspect.Attention(ipb.AttentionRequest(text=prompt, layers=[0]))
+    [token] = generated.tokens
+    [best] = predicted.candidates
+    assert best.id == token.id
+    assert math.log(best.probability) == pytest.approx(token.logprob, abs=1e-5)
+    ids = torch.tensor([tiny.tokenizer.encode(prompt)])
+    float32 = tiny.model.logits(tiny.model(ids, torch.arange(ids.shape[1])[None]))[0, -1].log_softmax(-1)
+    assert abs(float(float32[token.id]) - token.logprob) > 1e-4  # int8's numbers, not float32's
+    assert list(attention.weights.shape) == [1, 2, ids.shape[1], ids.shape[1]]  # capture runs on packed weights
