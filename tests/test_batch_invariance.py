@@ -17,7 +17,6 @@ from gpt2_service.engine.sampler import RowState, Sampler
 from gpt2_service.model.kernels import (
     KernelMode,
     PackedLinear,
-    batch_invariant_kernels,
     current_mode,
     kernel_mode,
     linear,
@@ -42,7 +41,7 @@ def test_linear_rows_are_bitwise_the_same_for_any_row_count(n_in: int, n_out: in
     x = torch.randn(2048, n_in, generator=gen)
     for threads in (1, torch.get_num_threads()):
         torch.set_num_threads(threads)
-        with batch_invariant_kernels():
+        with kernel_mode(KernelMode(batch_invariant=True)):
             full = linear(x, weight, bias)
             for rows in (1, 2, 3, 7, 64, 257, 2048):
                 assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), f"{rows} rows, {threads} threads"
@@ -175,6 +174,9 @@ def test_reduced_weight_formats_need_float32_on_the_cpu() -> None:
 
 
 def test_the_weight_format_is_the_threads_own() -> None:
-    with kernel_mode(KernelMode("int8")), batch_invariant_kernels():
+    with kernel_mode(KernelMode("int8", batch_invariant=True)):
         assert current_mode() == KernelMode("int8", batch_invariant=True)
+        with kernel_mode(KernelMode()):
+            assert current_mode() == KernelMode()
+        assert current_mode().weights == "int8"
     assert current_mode() == KernelMode()

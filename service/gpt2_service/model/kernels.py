@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -78,11 +78,6 @@ def kernel_mode(mode: KernelMode) -> Iterator[None]:
 def onednn_applies(x: Tensor) -> bool:
     """Whether ``linear`` sends x to oneDNN (CPU, float32, a torch built with oneDNN)."""
     return _ONEDNN_LINEAR and x.is_cpu and x.dtype is torch.float32
-
-
-def batch_invariant_kernels() -> AbstractContextManager[None]:
-    """``kernel_mode`` with this thread's weight format and batch invariance on."""
-    return kernel_mode(KernelMode(current_mode().weights, batch_invariant=True))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
