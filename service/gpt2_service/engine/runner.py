@@ -179,7 +179,7 @@ class ModelRunner:
         num_keys = position + 1
         needs_mask = not aligned  # every row sees every key otherwise
         rows = None
-        if self.batch_invariant and self.padded_decode:
+        if self.padded_decode:
             # every row attends over its keys padded to whole KEY_BLOCKs, the batch over its
             # widest row's: extra blocks are masked keys, which the kernel adds as exact zeros
             num_keys, needs_mask = padded_keys(num_keys), True
