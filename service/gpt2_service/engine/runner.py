@@ -34,7 +34,13 @@ from gpt2_service.core.sequence import Sequence
 from gpt2_service.engine.sampler import RowState, Sampler
 from gpt2_service.engine.threads import ENGINE_THREADS
 from gpt2_service.model.gpt2 import GPT2, StageTimer
-from gpt2_service.model.kernels import KernelMode, kernel_mode, padded_decode_attention_is_invariant, padded_keys
+from gpt2_service.model.kernels import (
+    KernelMode,
+    decode_mask,
+    kernel_mode,
+    padded_decode_attention_is_invariant,
+    padded_keys,
+)
 from gpt2_service.model.kv_cache import AttentionLayout, KVCache
 
 T = TypeVar("T")
@@ -72,12 +78,15 @@ class ModelRunner:
         self.stage_timing = stage_timing
         self.num_threads = num_threads or ENGINE_THREADS
         self.mode = mode or KernelMode()
-        self.batch_invariant = self.mode.batch_invariant
         # batch-invariant decode over padded keys where this machine's attention kernel allows it
         self.padded_decode = self.batch_invariant and padded_decode_attention_is_invariant()
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
         self.last_times = StepTimes()
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.mode.batch_invariant
 
     def release(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
@@ -188,7 +197,7 @@ class ModelRunner:
             needs_mask = False
         mask = None
         if needs_mask:
-            mask = (torch.arange(num_keys)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
+            mask = decode_mask(positions, num_keys)
         slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
         layout = AttentionLayout(
             slots=slot_tensor,

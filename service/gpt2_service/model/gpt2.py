@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2_service.model.kernels import WEIGHT_FORMATS, PackedLinear, attention, current_mode, linear
+from gpt2_service.model.kernels import WEIGHT_FORMATS, PackedLinear, attention, project
 from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
 from gpt2_service.model.kv_cache import KeyValues, KVCache
 
@@ -113,10 +113,7 @@ class Conv1D(nn.Module):
         self.packed: dict[str, PackedLinear] = {}  # weight format -> prepared copy (GPT2.prepare_weights)
 
     def forward(self, x: Tensor) -> Tensor:
-        weights = current_mode().weights
-        if weights == "float32":
-            return linear(x, self.weight.t(), self.bias)
-        return self.packed[weights](x)
+        return project(x, self.weight.t(), self.bias, self.packed)
 
 
 class CausalSelfAttention(nn.Module):
@@ -320,11 +317,7 @@ class GPT2(nn.Module):
         """The tied LM head: (..., d) -> (..., vocab_size), float32."""
         if timer is not None:
             timer.start("lm_head")
-        weights = current_mode().weights
-        if weights == "float32":
-            out = linear(hidden, self.transformer.wte.weight).float()
-        else:
-            out = self.lm_head_packed[weights](hidden)
+        out = project(hidden, self.transformer.wte.weight, None, self.lm_head_packed).float()
         if timer is not None:
             timer.stop()
         return out

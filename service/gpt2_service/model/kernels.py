@@ -100,6 +100,13 @@ def _onednn_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+def project(x: Tensor, weight: Tensor, bias: Tensor | None, packed: dict[str, PackedLinear]) -> Tensor:
+    """``x @ weight.T + bias`` in this thread's weight format: the float32 ``weight`` through
+    ``linear``, or its copy in ``packed`` (keyed by format, made by ``GPT2.prepare_weights``)."""
+    weights = _MODE.get().weights
+    return linear(x, weight, bias) if weights == "float32" else packed[weights](x)
+
+
 class PackedLinear:
     """``x @ weight.T + bias`` with the weight prepared once in a reduced format (float16 or
     int8, see the module docstring); the arithmetic and the result are float32."""
@@ -178,9 +185,15 @@ def padded_decode_attention_is_invariant(trials: int = 16) -> bool:
 
 
 def _padded_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-    width = max(padded_keys(int(n)) for n in lengths)
-    visible = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, width)
-    return attention(q, k[:, :, :width], v[:, :, :width], visible)
+    """What the runner computes for a decode batch whose rows have ``lengths`` keys."""
+    width = padded_keys(int(lengths.max()))
+    return attention(q, k[:, :, :width], v[:, :, :width], decode_mask(lengths - 1, width))
+
+
+def decode_mask(positions: Tensor, num_keys: int) -> Tensor:
+    """(B, 1, 1, num_keys) bool: the query of each decoding row, at ``positions`` (B,), sees the
+    keys at its position and before."""
+    return (torch.arange(num_keys, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
