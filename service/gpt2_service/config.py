@@ -51,6 +51,32 @@ class EngineConfig:
         "bitwise the same tokens and log-probabilities for a seeded request whatever shares its batch "
         "(CPU, --dtype float32, every --weights format); --no-batch-invariant trades that for a little speed",
     )
+    max_call_share: float = _opt(
+        0.5, "largest share of --max-batch-size that one call (a GenerateBatch's items) may hold while other "
+        "requests wait; 1 = no limit"
+    )  # fmt: skip
+    max_queued_per_tenant: int = _opt(
+        64, "most requests one tenant may have waiting; beyond it that tenant's requests get RESOURCE_EXHAUSTED"
+    )
+    preemption: bool = _opt(
+        True, "a waiting request of a higher priority, or of a tenant below its fair share of the batch, preempts "
+        "the newest running sequence of the lowest priority (its keys and values are recomputed when it resumes)"
+    )  # fmt: skip
+    deadline_admission: bool = _opt(
+        True, "refuse at once (RESOURCE_EXHAUSTED with RetryInfo) a request whose deadline the engine estimates "
+        "it cannot meet with its first token, instead of queueing it to die"
+    )  # fmt: skip
+    stream_buffer_tokens: int = _opt(
+        64, "tokens a stream may hold generated but unread; beyond it its sequence is paused (out of the batch) "
+        "until the reader catches up"
+    )  # fmt: skip
+    stream_idle_timeout: float = _opt(
+        60.0, "seconds a paused stream may go unread before it is cancelled with RESOURCE_EXHAUSTED; 0 = never"
+    )
+    introspection_share: float = _opt(
+        0.25, "largest share of the engine thread's time that Introspection forward passes take while "
+        "generation has work"
+    )  # fmt: skip
     stage_timing: bool = _opt(True, "time embedding/attention/mlp/lm_head/sampling per step (CPU only)")
     seed: int = _opt(0, "seed of the random weights of random:<size> models")
 
@@ -72,6 +98,10 @@ class ServerConfig:
         "largest Introspection response, in bytes; bigger requests get INVALID_ARGUMENT naming what to narrow "
         "(capped at --max-message-bytes less 64 KiB of framing)",
     )
+    max_model_rpcs: int = _opt(
+        2, "most Introspection model RPCs (Embed, Attention, HiddenStates, PredictNext, Trace) in flight; "
+        "beyond it they get RESOURCE_EXHAUSTED"
+    )  # fmt: skip
     reflection: bool = _opt(True, "serve gRPC server reflection (for grpcurl and other generic clients)")
     max_connection_age: float = _opt(
         0.0, "seconds after which a client connection is closed with a GOAWAY (gRPC adds +-10 percent jitter), "
