@@ -99,9 +99,17 @@ class InvalidRequestError(EngineError):
 
 
 class EngineOverloadedError(EngineError):
-    """The waiting queue is full. Raised before any tokenization or model work."""
+    """The engine cannot take the request now (a queue bound, or a deadline it cannot meet).
+    Raised before any tokenization or model work. ``retry_after``: seconds after which a retry
+    may succeed, sent as google.rpc.RetryInfo; None = no suggestion."""
 
     reason = "QUEUE_FULL"
+
+    def __init__(self, message: str, reason: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        self.retry_after = retry_after
 
 
 class EngineUnavailableError(EngineError):

@@ -61,19 +61,27 @@ def status_code_for(error: EngineError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _pack(
+    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
 
 
 def rich_status(
-    code: grpc.StatusCode, message: str, reason: str, request_id: str, invalid: InvalidRequestError | None = None
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    request_id: str,
+    invalid: InvalidRequestError | None = None,
+    retry_after: float | None = None,
 ) -> grpc.Status:
-    """A grpc.Status whose trailer carries google.rpc.Status with ErrorInfo, and a BadRequest for
-    ``invalid``'s violations (already bounded: at most ``MAX_REPORTED_VIOLATIONS``, each clipped),
-    closed by an entry with field ``OMITTED_FIELD`` that counts the others. With the message
-    clipped, the trailers fit gRPC's default 8 KiB metadata budget."""
+    """A grpc.Status whose trailer carries google.rpc.Status with ErrorInfo, a RetryInfo when
+    ``retry_after`` (seconds) is set, and a BadRequest for ``invalid``'s violations (already
+    bounded: at most ``MAX_REPORTED_VIOLATIONS``, each clipped), closed by an entry with field
+    ``OMITTED_FIELD`` that counts the others. With the message clipped, the trailers fit gRPC's
+    default 8 KiB metadata budget."""
     metadata = {"request_id": clip(request_id, MAX_FIELD_CHARS)}
     details = []
     if invalid is not None and invalid.violations:
@@ -89,6 +97,10 @@ def rich_status(
             )
         metadata["num_violations"] = str(len(invalid.violations) + invalid.num_omitted)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=entries)))
+    if retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(int(retry_after * 1e9), 0))
+        details.append(_pack(retry))
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     details.insert(0, _pack(info))
     status = status_pb2.Status(code=code.value[0], message=clip(message, MAX_MESSAGE_CHARS), details=details)
@@ -102,7 +114,8 @@ def status_for_error(error: EngineError, request_id: str) -> grpc.Status:
     if code is grpc.StatusCode.INTERNAL:
         return internal_status(request_id)
     invalid = error if isinstance(error, InvalidRequestError) else None
-    return rich_status(code, str(error), error.reason, request_id, invalid)
+    retry_after = error.retry_after if isinstance(error, EngineOverloadedError) else None
+    return rich_status(code, str(error), error.reason, request_id, invalid, retry_after)
 
 
 def internal_status(request_id: str) -> grpc.Status:
