@@ -17,7 +17,7 @@ from tests.engine_helpers import WAIT_S, request, run
 
 
 async def test_100_requests_with_random_cancels_leave_every_slot_free(tiny: LoadedModel) -> None:
-    engine = Engine(tiny, EngineConfig(max_batch_size=8, max_queue_size=100))
+    engine = Engine(tiny, EngineConfig(max_batch_size=8, max_queue_size=100, max_queued_per_tenant=100))
     await engine.start()
     try:
         await _submit_100_and_cancel_30(engine)

@@ -112,6 +112,16 @@ class EngineOverloadedError(EngineError):
         self.retry_after = retry_after
 
 
+class StreamStalledError(EngineOverloadedError):
+    """A stream's reader stayed idle past ``--stream-idle-timeout`` while its buffer was full;
+    the request was aborted and its buffered tokens dropped."""
+
+    reason = "STREAM_STALLED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
 class EngineUnavailableError(EngineError):
     """The engine is not started yet, or is draining and takes no new requests."""
 
@@ -132,3 +142,10 @@ class EngineDeadError(EngineError):
 
 class ModelLoadError(Exception):
     """A model spec that cannot be loaded. The message says what to do about it."""
+
+
+class TooManyModelRpcsError(EngineOverloadedError):
+    """More Introspection model RPCs in flight than the server allows (``--max-model-rpcs``).
+    Raised before any work; RESOURCE_EXHAUSTED, like a full queue."""
+
+    reason = "TOO_MANY_MODEL_RPCS"

@@ -23,6 +23,7 @@ from gpt2_service.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
+    StreamStalledError,
     clip,
 )
 
@@ -34,6 +35,7 @@ OMITTED_FIELD = "..."  # the BadRequest entry that counts the violations not lis
 STATUS_CODE_BY_ERROR: Mapping[type[EngineError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     EngineOverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StreamStalledError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineUnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     EngineDeadError: grpc.StatusCode.INTERNAL,

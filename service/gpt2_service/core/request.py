@@ -39,6 +39,15 @@ class Overflow(enum.Enum):
     STOP = "stop"  # finish with FinishReason.CONTEXT_WINDOW
 
 
+class Priority(enum.IntEnum):
+    """A request's class: a waiting request of a higher class is admitted first and may preempt
+    running ones of a lower class. Lower value = higher class."""
+
+    INTERACTIVE = 0
+    DEFAULT = 1
+    BATCH = 2
+
+
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     EOS = "eos"  # the model produced <|endoftext|>
@@ -98,6 +107,9 @@ class GenerationRequest:
     # Prompt ids that came before ``prompt_token_ids`` and were already cut off (TRUNCATE_LEFT) by
     # the API layer, which never converts more ids than the window holds; counted as truncated.
     num_dropped_prompt_ids: int = 0
+    priority: Priority = Priority.DEFAULT
+    tenant: str = ""  # who is served: the authenticated identity, else the peer; "" = anonymous
+    call_id: str = ""  # the call it came with (a GenerateBatch's items share one); "" = its own
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,16 @@ The scheduler reasons in ids and counts and never touches tensors (it imports ne
 protobuf), so its tests fake the runner's output and need no model.
 
 Policy, each in a small helper below:
-- admission: waiting requests join the running batch, first come first served, while there is
-  a batch place and a KV-cache slot; expired deadlines are never admitted;
+- admission: waiting requests join the running batch while there is a batch place and a
+  KV-cache slot, in the order core/fairness.py sets (priority classes, then tenants max-min
+  fairly, one call at most ``call_cap`` places while others wait); when the batch is full, a
+  waiting request may preempt a running one (fairness.choose_victim): the victim's slot is
+  freed and it waits again, to be recomputed (its tokens so far are its new prompt, its
+  generator stays). Expired deadlines are never admitted;
+- a paused sequence (its reader lags: ``pause``) is not scheduled until ``resume``;
 - prefill is chunked: at most ``max_prefill_tokens`` prompt tokens per step across newcomers,
-  so a long prompt delays running streams by at most one chunk per step (with
+  higher classes first and tenants taking turns, so a long prompt delays running streams by at
+  most one chunk per step (with
   ``fixed_prefill_chunks``, chunks end at multiples of it, whatever the batch);
 - every running sequence with exactly one uncomputed token decodes in the same step;
 - a finished, aborted or expired sequence frees its slot in the step it is seen.
@@ -16,11 +22,12 @@ Policy, each in a small helper below:
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gpt2_service.core.fairness import Waiting, choose_victim
 from gpt2_service.core.request import FinishReason, Overflow
 from gpt2_service.core.sequence import (
     Finished,
@@ -46,6 +53,8 @@ class SchedulerConfig:
     # batch-invariant mode: prompts are cut at multiples of max_prefill_tokens and a chunk that does
     # not fit this step's budget waits whole, so chunk boundaries never depend on the batch
     fixed_prefill_chunks: bool = False
+    call_cap: int = 1 << 30  # most running sequences of one call while requests of other calls wait
+    preemption: bool = True  # may a waiting request take a running one's place (see fairness.py)
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,8 @@ class StepResult:
     outputs: list[tuple[Sequence, GenerationOutput]] = field(default_factory=list)
     failed: list[tuple[Sequence, EngineError]] = field(default_factory=list)
     released: list[Sequence] = field(default_factory=list)  # their slots are free again
+    preempted: list[tuple[Sequence, str]] = field(default_factory=list)  # back to waiting, and why
+    left_queue: list[Sequence] = field(default_factory=list)  # left the waiting queue for the first time
     shifted: set[int] = field(default_factory=set)  # seq ids whose token this step shifted their window
 
 
@@ -99,7 +110,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.slots = SlotAllocator(config.num_slots)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = Waiting()
         self.running: list[Sequence] = []
         self._token_text = token_text
         self._clock = clock
@@ -114,9 +125,30 @@ class Scheduler:
         """Drop the sequence at the next schedule(); unknown or finished ids are ignored."""
         self._aborted.add(seq_id)
 
+    def pause(self, seq_id: int) -> None:
+        """Stop scheduling the sequence (its reader lags) until ``resume``; it keeps its slot
+        unless a waiting request needs the place. Unknown ids are ignored."""
+        self._set_paused(seq_id, True)
+
+    def resume(self, seq_id: int) -> None:
+        self._set_paused(seq_id, False)
+
+    def _set_paused(self, seq_id: int, paused: bool) -> None:
+        for seq in itertools.chain(self.running, self.waiting):
+            if seq.seq_id == seq_id:
+                seq.paused = paused
+                return
+
+    @property
+    def num_paused(self) -> int:
+        return sum(s.paused for s in itertools.chain(self.running, self.waiting))
+
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._aborted)
+        """Something to do at the next step (paused sequences alone are not)."""
+        if self._aborted:
+            return True
+        return any(not s.paused for s in itertools.chain(self.running, self.waiting))
 
     # -- step ----------------------------------------------------------------------------------
 
@@ -125,7 +157,7 @@ class Scheduler:
         result = StepResult()
         self._drop_aborted(result)
         self._expire_deadlines(result)
-        self._admit()
+        self._admit(result)
         return StepPlan(prefill=self._plan_prefill(), decode=self._plan_decode()), result
 
     def update_from_output(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> StepResult:
@@ -154,7 +186,8 @@ class Scheduler:
         if not self._aborted:
             return
         aborted, self._aborted = self._aborted, set()
-        self.waiting = deque(s for s in self.waiting if s.seq_id not in aborted)
+        for seq in self.waiting.remove_where(lambda s: s.seq_id in aborted):
+            self._leave_queue(seq, result)
         for seq in [s for s in self.running if s.seq_id in aborted]:
             self._release(seq, result)
 
@@ -165,31 +198,72 @@ class Scheduler:
             deadline = seq.request.deadline
             return deadline is not None and now >= deadline
 
-        for seq in [s for s in self.waiting if expired(s)]:
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.FINISHED
+        for seq in self.waiting.remove_where(expired):
+            self._leave_queue(seq, result)
             result.failed.append((seq, DeadlineExceededError("deadline passed while waiting")))
         for seq in [s for s in self.running if expired(s)]:
             self._release(seq, result)
             result.failed.append((seq, DeadlineExceededError("deadline passed while generating")))
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_batch_size and self.slots.num_free:
-            seq = self.waiting.popleft()
+    def _admit(self, result: StepResult) -> None:
+        cap = self.config.call_cap
+        preemptions_left = self.config.max_batch_size  # each preemption is fairer; a bound all the same
+        while self.waiting:
+            seq = self.waiting.next_candidate(self.running, cap)
+            if seq is None:
+                return
+            if len(self.running) >= self.config.max_batch_size or not self.slots.num_free:
+                victim = choose_victim(seq, self.running, cap, self.config.preemption)
+                if victim is None or not preemptions_left:
+                    return
+                preemptions_left -= 1
+                self._preempt(*victim, result)
+            self.waiting.take(seq)
+            if seq.admitted_time is None:
+                result.left_queue.append(seq)
             seq.slot = self.slots.allocate()
             seq.status = SequenceStatus.RUNNING
             seq.admitted_time = self._clock()
             self.running.append(seq)
 
+    def _preempt(self, seq: Sequence, reason: str, result: StepResult) -> None:
+        """Free the sequence's slot and put it back at the head of its queue: readmitted, it
+        prefills its whole window again and samples its next token from the last position."""
+        assert seq.slot is not None
+        self.slots.free(seq.slot)
+        self.running.remove(seq)
+        seq.slot = None
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        result.preempted.append((seq, reason))
+
+    def _leave_queue(self, seq: Sequence, result: StepResult) -> None:
+        """An aborted or expired waiting sequence; counted as leaving the queue if it never ran."""
+        if seq.admitted_time is None:
+            result.left_queue.append(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _prefill_order(self) -> list[Sequence]:
+        """Running sequences with prompt to prefill: higher classes first, tenants taking turns
+        (each tenant's first, then each one's second, ...), in admission order within a tenant."""
+        turns: dict[str, int] = {}
+        keyed: list[tuple[int, int, int, Sequence]] = []
+        for seq in self.running:
+            if seq.paused or (seq.num_uncomputed <= 1 and seq.num_computed > 0):
+                continue  # paused, or a decode
+            turn = turns[seq.tenant] = turns.get(seq.tenant, -1) + 1
+            keyed.append((seq.request.priority, turn, len(keyed), seq))
+        return [seq for *_, seq in sorted(keyed, key=lambda k: k[:3])]
+
     def _plan_prefill(self) -> list[PrefillChunk]:
         budget = self.config.max_prefill_tokens
         chunks: list[PrefillChunk] = []
-        for seq in self.running:
+        for seq in self._prefill_order():
             if budget <= 0:
                 break
             remaining = seq.num_uncomputed
-            if remaining <= 1 and seq.num_computed > 0:
-                continue  # a decode
             if self.config.fixed_prefill_chunks:
                 size = self.config.max_prefill_tokens
                 n = min(remaining, size - seq.num_computed % size)
@@ -202,7 +276,7 @@ class Scheduler:
         return chunks
 
     def _plan_decode(self) -> list[Sequence]:
-        ready = [s for s in self.running if s.num_uncomputed == 1 and s.num_computed > 0]
+        ready = [s for s in self.running if s.num_uncomputed == 1 and s.num_computed > 0 and not s.paused]
         return sorted(ready, key=lambda s: s.slot if s.slot is not None else -1)
 
     def _append_token(self, seq: Sequence, sampled: SampledToken, now: float, result: StepResult) -> None:

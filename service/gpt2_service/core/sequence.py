@@ -92,6 +92,8 @@ class Sequence:
     admitted_time: float | None = None
     first_token_time: float | None = None
     token_infos: list[TokenInfo] = field(default_factory=list)
+    paused: bool = False  # its reader lags: it is not scheduled until resumed
+    num_preemptions: int = 0  # times it lost its slot and was recomputed
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -100,6 +102,14 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def call_id(self) -> str:
+        return self.request.call_id or f"seq-{self.seq_id}"
 
     @property
     def num_output(self) -> int:

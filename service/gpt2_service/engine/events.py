@@ -9,7 +9,7 @@ Observers run on the engine thread; each one must be quick and must not block.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpt2_service.core.sequence import Finished, GenerationOutput
 
@@ -79,6 +79,9 @@ class EngineStats:
     kv_cache_slots_used: int = 0
     kv_cache_bytes: int = 0
     kv_cache_bytes_per_slot: int = 0
+    num_paused: int = 0  # sequences whose stream's reader lags
+    num_preempted: dict[str, int] = field(default_factory=dict)  # by fairness.PREEMPTION_REASONS
+    num_stalled: int = 0  # streams cancelled because their reader stayed idle past the limit
 
     @property
     def kv_cache_slots_free(self) -> int:

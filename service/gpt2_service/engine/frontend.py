@@ -19,21 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
 
 from gpt2_service.config import EngineConfig
+from gpt2_service.core.estimate import FirstTokenEstimator, shortfall
 from gpt2_service.core.request import GenerationRequest, RequestLimits, validate
 from gpt2_service.core.scheduler import Scheduler, SchedulerConfig
-from gpt2_service.core.sequence import GenerationOutput
+from gpt2_service.core.sequence import GenerationOutput, Sequence
 from gpt2_service.engine.events import EngineStats, FinishObserver, StepObserver
 from gpt2_service.engine.intake import QueueBound, SequenceFactory
-from gpt2_service.engine.loop import Abort, Add, EngineLoop, Job, Stop
+from gpt2_service.engine.loop import Abort, Add, EngineLoop, Job, Pause, Resume, Stop
 from gpt2_service.engine.runner import ModelRunner
-from gpt2_service.engine.stream import GenerationStream, StreamRouter
-from gpt2_service.errors import EngineDeadError, EngineError, EngineUnavailableError
+from gpt2_service.engine.stream import FlowControl, GenerationStream, StreamRouter
+from gpt2_service.errors import EngineDeadError, EngineError, EngineOverloadedError, EngineUnavailableError
 from gpt2_service.model.kernels import KernelMode, onednn_applies, padded_keys
 from gpt2_service.model.kv_cache import KVCache
 from gpt2_service.model.weights import LoadedModel
@@ -93,6 +95,8 @@ class Engine:
                 context_shift_keep=min(shift_keep, self.context_window),
                 eos_token_id=self.tokenizer.eos_token_id,
                 fixed_prefill_chunks=self.batch_invariant,
+                call_cap=max(1, int(config.max_call_share * config.max_batch_size)),
+                preemption=config.preemption,
             ),
             token_text=self.tokenizer.id_to_text,
         )
@@ -114,10 +118,30 @@ class Engine:
             kv_cache_bytes=self.cache.nbytes,
             kv_cache_bytes_per_slot=self.cache.bytes_per_slot,
         )
-        self._queue = QueueBound(config.max_queue_size)
+        self._queue = QueueBound(config.max_queue_size, config.max_queued_per_tenant)
+        self.estimator = (
+            FirstTokenEstimator(config.max_batch_size, config.max_prefill_tokens, config.preemption)
+            if config.deadline_admission
+            else None
+        )
         self._sequences = SequenceFactory(self.tokenizer, self.context_window, config.default_max_new_tokens)
         self._streams = StreamRouter()
-        self._thread = EngineLoop(self.scheduler, self.runner, self.stats, self._streams, self._queue.release)
+        self._flow = FlowControl(
+            max_unread=config.stream_buffer_tokens,
+            idle_timeout=config.stream_idle_timeout,
+            pause=lambda seq_id: self._thread.post(Pause(seq_id)),
+            resume=lambda seq_id: self._thread.post(Resume(seq_id)),
+            stalled=self._count_stalled,
+        )
+        self._thread = EngineLoop(
+            self.scheduler,
+            self.runner,
+            self.stats,
+            self._streams,
+            lambda seqs: self._queue.release(s.tenant for s in seqs),
+            config.introspection_share,
+            self.estimator,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
 
@@ -191,22 +215,31 @@ class Engine:
         if self._queue.full:
             raise self._queue.overloaded()
 
-    async def submit(self, request: GenerationRequest, *, validated: bool = False) -> GenerationStream:
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Requests waiting (or being prepared) per tenant with any."""
+        return self._queue.queued_by_tenant()
+
+    async def submit(
+        self, request: GenerationRequest, *, validated: bool = False, backpressure: bool = False
+    ) -> GenerationStream:
         """Enqueue ``request``. ``validated``: the caller has run ``request.validate`` on it with
-        ``self.limits`` (the API layer does, to name proto fields), so it is not checked twice."""
+        ``self.limits`` (the API layer does, to name proto fields), so it is not checked twice.
+        ``backpressure``: the stream pauses its sequence when its reader lags (stream.py); for a
+        caller that reads as a client does, not one that reads several streams in turn."""
         self.check_admission()
         if not validated:
             validate(request, self.limits)
-        self._queue.reserve()
+        self._queue.reserve(request.tenant)
         try:
             if len(request.prompt or request.prompt_token_ids or ()) > LONG_PROMPT:
                 seq = await asyncio.to_thread(self._sequences.make, request)
             else:
                 seq = self._sequences.make(request)
+            self._check_deadline(seq)
         except BaseException:
-            self._queue.release()
+            self._queue.release([request.tenant])
             raise
-        stream = GenerationStream(seq, self.abort)
+        stream = GenerationStream(seq, self.abort, self._flow if backpressure else None)
         self._streams.add(stream)
         self._thread.post(Add(seq))
         return stream
@@ -219,6 +252,19 @@ class Engine:
                 yield out
         finally:
             stream.close()
+
+    def _check_deadline(self, seq: Sequence) -> None:
+        """Refuse a request whose deadline the engine estimates it cannot meet (core/estimate.py)."""
+        deadline = seq.request.deadline
+        if self.estimator is None or deadline is None:
+            return
+        missed_by = shortfall(self.estimator, seq.request.priority, len(seq.prompt_ids), deadline - time.monotonic())
+        if missed_by is not None:
+            raise EngineOverloadedError(
+                f"the deadline cannot be met: the first token is estimated {missed_by:.3f} s after it; retry later",
+                reason="DEADLINE_UNMEETABLE",
+                retry_after=missed_by,
+            )
 
     def abort(self, seq_id: int) -> None:
         """Abort a request (called on the event loop); its slot is freed at the next step."""
@@ -248,6 +294,9 @@ class Engine:
 
         self._thread.post(Job(lambda: self.runner.run(fn), done))
         return await future
+
+    def _count_stalled(self) -> None:
+        self.stats.num_stalled += 1
 
     def _warm_up(self) -> None:  # on the engine thread, whose cores pack the weights faster
         self.model.prepare_weights(self.config.weights)

@@ -7,6 +7,7 @@ import itertools
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 
 from gpt2_service.core.detokenizer import IncrementalDetokenizer
 from gpt2_service.core.request import GenerationRequest, Truncation
@@ -16,13 +17,16 @@ from gpt2_service.model.tokenizer import GPT2Tokenizer
 
 
 class QueueBound:
-    """Requests reserved (being prepared) or waiting, not yet admitted, against ``max_size``.
-    Taken on the event loop, given back by the engine thread as sequences leave the queue."""
+    """Requests reserved (being prepared) or waiting, not yet admitted: at most ``max_size`` in
+    all and ``max_per_tenant`` of one tenant. Taken on the event loop, given back by the engine
+    thread as sequences leave the queue for good (a preempted sequence waits again uncounted)."""
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, max_per_tenant: int | None = None) -> None:
         self.max_size = max_size
+        self.max_per_tenant = max_per_tenant if max_per_tenant is not None else max_size
         self._lock = threading.Lock()
         self._num_queued = 0
+        self._by_tenant: dict[str, int] = {}
 
     @property
     def full(self) -> bool:
@@ -31,16 +35,35 @@ class QueueBound:
     def overloaded(self) -> EngineOverloadedError:
         return EngineOverloadedError(f"the waiting queue is full ({self.max_size} requests); retry later")
 
-    def reserve(self) -> None:
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Waiting requests per tenant with any (a copy)."""
+        with self._lock:
+            return dict(self._by_tenant)
+
+    def reserve(self, tenant: str = "") -> None:
         """Take a place, or raise ``EngineOverloadedError``."""
         with self._lock:
             if self._num_queued >= self.max_size:
                 raise self.overloaded()
+            if self._by_tenant.get(tenant, 0) >= self.max_per_tenant:
+                raise EngineOverloadedError(
+                    f"this tenant already has {self.max_per_tenant} requests waiting "
+                    "(--max-queued-per-tenant); retry later",
+                    reason="TENANT_QUEUE_FULL",
+                )
             self._num_queued += 1
+            self._by_tenant[tenant] = self._by_tenant.get(tenant, 0) + 1
 
-    def release(self, count: int = 1) -> None:
+    def release(self, tenants: Iterable[str]) -> None:
+        """Give back one place per entry of ``tenants``."""
         with self._lock:
-            self._num_queued -= count
+            for tenant in tenants:
+                self._num_queued -= 1
+                left = self._by_tenant[tenant] - 1
+                if left:
+                    self._by_tenant[tenant] = left
+                else:
+                    del self._by_tenant[tenant]  # no entry per tenant ever seen: the map stays small
 
 
 class SequenceFactory:

@@ -1,10 +1,16 @@
 """The engine thread: the one thread that owns the scheduler and the model runner.
 
 It loops ``schedule -> execute -> update_from_output``, and between two steps applies the messages
-of its inbox: ``Add`` a sequence, ``Abort`` one, run a ``Job`` (introspection, warm-up), ``Stop``.
+of its inbox: ``Add`` a sequence, ``Abort`` one, queue a ``Job`` (introspection, warm-up), ``Stop``.
 After each step it records the step's statistics, tells the observers (``StepEvent``, then a
 ``FinishEvent`` per request that ended) and hands the step's outputs to ``Outbox.deliver``, once
 per step, even when there are none, so that whoever waits on the engine's state re-checks it.
+
+Jobs share the thread with generation by time: they run in arrival order, one between two steps,
+and while the scheduler has work, a job that took ``t`` seconds is followed by at least
+``t * (1 - job_share) / job_share`` seconds of steps before the next one, so jobs take at most
+``job_share`` of the thread's busy time and running streams keep their pace. With no generation
+work, jobs run back to back (warm-up is never delayed); every job runs eventually.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gpt2_service.core.estimate import FirstTokenEstimator, load_of
 from gpt2_service.core.scheduler import Scheduler, StepPlan, StepResult
 from gpt2_service.core.sequence import Finished, Sequence
 from gpt2_service.engine.events import (
@@ -52,6 +61,18 @@ class Abort:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """Stop scheduling a sequence until ``Resume`` (its stream's reader lags)."""
+
+    seq_id: int
+
+
+@dataclass(frozen=True)
+class Resume:
+    seq_id: int
+
+
+@dataclass(frozen=True)
 class Job:
     """Run ``fn`` between two steps and pass its result, or what it raised, to ``done``."""
 
@@ -64,7 +85,7 @@ class Stop:
     """Leave the loop; whatever is still in the scheduler stays there."""
 
 
-Message = Add | Abort | Job | Stop
+Message = Add | Abort | Pause | Resume | Job | Stop
 
 
 class Outbox(Protocol):
@@ -87,15 +108,25 @@ class EngineLoop:
         runner: ModelRunner,
         stats: EngineStats,
         outbox: Outbox,
-        on_left_queue: Callable[[int], None],
+        on_left_queue: Callable[[list[Sequence]], None],
+        job_share: float = 1.0,
+        estimator: FirstTokenEstimator | None = None,
     ) -> None:
+        """``job_share``: the largest share, in (0, 1], of the thread's busy time that jobs take
+        while the scheduler has work (1: one job between every two steps)."""
+        if not 0.0 < job_share <= 1.0:
+            raise ValueError(f"the jobs' share of the engine thread must be in (0, 1], not {job_share}")
         self.scheduler = scheduler
         self.runner = runner
         self.stats = stats
         self.dead: BaseException | None = None  # what killed the thread
         self._outbox = outbox
-        self._on_left_queue = on_left_queue  # how many sequences left the waiting queue in a step
+        self._on_left_queue = on_left_queue  # the sequences that left the waiting queue in a step, for good
+        self._estimator = estimator  # fed each step's time and load, for deadline-aware admission
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._jobs: deque[Job] = deque()  # FIFO, taken off the inbox, waiting for their turn
+        self._steps_per_job_second = (1.0 - job_share) / job_share
+        self._steps_owed = 0.0  # seconds of steps to run before the next job, while generation has work
         self._step_observers: list[StepObserver] = []
         self._finish_observers: list[FinishObserver] = []
         self._thread: threading.Thread | None = None
@@ -127,17 +158,23 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while True:
-                if not self._drain_inbox(block=not self.scheduler.has_work):
+                if not self._drain_inbox(block=not (self.scheduler.has_work or self._jobs)):
+                    while self._jobs:  # posted before Stop: they run, as they always have
+                        self._run_job(self._jobs.popleft())
                     return
-                if self.scheduler.has_work:
+                if self._jobs and (self._steps_owed <= 0.0 or not self.scheduler.has_work):
+                    self._run_job(self._jobs.popleft())
+                elif self.scheduler.has_work:
+                    started = time.perf_counter()
                     self._step()
+                    self._steps_owed -= time.perf_counter() - started
         except BaseException as exc:  # a bug in the engine itself: fail everyone, loudly
             log.exception("engine thread failed")
             self.dead = exc
             self._outbox.fail_all(EngineDeadError("engine failed"))
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply inbox messages; False when asked to stop."""
+        """Apply inbox messages (jobs join their queue); False when asked to stop."""
         while True:
             try:
                 message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
@@ -151,22 +188,31 @@ class EngineLoop:
                     self.scheduler.add(seq)
                 case Abort(seq_id):
                     self.scheduler.abort(seq_id)
-                case Job(fn, done):
-                    _run_job(fn, done)
-                    if self.scheduler.has_work:
-                        return True  # one job between two steps: running streams wait for one pass at most
+                case Job():
+                    self._jobs.append(message)
                 case Stop():
                     return False
 
+    def _run_job(self, job: Job) -> None:
+        """Run ``job`` and owe generation its share of the time it took."""
+        started = time.perf_counter()
+        try:
+            result = job.fn()
+        except BaseException as exc:
+            job.done(None, exc)
+        else:
+            job.done(result, None)
+        self._steps_owed = (time.perf_counter() - started) * self._steps_per_job_second
+
     def _step(self) -> None:
-        num_waiting = len(self.scheduler.waiting)
-        plan, early = self.scheduler.schedule()  # schedule() only takes from the waiting queue
-        if num_waiting > len(self.scheduler.waiting):
-            self._on_left_queue(num_waiting - len(self.scheduler.waiting))
+        plan, early = self.scheduler.schedule()
+        if early.left_queue:
+            self._on_left_queue(early.left_queue)
         result: StepResult
         if plan.is_empty:
             result = StepResult()
         else:
+            start = time.perf_counter()
             try:
                 sampled = self.runner.execute(plan)
             except Exception:
@@ -175,6 +221,10 @@ class EngineLoop:
                 result = self.scheduler.fail(plan, EngineError("internal error in the forward pass"))
             else:
                 result = self.scheduler.update_from_output(plan, sampled)
+                if self._estimator is not None:
+                    self._estimator.observe(time.perf_counter() - start, prefilled=bool(plan.prefill))
+        if self._estimator is not None:
+            self._estimator.publish(load_of(self.scheduler.running, self.scheduler.waiting))
         self._record_step(plan, early, result)  # before delivering: whoever sees an output sees this step's stats
         items = self._finish(early) + self._finish(result)
         self._outbox.deliver(items)
@@ -185,6 +235,9 @@ class EngineLoop:
         s.num_running = len(self.scheduler.running)
         s.num_waiting = len(self.scheduler.waiting)
         s.kv_cache_slots_used = self.scheduler.slots.num_used
+        s.num_paused = self.scheduler.num_paused
+        for _, reason in early.preempted:
+            s.num_preempted[reason] = s.num_preempted.get(reason, 0) + 1
         if plan.decode:
             s.num_decode_steps += 1
             s.max_decode_batch_size = max(s.max_decode_batch_size, len(plan.decode))
@@ -241,12 +294,3 @@ def _sampled(seq: Sequence, shifted: bool) -> SampledSequence:
         truncated_prompt_tokens=seq.truncated_prompt_tokens,
         shifted=shifted,
     )
-
-
-def _run_job(fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
-    try:
-        result = fn()
-    except BaseException as exc:
-        done(None, exc)
-    else:
-        done(result, None)

@@ -2,6 +2,12 @@
 that hands each engine step's outputs to them, and coroutines awaiting a condition on the
 engine's state, re-checked after every delivery. Everything here runs on the event loop but
 ``StreamRouter.deliver`` and ``StreamRouter.fail_all``, the engine thread's way in.
+
+Backpressure: a stream with ``FlowControl`` counts the tokens it holds unread. Past
+``max_unread`` it asks the engine to pause its sequence; once its reader has read it down to
+half of that, to resume it. A stream paused and unread for ``idle_timeout`` seconds is ended
+with ``StreamStalledError``: its buffer is dropped, its request aborted, and ``on_stalled``
+called (the gRPC layer cancels the call there, since its writer is blocked on the reader).
 """
 
 from __future__ import annotations
@@ -9,18 +15,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from gpt2_service.core.sequence import Finished, GenerationOutput, Sequence
 from gpt2_service.engine.events import Delivery
-from gpt2_service.errors import EngineError
+from gpt2_service.errors import EngineError, StreamStalledError
+
+
+@dataclass(frozen=True)
+class FlowControl:
+    """How a stream holds back a sequence whose reader lags (see the module docstring)."""
+
+    max_unread: int  # tokens
+    idle_timeout: float  # seconds; 0 = never
+    pause: Callable[[int], None]  # seq id -> the engine stops scheduling it
+    resume: Callable[[int], None]
+    stalled: Callable[[], None]  # counted: a stream ended for an idle reader
 
 
 class GenerationStream:
     """Async iterator over one request's outputs. Close it (or cancel its task) to abort."""
 
-    def __init__(self, seq: Sequence, abort: Callable[[int], None]) -> None:
+    def __init__(self, seq: Sequence, abort: Callable[[int], None], flow: FlowControl | None = None) -> None:
         self._abort = abort
+        self._flow = flow
+        self._unread = 0  # tokens in the queue
+        self._paused = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.on_stalled: Callable[[], None] | None = None
         self.seq_id = seq.seq_id
         self.request_id = seq.request_id
         self.seed = seq.seed
@@ -45,10 +68,12 @@ class GenerationStream:
             raise item
         if item.finished is not None:
             self._done = True
+        self._read(len(item.tokens))
         return item
 
     def close(self) -> None:
         """Abort the request if it has not finished; idempotent."""
+        self._stop_idle_timer()
         if not self._done:
             self._done = True
             self._abort(self.seq_id)
@@ -70,6 +95,58 @@ class GenerationStream:
 
     def _put(self, item: GenerationOutput | BaseException) -> None:
         self._queue.put_nowait(item)
+        flow = self._flow
+        if flow is None or isinstance(item, BaseException):
+            return
+        self._unread += len(item.tokens)
+        if not self._paused and item.finished is None and self._unread > flow.max_unread:
+            self._paused = True
+            flow.pause(self.seq_id)
+            self._restart_idle_timer()
+
+    # -- flow control ------------------------------------------------------------------------------
+
+    def _read(self, num_tokens: int) -> None:
+        flow = self._flow
+        if flow is None:
+            return
+        self._unread -= num_tokens
+        if not self._paused:
+            return
+        if self._unread <= flow.max_unread // 2:
+            self._paused = False
+            self._stop_idle_timer()
+            flow.resume(self.seq_id)
+        else:
+            self._restart_idle_timer()  # the reader moves: idle counts from its last read
+
+    def _restart_idle_timer(self) -> None:
+        assert self._flow is not None
+        self._stop_idle_timer()
+        if self._flow.idle_timeout > 0:
+            self._idle_timer = asyncio.get_running_loop().call_later(self._flow.idle_timeout, self._stall)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _stall(self) -> None:
+        """The reader stayed idle past the limit: drop what it did not read, end the stream."""
+        assert self._flow is not None
+        self._idle_timer = None
+        if self._done:
+            return
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._unread = 0
+        self._queue.put_nowait(
+            StreamStalledError(f"the stream was not read for {self._flow.idle_timeout:g} s (--stream-idle-timeout)")
+        )
+        self._abort(self.seq_id)  # the reader still gets the error if it comes back
+        self._flow.stalled()
+        if self.on_stalled is not None:
+            self.on_stalled()
 
 
 class StreamRouter:
