@@ -2,7 +2,8 @@
 alternatives whatever shares its batch, whenever it arrives, and after a restart.
 
 The property is checked over many random scenarios (``SCENARIOS``, each built from its own
-seed): a handful of requests with mixed sampling parameters and prompt lengths, on an engine
+seed): a handful of requests with mixed sampling parameters, prompt lengths, priorities and
+tenants (so that higher classes and under-served tenants preempt others), on an engine
 with a small prefill budget (chunked prefills) and a small window (truncated prompts, context
 shifts), arriving while earlier ones stream. Each request is run alone on one engine, then all
 of them together, staggered, on a second engine (a restart: nothing carries over but the
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 from gpt2_service.config import EngineConfig
-from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
+from gpt2_service.core.request import GenerationRequest, Priority, SamplingParams, StoppingCriteria
 from gpt2_service.core.sequence import Finished, GenerationOutput
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.model.weights import LoadedModel, load_model
@@ -82,6 +83,8 @@ def scenario(index: int, weights: str) -> Scenario:
                     ignore_eos=rng.random() < 0.5,
                 ),
                 top_logprobs=rng.choice((0, 3)),
+                priority=rng.choice(list(Priority)),  # a higher class preempts a lower one
+                tenant=rng.choice(("a", "b")),  # an under-served tenant preempts the other
             )
         )
     after = [-1] + [rng.randrange(i) if rng.random() < 0.6 else -1 for i in range(1, len(requests))]
@@ -135,7 +138,7 @@ async def test_seeded_requests_are_bitwise_the_same_alone_batched_and_after_a_re
     tiny_model: LoadedModel, weights: str
 ) -> None:
     failures = []
-    shifted = chunked = staggered = 0
+    shifted = chunked = staggered = preempted = 0
     count = SCENARIOS[weights]
     for index in range(count):
         sc = scenario(index, weights)
@@ -149,6 +152,7 @@ async def test_seeded_requests_are_bitwise_the_same_alone_batched_and_after_a_re
         try:
             together = await _together(second, sc)
             batched = second.stats.max_decode_batch_size
+            preempted += bool(second.stats.num_preempted)
         finally:
             await second.shutdown()
         for i, (a, t) in enumerate(zip(alone, together, strict=True)):
@@ -159,8 +163,5 @@ async def test_seeded_requests_are_bitwise_the_same_alone_batched_and_after_a_re
         staggered += batched > 1 and any(a >= 0 for a in sc.after)
     assert not failures, "\n".join(failures)
     # the scenarios do exercise what they are meant to
-    assert shifted >= count // 10 and chunked >= count // 3 and staggered >= count // 3, (
-        shifted,
-        chunked,
-        staggered,
-    )
+    assert shifted >= count // 10 and chunked >= count // 3 and staggered >= count // 3, (shifted, chunked, staggered)
+    assert preempted >= count // 10, preempted

@@ -73,7 +73,10 @@ class PrefillChunk:
 @dataclass(frozen=True)
 class StepPlan:
     prefill: list[PrefillChunk]
-    decode: list[Sequence]  # each has exactly one uncomputed token, sorted by slot
+    decode: list[Sequence]  # each computes its next uncomputed token, sorted by slot
+    # decodes that recompute a token already sampled (a preempted sequence replaying its output
+    # as it first computed it, so its next token is bitwise the same): nothing is sampled for them
+    replay: frozenset[int] = frozenset()
 
     @property
     def is_empty(self) -> bool:
@@ -158,7 +161,9 @@ class Scheduler:
         self._drop_aborted(result)
         self._expire_deadlines(result)
         self._admit(result)
-        return StepPlan(prefill=self._plan_prefill(), decode=self._plan_decode()), result
+        decode = self._plan_decode()
+        replay = frozenset(s.seq_id for s in decode if s.num_uncomputed > 1)
+        return StepPlan(prefill=self._plan_prefill(), decode=decode, replay=replay), result
 
     def update_from_output(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> StepResult:
         """Advance every planned sequence by what the runner computed and sampled."""
@@ -168,7 +173,8 @@ class Scheduler:
             chunk.seq.num_computed += chunk.num_tokens
         for seq in plan.decode:
             seq.num_computed += 1
-        for seq in [c.seq for c in plan.prefill if c.samples] + plan.decode:
+        decoded = [s for s in plan.decode if s.seq_id not in plan.replay]
+        for seq in [c.seq for c in plan.prefill if c.samples] + decoded:
             self._append_token(seq, sampled[seq.seq_id], now, result)
         return result
 
@@ -235,6 +241,8 @@ class Scheduler:
         seq.slot = None
         seq.status = SequenceStatus.WAITING
         seq.num_computed = 0
+        if not self.config.fixed_prefill_chunks:
+            seq.prefill_end = seq.window_len  # recompute it all in prefill chunks: fast, not bitwise
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         result.preempted.append((seq, reason))
@@ -251,7 +259,7 @@ class Scheduler:
         turns: dict[str, int] = {}
         keyed: list[tuple[int, int, int, Sequence]] = []
         for seq in self.running:
-            if seq.paused or (seq.num_uncomputed <= 1 and seq.num_computed > 0):
+            if seq.paused or seq.num_computed >= seq.prefill_end:
                 continue  # paused, or a decode
             turn = turns[seq.tenant] = turns.get(seq.tenant, -1) + 1
             keyed.append((seq.request.priority, turn, len(keyed), seq))
@@ -263,7 +271,7 @@ class Scheduler:
         for seq in self._prefill_order():
             if budget <= 0:
                 break
-            remaining = seq.num_uncomputed
+            remaining = seq.prefill_end - seq.num_computed
             if self.config.fixed_prefill_chunks:
                 size = self.config.max_prefill_tokens
                 n = min(remaining, size - seq.num_computed % size)
@@ -271,12 +279,13 @@ class Scheduler:
                     break  # first come, first served: later sequences wait too
             else:
                 n = min(remaining, budget)
-            chunks.append(PrefillChunk(seq, seq.num_computed, n, samples=n == remaining))
+            samples = seq.num_computed + n == seq.window_len
+            chunks.append(PrefillChunk(seq, seq.num_computed, n, samples=samples))
             budget -= n
         return chunks
 
     def _plan_decode(self) -> list[Sequence]:
-        ready = [s for s in self.running if s.num_uncomputed == 1 and s.num_computed > 0 and not s.paused]
+        ready = [s for s in self.running if s.num_computed >= s.prefill_end and s.num_uncomputed and not s.paused]
         return sorted(ready, key=lambda s: s.slot if s.slot is not None else -1)
 
     def _append_token(self, seq: Sequence, sampled: SampledToken, now: float, result: StepResult) -> None:
@@ -331,6 +340,7 @@ class Scheduler:
         keep = min(self.config.context_shift_keep, self.config.context_window)
         seq.window_start = len(seq.tokens) - keep
         seq.num_computed = 0
+        seq.prefill_end = keep
         seq.context_shifts += 1
         result.shifted.add(seq.seq_id)
 

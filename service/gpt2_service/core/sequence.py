@@ -4,6 +4,8 @@ The sequence's tokens are ``prompt + output``. Its KV-cache window is ``tokens[w
 of which the first ``num_computed`` are in the cache at positions 0..num_computed-1. A context
 shift moves ``window_start`` forward and resets ``num_computed`` to 0 (the kept tokens are
 re-encoded at positions 0..k-1, since GPT-2's positions are learned absolute embeddings).
+Window positions below ``prefill_end`` are computed in prefill chunks, the others one per
+decode step; a preempted sequence recomputes its window the same way.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + output
     window_start: int = 0
     num_computed: int = 0
+    prefill_end: int = 0  # 0 = the whole prompt
     context_shifts: int = 0
     admitted_time: float | None = None
     first_token_time: float | None = None
@@ -98,6 +101,8 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = list(self.prompt_ids)
+        if not self.prefill_end:
+            self.prefill_end = self.window_len
 
     @property
     def request_id(self) -> str:

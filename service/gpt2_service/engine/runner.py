@@ -118,8 +118,10 @@ class ModelRunner:
         if plan.decode:
             start = time.perf_counter()
             hidden = self._decode(plan.decode, timer)
-            hidden_rows.extend(hidden[:, 0].unbind(0))
-            sampled_seqs.extend(plan.decode)
+            for row, seq in zip(hidden[:, 0].unbind(0), plan.decode, strict=True):
+                if seq.seq_id not in plan.replay:
+                    hidden_rows.append(row)
+                    sampled_seqs.append(seq)
             times.decode = time.perf_counter() - start
 
         result: dict[int, SampledToken] = {}
@@ -181,7 +183,7 @@ class ModelRunner:
     def _decode(self, seqs: list[Sequence], timer: StageTimer | None) -> Tensor:
         slot_list = self._slots(seqs)
         positions_l = [s.num_computed for s in seqs]
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long)
+        ids = torch.tensor([[s.tokens[s.window_start + s.num_computed]] for s in seqs], dtype=torch.long)
         positions = torch.tensor(positions_l, dtype=torch.long)
         position = max(positions_l)
         aligned = min(positions_l) == position  # every row writes the same position: a slice copy
