@@ -4,6 +4,7 @@ and deadline-aware admission, on a real tiny engine (the policy alone: test_fair
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -82,3 +83,106 @@ async def test_a_preempted_generation_gives_bitwise_the_same_tokens(tiny: Loaded
         await engine.shutdown()
     assert tokens_of(outputs) == tokens_of(alone_outputs)
     assert "".join(o.text for o in outputs) == "".join(o.text for o in alone_outputs)
+
+
+async def first_token_steps(engine: Engine, request: GenerationRequest) -> int:
+    """Engine steps from submitting ``request`` to its first token."""
+    before = engine.stats.num_steps
+    stream = await engine.submit(request)
+    await anext(stream)
+    steps = engine.stats.num_steps - before
+    stream.close()
+    return steps
+
+
+@pytest.mark.parametrize("preemption", [True, False])
+async def test_a_tenants_first_token_is_not_stuck_behind_another_tenants_flood(
+    tiny: LoadedModel, preemption: bool
+) -> None:
+    config = replace(CONFIG, max_batch_size=4, preemption=preemption)
+    engine = await started(tiny, config)
+    try:
+        flood = [await engine.submit(req(f"f{i}", max_new=300, tenant="flood")) for i in range(12)]
+        await engine.wait_for(lambda: engine.stats.num_running == 4, WAIT_S)
+        steps = await first_token_steps(engine, req("probe", max_new=5, tenant="probe"))
+        for stream in flood:
+            stream.close()
+    finally:
+        await engine.shutdown()
+    if preemption:
+        # the bound: admitted at the next step (preempting the flood's newest), then its 5-token
+        # prompt fits one prefill chunk: first token within 2 steps (3 with a step in flight)
+        assert steps <= 3
+        assert engine.stats.num_preempted.get("fairness", 0) >= 1
+    else:
+        assert steps > 50  # it waits for a flood sequence to finish
+
+
+async def test_one_call_holds_at_most_its_share_while_another_waits(tiny: LoadedModel) -> None:
+    config = replace(CONFIG, max_batch_size=4, max_call_share=0.5)
+    engine = await started(tiny, config)
+    try:
+        big = [await engine.submit(req(f"b{i}", max_new=300, call_id="big")) for i in range(8)]
+        await engine.wait_for(lambda: engine.stats.num_running == 4, WAIT_S)  # alone, it fills the batch
+        steps = await first_token_steps(engine, req("small", max_new=5))
+        assert steps <= 3
+        assert engine.stats.num_preempted.get("call_share", 0) == 1  # 4 -> 3 places; 2 would be its share
+        for stream in big:
+            stream.close()
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_lagging_reader_pauses_its_sequence_and_resumes_it_bitwise(tiny: LoadedModel) -> None:
+    config = replace(CONFIG, stream_buffer_tokens=8, stream_idle_timeout=0)
+    engine = await started(tiny, config)
+    try:
+        expected: list[GenerationOutput] = []
+        await read_into(await engine.submit(req("r", max_new=60)), expected)
+
+        stream = await engine.submit(req("r", max_new=60), backpressure=True)
+        await engine.wait_for(lambda: engine.stats.num_paused == 1, WAIT_S)
+        # other work runs while it is paused: it generates no more
+        held = stream._queue.qsize()
+        await (await engine.submit(req("other", max_new=20))).collect()
+        assert stream._queue.qsize() == held and 8 < held <= 10
+        outputs: list[GenerationOutput] = []
+        await read_into(stream, outputs)  # reading resumes it
+        assert engine.stats.num_paused == 0
+    finally:
+        await engine.shutdown()
+    assert tokens_of(outputs) == tokens_of(expected)
+
+
+async def test_a_stream_unread_past_the_idle_limit_is_ended_and_its_slot_freed(tiny: LoadedModel) -> None:
+    config = replace(CONFIG, stream_buffer_tokens=4, stream_idle_timeout=0.3)
+    engine = await started(tiny, config)
+    try:
+        stream = await engine.submit(req("r", max_new=500), backpressure=True)
+        await engine.wait_for(lambda: engine.stats.num_stalled == 1, WAIT_S)
+        with pytest.raises(StreamStalledError, match=r"not read for 0\.3 s"):
+            await anext(stream)
+        await engine.wait_for(lambda: engine.stats.kv_cache_slots_used == 0, WAIT_S)
+        assert engine.num_in_flight == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_deadline_the_engine_cannot_meet_is_refused_at_once_with_a_retry_delay(tiny: LoadedModel) -> None:
+    config = replace(CONFIG, max_batch_size=1, preemption=False)
+    engine = await started(tiny, config)
+    try:
+        running = await engine.submit(req("long", max_new=400))
+        await engine.wait_for(lambda: engine.stats.num_steps > 20, WAIT_S)  # step times are known
+        loop_time = asyncio.get_running_loop().time
+        with pytest.raises(EngineOverloadedError) as refused:
+            await engine.submit(req("late", max_new=5, deadline=time.monotonic() + 0.05))
+        assert refused.value.reason == "DEADLINE_UNMEETABLE"
+        assert refused.value.retry_after is not None and refused.value.retry_after > 0.05
+        assert loop_time  # refused without waiting: nothing was queued
+        assert engine.queued_by_tenant() == {}
+        ok = await engine.submit(req("patient", max_new=5, deadline=time.monotonic() + 600))
+        running.close()
+        await ok.collect()
+    finally:
+        await engine.shutdown()

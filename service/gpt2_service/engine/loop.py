@@ -188,6 +188,12 @@ class EngineLoop:
                     self.scheduler.add(seq)
                 case Abort(seq_id):
                     self.scheduler.abort(seq_id)
+                case Pause(seq_id):
+                    self.scheduler.pause(seq_id)
+                    self._paused_changed()
+                case Resume(seq_id):
+                    self.scheduler.resume(seq_id)
+                    self._paused_changed()
                 case Job():
                     self._jobs.append(message)
                 case Stop():
@@ -203,6 +209,11 @@ class EngineLoop:
         else:
             job.done(result, None)
         self._steps_owed = (time.perf_counter() - started) * self._steps_per_job_second
+
+    def _paused_changed(self) -> None:
+        """Paused sequences take no steps: count them now, and let waiters re-check."""
+        self.stats.num_paused = self.scheduler.num_paused
+        self._outbox.deliver([])
 
     def _step(self) -> None:
         plan, early = self.scheduler.schedule()
