@@ -1,5 +1,7 @@
 """Prometheus metrics after a known workload on the tiny engine: exact counters, histogram counts,
-idle gauges, the info metric, a clean ``promtool check metrics``, and the /metrics HTTP server.
+idle gauges, the info metric, a clean ``promtool check metrics``, and the /metrics HTTP server;
+the contention series (preemptions, paused and stalled streams, queued requests per tenant, with a
+bounded tenant label) after a preemption, a lagging reader, an idle reader and a queue of tenants.
 
 The workload runs once per module through the engine API and calls ``observe_*`` exactly where the
 gRPC layer will (an InvalidRequestError is an invalid rejection, an EngineOverloadedError a full
@@ -18,12 +20,14 @@ from pathlib import Path
 
 import pytest
 from gpt2_service.config import EngineConfig
-from gpt2_service.core.request import GenerationRequest, Truncation
+from gpt2_service.core.fairness import PREEMPTION_REASONS
+from gpt2_service.core.request import GenerationRequest, Priority, Truncation
 from gpt2_service.core.sequence import Finished
 from gpt2_service.engine.events import PhaseTimes, StepEvent
 from gpt2_service.engine.frontend import Engine, GenerationStream
 from gpt2_service.errors import EngineOverloadedError, InvalidRequestError
-from gpt2_service.metrics import STAGES, Metrics
+from gpt2_service.metrics import REJECT_REASONS, STAGES, Metrics
+from gpt2_service.metrics.series import MAX_TENANT_LABELS, tenant_label_values
 from gpt2_service.model.weights import LoadedModel
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -199,6 +203,19 @@ def test_gauges_return_to_idle_after_the_workload(scrape: Scrape) -> None:
     assert scrape.value("gpt2_kv_cache_used_bytes") == 0
     assert scrape.value("gpt2_kv_cache_slots_free") == scrape.value("gpt2_kv_cache_slots") == 2
     assert scrape.value("gpt2_kv_cache_bytes") > 0
+    assert scrape.value("gpt2_paused_sequences") == 0
+    assert scrape.label_values("gpt2_tenant_queued_requests", "tenant") == set()
+
+
+def test_contention_series_exist_from_the_start_at_zero(scrape: Scrape) -> None:
+    # one tenant and one priority class: nothing preempted, no reader lagged
+    assert scrape.label_values("gpt2_preemptions_total", "reason") == set(PREEMPTION_REASONS)
+    for reason in PREEMPTION_REASONS:
+        assert scrape.value("gpt2_preemptions_total", reason=reason) == 0
+    assert scrape.value("gpt2_streams_stalled_total") == 0
+    assert scrape.label_values("gpt2_requests_rejected_total", "reason") == set(REJECT_REASONS)
+    for reason in ("tenant_queue_full", "deadline_unmeetable", "model_rpcs"):
+        assert scrape.value("gpt2_requests_rejected_total", reason=reason) == 0
 
 
 def test_model_info_names_the_random_weights(scrape: Scrape) -> None:
@@ -235,7 +252,7 @@ def test_every_histogram_is_cumulative_and_ends_at_its_count(scrape: Scrape) -> 
 def test_every_family_is_documented(scrape: Scrape) -> None:
     documented = DOCS.read_text()
     families = {name for name in scrape.types if not name.endswith("_created")}
-    assert len(families) == 27  # 9 counters, 10 histograms, 7 gauges, 1 info
+    assert len(families) == 31  # 11 counters, 10 histograms, 9 gauges, 1 info
     for name in families:
         exposed = f"{name}_total" if scrape.types[name] == "counter" else name
         assert f"`{exposed}`" in documented, exposed
@@ -277,3 +294,119 @@ def test_the_http_server_serves_the_exposition_on_its_own_port() -> None:
         server.server_close()
         thread.join(timeout=10)
     assert "gpt2_requests_cancelled_total 1.0" in body
+
+
+# ---- contention ---------------------------------------------------------------------------------
+
+
+def _samples(metrics: Metrics) -> dict[tuple[str, Labels], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+    }
+
+
+def _preemptions(samples: dict[tuple[str, Labels], float]) -> dict[str, float]:
+    return {dict(labels)["reason"]: v for (name, labels), v in samples.items() if name == "gpt2_preemptions_total"}
+
+
+def _queued(samples: dict[tuple[str, Labels], float]) -> dict[str, float]:
+    return {dict(labels)["tenant"]: v for (name, labels), v in samples.items() if name == "gpt2_tenant_queued_requests"}
+
+
+CONTENTION_CONFIG = EngineConfig(max_batch_size=2, max_prefill_tokens=16)
+
+
+async def _started(loaded: LoadedModel, metrics: Metrics, **config: float | bool) -> Engine:
+    engine = Engine(loaded, dataclasses.replace(CONTENTION_CONFIG, **config))  # type: ignore[arg-type]
+    metrics.attach(engine)
+    await engine.start()
+    return engine
+
+
+async def test_a_preemption_for_a_higher_priority_is_counted_by_reason(tiny: LoadedModel) -> None:
+    metrics = Metrics()
+    engine = await _started(tiny, metrics)
+    try:
+        batch = await engine.submit(dataclasses.replace(_request(5, 40), priority=Priority.BATCH))
+        other = await engine.submit(_request(5, 60))
+        await engine.wait_for(lambda: engine.stats.num_running == 2, WAIT_S)
+        urgent = dataclasses.replace(_request(5, 10), request_id="urgent", priority=Priority.INTERACTIVE)
+        await (await engine.submit(urgent)).collect()  # it took the BATCH request's place
+        await asyncio.gather(batch.collect(), other.collect())
+    finally:
+        await engine.shutdown()
+    assert _preemptions(_samples(metrics)) == dict.fromkeys(PREEMPTION_REASONS, 0) | {"priority": 1}
+
+
+async def test_a_lagging_reader_shows_as_a_paused_sequence_until_it_reads(tiny: LoadedModel) -> None:
+    metrics = Metrics()
+    engine = await _started(tiny, metrics, stream_buffer_tokens=8, stream_idle_timeout=0)
+    try:
+        stream = await engine.submit(_request(5, 40), backpressure=True)
+        await engine.wait_for(lambda: engine.stats.num_paused == 1, WAIT_S)
+        paused = _samples(metrics)
+        await stream.collect()  # reading resumes it
+        resumed = _samples(metrics)
+    finally:
+        await engine.shutdown()
+    assert paused[("gpt2_paused_sequences", frozenset())] == 1
+    assert resumed[("gpt2_paused_sequences", frozenset())] == 0
+    assert resumed[("gpt2_streams_stalled_total", frozenset())] == 0
+
+
+async def test_a_stream_left_unread_is_counted_as_stalled(tiny: LoadedModel) -> None:
+    metrics = Metrics()
+    engine = await _started(tiny, metrics, stream_buffer_tokens=4, stream_idle_timeout=0.2)
+    try:
+        stream = await engine.submit(_request(5, 500), backpressure=True)
+        await engine.wait_for(lambda: engine.stats.num_stalled == 1, WAIT_S)
+        stream.close()
+    finally:
+        await engine.shutdown()
+    assert _samples(metrics)[("gpt2_streams_stalled_total", frozenset())] == 1
+
+
+async def test_queued_requests_per_tenant_keep_at_most_16_tenant_values(tiny: LoadedModel) -> None:
+    metrics = Metrics()
+    engine = await _started(tiny, metrics, max_batch_size=1, max_queue_size=64, preemption=False)
+    try:
+        running = await engine.submit(_request(5, 500))
+        await engine.wait_for(lambda: engine.stats.num_running == 1, WAIT_S)
+        # 20 tenants wait: t00..t14 with 2 requests each, t15..t19 and the anonymous one with 1
+        counts = {f"t{i:02}": 2 if i < 15 else 1 for i in range(20)} | {"": 1}
+        waiting = [
+            await engine.submit(dataclasses.replace(_request(3, 2), request_id=f"{tenant}-{n}", tenant=tenant))
+            for tenant, count in counts.items()
+            for n in range(count)
+        ]
+        assert engine.queued_by_tenant() == counts
+        queued = _queued(_samples(metrics))
+        running.close()
+        for stream in waiting:
+            stream.close()
+        await engine.wait_for(lambda: not engine.queued_by_tenant(), WAIT_S)
+        drained = _queued(_samples(metrics))
+    finally:
+        await engine.shutdown()
+    assert len(queued) == MAX_TENANT_LABELS
+    assert queued == dict.fromkeys((f"t{i:02}" for i in range(15)), 2) | {"other": 6}  # t15..t19 and anonymous
+    assert drained == {}
+
+
+def test_the_tenant_label_is_bounded_and_sums_the_rest_as_other() -> None:
+    assert tenant_label_values({}) == {}
+    assert tenant_label_values({"": 3, "ipv4:10.0.0.7": 1}) == {"anonymous": 3, "ipv4:10.0.0.7": 1}
+    sixteen = {f"ipv4:10.0.0.{i}": i + 1 for i in range(16)}
+    assert tenant_label_values(sixteen) == sixteen  # they fit: all by name, no "other"
+    many = {f"ipv4:10.0.0.{i}": i + 1 for i in range(1000)}
+    values = tenant_label_values(many)
+    assert len(values) == MAX_TENANT_LABELS
+    assert values == {f"ipv4:10.0.0.{i}": i + 1 for i in range(985, 1000)} | {"other": sum(range(1, 986))}
+    assert sum(values.values()) == sum(many.values())
+    # ties by name; a tenant named "other" or "anonymous" adds to that value instead of repeating it
+    tied = dict.fromkeys("abcdefghijklmnopq", 1) | {"other": 5, "anonymous": 1, "": 2}
+    values = tenant_label_values(tied)
+    assert values == dict.fromkeys("abcdefghijkl", 1) | {"other": 5 + 5, "anonymous": 2 + 1}
+    assert sum(values.values()) == sum(tied.values())

@@ -2,8 +2,9 @@
 
 Starts ``gpt2-serve --model random:tiny`` on free ports (gRPC and metrics both 0, read back from
 its log), waits for health SERVING, sends one good and one invalid Generate so that the labelled
-series exist, scrapes /metrics, pipes it to promtool (any output fails), and stops the server with
-SIGTERM (it must exit 0). Exit status 0 when all is clean; the reason otherwise.
+series exist, scrapes /metrics (the contention series must be there, at 0), pipes it to promtool
+(any output fails), and stops the server with SIGTERM (it must exit 0). Exit status 0 when all is
+clean; the reason otherwise.
 
     .venv/bin/python tools/check_metrics.py
 """
@@ -29,7 +30,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 START_TIMEOUT_S = 120.0
 LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 METRICS_AT = re.compile(r"metrics on (http://\S+/metrics)")
-EXPECTED = ('gpt2_requests_total{code="OK",rpc="Generate"} 1.0', 'gpt2_requests_rejected_total{reason="invalid"} 1.0')
+EXPECTED = (
+    'gpt2_requests_total{code="OK",rpc="Generate"} 1.0',
+    'gpt2_requests_rejected_total{reason="invalid"} 1.0',
+    # the contention series exist from the start, at 0
+    'gpt2_requests_rejected_total{reason="tenant_queue_full"} 0.0',
+    'gpt2_preemptions_total{reason="priority"} 0.0',
+    "gpt2_paused_sequences 0.0",
+    "gpt2_streams_stalled_total 0.0",
+)
 
 
 class Server:

@@ -126,4 +126,4 @@ class EngineRecorder(Collector):
             series = self._series.copy()
         yield from families(series)
         if self._engine is not None:
-            yield from engine_gauges(self._engine.stats)
+            yield from engine_gauges(self._engine.stats, self._engine.queued_by_tenant())

@@ -42,7 +42,7 @@ class Metrics:
         )
         self._rejected = Counter(
             "gpt2_requests_rejected_total",
-            "Requests refused before generation: queue_full, invalid, malformed, deadline, unauthenticated.",
+            "Requests refused before generation, by reason: " + ", ".join(REJECT_REASONS) + ".",
             ["reason"],
             registry=self.registry,
         )

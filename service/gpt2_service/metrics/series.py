@@ -16,6 +16,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from gpt2_service.core.fairness import PREEMPTION_REASONS
 from gpt2_service.core.request import FinishReason
 
 if TYPE_CHECKING:
@@ -35,9 +36,22 @@ TOKEN_BUCKETS = _exponential(1.0, 2.0, 13)
 # Sequences decoded together in one step: 1 .. 512, doubling.
 BATCH_BUCKETS = _exponential(1.0, 2.0, 10)
 
-REJECT_REASONS = ("queue_full", "invalid", "malformed", "deadline", "unauthenticated")
+REJECT_REASONS = (
+    "queue_full",
+    "invalid",
+    "malformed",
+    "deadline",
+    "unauthenticated",
+    "tenant_queue_full",
+    "deadline_unmeetable",
+    "model_rpcs",
+)
 PHASES = ("prefill", "decode", "lm_head_sampling")
 STAGES = ("embedding", "attention", "mlp", "final_layer_norm", "lm_head", "sampling")
+# Tenant label values of gpt2_tenant_queued_requests: at most this many, however many tenants wait.
+MAX_TENANT_LABELS = 16
+OTHER_TENANTS = "other"  # the tenants past the first MAX_TENANT_LABELS - 1, summed
+ANONYMOUS_TENANT = "anonymous"  # the tenant with no name (in-process use)
 
 
 class Histogram:
@@ -200,7 +214,9 @@ def families(s: Series) -> Iterator[Metric]:
     )
 
 
-def engine_gauges(stats: EngineStats) -> Iterator[Metric]:
+def engine_gauges(stats: EngineStats, queued: dict[str, int]) -> Iterator[Metric]:
+    """The engine's state, read at scrape time: its statistics, and ``queued`` (its waiting
+    requests per tenant, ``Engine.queued_by_tenant()``)."""
     gauges = (
         ("gpt2_sequences_running", "Sequences in the running batch.", stats.num_running),
         ("gpt2_sequences_waiting", "Sequences waiting for a batch place and a KV-cache slot.", stats.num_waiting),
@@ -216,3 +232,48 @@ def engine_gauges(stats: EngineStats) -> Iterator[Metric]:
     )
     for name, documentation, value in gauges:
         yield GaugeMetricFamily(name, documentation, value=float(value))
+    yield GaugeMetricFamily(
+        "gpt2_paused_sequences",
+        "Running sequences paused because their stream's reader lags (they take no steps until it reads).",
+        value=float(stats.num_paused),
+    )
+    preempted = {reason: stats.num_preempted.get(reason, 0) for reason in PREEMPTION_REASONS}
+    yield _labelled_counter(
+        "gpt2_preemptions_total",
+        "Running sequences preempted (their KV cache freed, recomputed when readmitted), by reason: "
+        + ", ".join(PREEMPTION_REASONS)
+        + ".",
+        "reason",
+        preempted,
+    )
+    yield _counter(
+        "gpt2_streams_stalled_total",
+        "Streams ended because their reader left them unread past --stream-idle-timeout.",
+        stats.num_stalled,
+    )
+    family = GaugeMetricFamily(
+        "gpt2_tenant_queued_requests",
+        f"Requests waiting per tenant with any: at most {MAX_TENANT_LABELS} tenant values, those with the most "
+        f'by name, the rest summed as "{OTHER_TENANTS}"; no name is "{ANONYMOUS_TENANT}".',
+        labels=["tenant"],
+    )
+    for tenant, count in tenant_label_values(queued).items():
+        family.add_metric([tenant], float(count))
+    yield family
+
+
+def tenant_label_values(queued: dict[str, int], limit: int = MAX_TENANT_LABELS) -> dict[str, int]:
+    """``queued`` ({tenant: waiting requests}) with at most ``limit`` keys, so that the tenant label
+    stays bounded however many tenants (peer addresses, when there is no token file) wait: all of
+    them when they fit, otherwise the ``limit - 1`` with the most (ties by name) and the rest summed
+    as ``OTHER_TENANTS``. The tenant with no name is ``ANONYMOUS_TENANT``; a tenant whose name is
+    one of those two words is summed with it, so no label value appears twice."""
+    ranked = sorted(((count, tenant) for tenant, count in queued.items() if count > 0), key=lambda ct: (-ct[0], ct[1]))
+    named = ranked if len(ranked) <= limit else ranked[: limit - 1]
+    values: dict[str, int] = {}
+    for count, tenant in named:
+        label = tenant or ANONYMOUS_TENANT
+        values[label] = values.get(label, 0) + count
+    if len(named) < len(ranked):
+        values[OTHER_TENANTS] = values.get(OTHER_TENANTS, 0) + sum(count for count, _ in ranked[len(named) :])
+    return values
