@@ -142,10 +142,3 @@ class EngineDeadError(EngineError):
 
 class ModelLoadError(Exception):
     """A model spec that cannot be loaded. The message says what to do about it."""
-
-
-class TooManyModelRpcsError(EngineOverloadedError):
-    """More Introspection model RPCs in flight than the server allows (``--max-model-rpcs``).
-    Raised before any work; RESOURCE_EXHAUSTED, like a full queue."""
-
-    reason = "TOO_MANY_MODEL_RPCS"

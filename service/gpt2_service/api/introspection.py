@@ -1,15 +1,20 @@
 """The gpt2.v1.Introspection servicer: convert the request, run the Inspector, convert back.
 
-Model RPCs run on the engine thread between two generation steps (``engine.run_exclusive``), so
-they never race a forward pass and delay running streams by one introspection pass at most.
-Tokenize and Detokenize need no model: they run on a worker thread and never hold up the engine.
-Errors, the serving gate and request ids are TextGeneration's (``rpc_scope``). Not here: the
-numbers themselves (gpt2_service.introspection.inspector) and the Tensor byte layout (gpt2_client.tensors).
+A model RPC is one job on the engine thread, run between two generation steps
+(``engine.run_exclusive``): the plan (validation, tokenization), the forward pass and the response
+(tensors encoded), so it never races a forward pass, never competes with the engine for the GIL
+from another thread, and its whole time counts against the engine's ``introspection_share``.
+At most ``max_model_rpcs`` of them are in flight per server; beyond it a call is refused at once
+with RESOURCE_EXHAUSTED (reason ``TOO_MANY_MODEL_RPCS``). Tokenize and Detokenize need no model:
+they run on a worker thread, never hold up the engine and are not limited. Errors, the serving
+gate and request ids are TextGeneration's (``rpc_scope``). Not here: the numbers themselves
+(gpt2_service.introspection.inspector) and the Tensor byte layout (gpt2_client.tensors).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -24,7 +29,7 @@ from gpt2_service.api.logs import new_request_id
 from gpt2_service.api.servicer import Context, rpc_scope
 from gpt2_service.config import ServerConfig
 from gpt2_service.engine.frontend import Engine
-from gpt2_service.errors import FieldViolation, InvalidRequestError
+from gpt2_service.errors import EngineOverloadedError, FieldViolation, InvalidRequestError
 from gpt2_service.introspection.inspector import (
     TRACE_OPTIONS,
     AttentionResult,
@@ -49,18 +54,32 @@ INTROSPECTION_SERVICE = pb.DESCRIPTOR.services_by_name["Introspection"].full_nam
 # Room left in a gRPC message for what the Inspector's size estimate leaves out (message framing).
 FRAMING_BYTES = 64 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_MODEL_RPCS = 2
+TOO_MANY_MODEL_RPCS = "TOO_MANY_MODEL_RPCS"  # the ErrorInfo reason of a model RPC beyond the limit
+RETRY_AFTER_SECONDS = 0.1  # what a refused model RPC is told to wait before the servicer has timed any
 
 # Request fields passed to the Inspector only when set, so that its defaults apply.
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed", "num_samples", "num_candidates")
 
 
 class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
-    """Answers through the engine the gate lets in; ``max_response_bytes`` bounds every answer."""
+    """Answers through the engine the gate lets in; ``max_response_bytes`` bounds every answer,
+    ``max_model_rpcs`` the model RPCs in flight."""
 
-    def __init__(self, gate: ServingGate, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+    def __init__(
+        self,
+        gate: ServingGate,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_model_rpcs: int = DEFAULT_MAX_MODEL_RPCS,
+    ) -> None:
+        if max_model_rpcs < 1:
+            raise ValueError(f"max_model_rpcs must be at least 1, not {max_model_rpcs}")
         self._gate = gate
         self._budget = response_budget(max_response_bytes)
         self._inspector: tuple[Engine, Inspector] | None = None
+        self._max_model_rpcs = max_model_rpcs
+        self._model_rpcs = 0  # in flight; only the event loop touches it
+        self._model_rpc_seconds = RETRY_AFTER_SECONDS  # a moving average: the RetryInfo of a refused call
 
     @asynccontextmanager
     async def _call(self, rpc: str, context: Context) -> AsyncIterator[tuple[Engine, Inspector]]:
@@ -91,14 +110,25 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
         respond: Callable[[T, TensorDtype], R],
         dtype: int = 0,
     ) -> R:
-        """A model RPC: ``plan`` (validation, tokenization: work that grows with the input) on a
-        worker thread, the forward pass on the engine thread between two steps, then ``respond``
-        (the response, with its tensors as ``dtype``) on a worker thread again."""
+        """A model RPC, unless ``max_model_rpcs`` are in flight: ``plan`` (validation,
+        tokenization), the forward pass and ``respond`` (the response, with its tensors as
+        ``dtype``), all in one engine job between two steps (see the module docstring)."""
         async with self._call(rpc, context) as (engine, inspector):
             tensors = tensor_dtype(dtype)  # an unknown value is refused before any work
-            run = await asyncio.to_thread(plan, inspector)
-            result = await engine.run_exclusive(run)
-            return await asyncio.to_thread(respond, result, tensors)
+            if self._model_rpcs >= self._max_model_rpcs:
+                raise EngineOverloadedError(
+                    f"{self._model_rpcs} Introspection model RPCs in flight, the most this server runs "
+                    "(--max-model-rpcs); retry later",
+                    reason=TOO_MANY_MODEL_RPCS,
+                    retry_after=round(self._model_rpc_seconds, 3),
+                )
+            self._model_rpcs += 1
+            started = time.monotonic()
+            try:
+                return await engine.run_exclusive(lambda: respond(plan(inspector)(), tensors))
+            finally:
+                self._model_rpcs -= 1
+                self._model_rpc_seconds += 0.2 * (time.monotonic() - started - self._model_rpc_seconds)
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:

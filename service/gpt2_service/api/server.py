@@ -57,7 +57,7 @@ class GenerationServer:
         self.security = load_security(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file)
         self.gate = ServingGate()
         self.servicer = TextGenerationServicer(self.gate, config.max_batch_requests)
-        self.introspection = IntrospectionServicer(self.gate, max_response_bytes(config))
+        self.introspection = IntrospectionServicer(self.gate, max_response_bytes(config), config.max_model_rpcs)
         self.health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped in grpc-stubs
         self.services = [TEXT_GENERATION_SERVICE, INTROSPECTION_SERVICE]
         options = [

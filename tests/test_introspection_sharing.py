@@ -1,0 +1,223 @@
+"""Introspection shares the engine with generation (issue 13, item 4): jobs take at most their
+share of the engine thread while generation has work, model RPCs beyond ``max_model_rpcs`` are
+refused at once, and a small Generate keeps its pace beside 1024-token Trace calls. The full
+measurement against a ``gpt2-serve`` process is bench/contention_introspection.py."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+import statistics
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from gpt2_client.proto import common_pb2, generation_pb2_grpc, introspection_pb2_grpc
+from gpt2_client.proto import introspection_pb2 as pb
+from gpt2_service.config import ServerConfig
+from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
+from gpt2_service.engine.frontend import Engine
+from gpt2_service.engine.loop import EngineLoop
+from gpt2_service.metrics import REJECT_REASONS, Metrics
+from gpt2_service.model.weights import LoadedModel
+from grpc_status import rpc_status
+
+from tests.api_helpers import API_ENGINE_CONFIG, API_SERVER_CONFIG, Served, greedy, rich_error, serve
+from tests.engine_helpers import WAIT_S
+
+JOB_S = 0.02  # what each fake job takes on the engine thread
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Await ``condition``, checked every 10 ms, at most WAIT_S (the engine sees nothing to signal:
+    it is held by a job, or has no generation work)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {WAIT_S:.0f}s")
+        await asyncio.sleep(0.01)
+
+
+def _sleeping_jobs(engine: Engine, count: int) -> list[asyncio.Future[tuple[int, float, float]]]:
+    """``count`` jobs posted at once, each sleeping JOB_S: (its index, start, end)."""
+
+    def job(index: int) -> tuple[int, float, float]:
+        start = time.perf_counter()
+        time.sleep(JOB_S)
+        return index, start, time.perf_counter()
+
+    return [asyncio.ensure_future(engine.run_exclusive(lambda i=i: job(i))) for i in range(count)]
+
+
+async def test_jobs_take_at_most_their_share_while_generation_runs(tiny: LoadedModel) -> None:
+    engine = Engine(tiny, dataclasses.replace(API_ENGINE_CONFIG, introspection_share=0.25))
+    await engine.start()
+    try:
+        stream = await engine.submit(
+            GenerationRequest(
+                request_id="long",
+                prompt_token_ids=list(range(1000, 1016)),
+                sampling=SamplingParams(temperature=0.0),
+                stopping=StoppingCriteria(max_new_tokens=400, ignore_eos=True),
+            )
+        )
+        await anext(aiter(stream))  # generating
+        runs = await asyncio.wait_for(asyncio.gather(*_sleeping_jobs(engine, 5)), WAIT_S)
+        assert engine.scheduler.running, "the stream was generating all along"
+        stream.close()
+    finally:
+        await engine.shutdown()
+    assert [index for index, _, _ in runs] == list(range(5)), "jobs run in the order they were posted"
+    # after a job of t seconds, at least t * (1 - 0.25) / 0.25 = 3t seconds of steps
+    gaps = [start - end_before for (_, _, end_before), (_, start, _) in itertools.pairwise(runs)]
+    took = [end - start for _, start, end in runs]
+    for gap, job_s in zip(gaps, took, strict=False):
+        assert gap >= 3 * job_s * 0.95, f"a job {job_s:.3f}s long was followed by only {gap:.3f}s of steps: {gaps}"
+
+
+async def test_jobs_run_back_to_back_without_generation(tiny: LoadedModel) -> None:
+    engine = Engine(tiny, dataclasses.replace(API_ENGINE_CONFIG, introspection_share=0.1))
+    await engine.start()
+    try:
+        started = time.perf_counter()
+        runs = await asyncio.wait_for(asyncio.gather(*_sleeping_jobs(engine, 5)), WAIT_S)
+        elapsed = time.perf_counter() - started
+    finally:
+        await engine.shutdown()
+    assert [index for index, _, _ in runs] == list(range(5))
+    assert elapsed < 5 * JOB_S + 1.0, f"five idle-engine jobs of {JOB_S}s took {elapsed:.2f}s: they waited"
+
+
+def test_the_share_must_be_a_fraction(tiny: LoadedModel) -> None:
+    for share in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            Engine(tiny, dataclasses.replace(API_ENGINE_CONFIG, introspection_share=share))
+    assert EngineLoop.__init__.__doc__ and "job_share" in EngineLoop.__init__.__doc__
+
+
+# -- the model-RPC limit ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def one_model_rpc(tiny: LoadedModel) -> AsyncIterator[tuple[Served, Metrics]]:
+    metrics = Metrics()
+    config = dataclasses.replace(API_SERVER_CONFIG, max_model_rpcs=1)
+    async with serve(tiny, server_config=config, metrics=metrics) as served:
+        yield served, metrics
+
+
+async def test_a_model_rpc_beyond_the_limit_is_refused_at_once(one_model_rpc: tuple[Served, Metrics]) -> None:
+    served, metrics = one_model_rpc
+    release = threading.Event()
+    blocker = asyncio.ensure_future(served.engine.run_exclusive(lambda: release.wait(WAIT_S)))
+    try:
+        async with served.channel() as channel:
+            stub = introspection_pb2_grpc.IntrospectionStub(channel)
+            slow = stub.PredictNext(pb.PredictNextRequest(text="The cat sat"))  # waits behind the blocker
+            await until(lambda: served.server.introspection._model_rpcs == 1, "the first model RPC in flight")
+            started = time.perf_counter()
+            for call in (
+                lambda: stub.Trace(pb.TraceRequest(text="The cat sat")),
+                lambda: stub.Embed(pb.EmbedRequest(text="The cat sat")),
+                lambda: stub.HiddenStates(pb.HiddenStatesRequest(text="The cat sat")),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call()
+                error = rich_error(refused.value)
+                assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error.reason == "TOO_MANY_MODEL_RPCS"
+                assert _retry_delay(refused.value) > 0
+            assert time.perf_counter() - started < 5.0, "refused at once, not after the model RPC in flight"
+            tokens = await stub.Tokenize(pb.TokenizeRequest(text="The cat sat"))  # no model: not limited
+            assert [t.text for t in tokens.tokens] == ["The", " cat", " sat"]
+            release.set()
+            answer = await slow
+            assert answer.candidates
+            assert (await stub.Trace(pb.TraceRequest(text="The cat sat"))).stages  # the slot is free again
+    finally:
+        release.set()
+        await blocker
+    rejected = [
+        metrics.registry.get_sample_value("gpt2_requests_rejected_total", {"reason": r}) for r in REJECT_REASONS
+    ]
+    assert sum(n or 0 for n in rejected) == 3, "the three refusals are counted as rejected"
+
+
+def _retry_delay(error: grpc.aio.AioRpcError) -> float:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    raise AssertionError("no RetryInfo")
+
+
+def test_the_limit_must_allow_one(tiny: LoadedModel) -> None:
+    from gpt2_service.api.server import GenerationServer
+
+    with pytest.raises(ValueError, match="max_model_rpcs"):
+        GenerationServer(ServerConfig(max_model_rpcs=0))
+
+
+# -- the bound: a small Generate beside 1024-token Trace calls --------------------------------------
+
+BOUND_ENGINE = dataclasses.replace(
+    API_ENGINE_CONFIG, context_window=1024, max_prefill_tokens=256, num_threads=1, introspection_share=0.25
+)
+SAMPLES = 15
+
+
+async def _generate_p50(served: Served, samples: int) -> float:
+    async with served.channel() as channel:
+        stub = generation_pb2_grpc.TextGenerationStub(channel)
+        await stub.Generate(greedy(max_new_tokens=8))
+        latencies = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            await stub.Generate(greedy(max_new_tokens=8))
+            latencies.append(time.perf_counter() - started)
+    return statistics.median(latencies)
+
+
+def _trace_loop(target: str, stop: threading.Event, counts: list[int]) -> None:
+    """Trace on 1024 tokens, again and again (a refused call retries after 50 ms)."""
+    rng = random.Random(len(counts))
+    request = pb.TraceRequest(token_ids=common_pb2.TokenIds(ids=[rng.randrange(50000) for _ in range(1024)]))
+    with grpc.insecure_channel(target) as channel:
+        stub = introspection_pb2_grpc.IntrospectionStub(channel)
+        while not stop.is_set():
+            try:
+                stub.Trace(request, timeout=60)
+                counts[0] += 1
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                counts[1] += 1
+                stop.wait(0.05)
+
+
+async def test_a_small_generate_keeps_its_pace_beside_four_1024_token_traces(tiny: LoadedModel) -> None:
+    """Idle and loaded p50 in the same test, on the same server; the clients are threads of this
+    process (so they share its GIL: a harsher setting than separate client machines)."""
+    async with serve(tiny, engine_config=BOUND_ENGINE) as served:
+        idle = await _generate_p50(served, SAMPLES)
+        stop = threading.Event()
+        counts = [0, 0]  # answered, refused
+        threads = [threading.Thread(target=_trace_loop, args=(served.target, stop, counts)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            await until(lambda: counts[0] >= 2, "Traces answered")  # the Traces are running
+            loaded = await _generate_p50(served, SAMPLES)
+        finally:
+            stop.set()
+            await asyncio.gather(*(asyncio.to_thread(thread.join, 60) for thread in threads))
+    assert counts[0] >= 4, f"only {counts[0]} Trace calls answered"
+    assert loaded <= 2 * idle + 0.01, f"p50 of a small Generate: {idle:.4f}s idle, {loaded:.4f}s beside Traces"
