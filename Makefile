@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 
-.PHONY: run test check fuzz proto bench demo clean
+.PHONY: run test check fuzz proto bench soak demo clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ proto: $(STAMP)  ## regenerate client/gpt2_client/proto/ from proto/gpt2/v1/*.pr
 BENCH_ARGS ?=
 bench: $(STAMP)  ## every performance number in one run (bench/bench.py; BENCH_ARGS=--quick: < 5 minutes); JSON, plots, report
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+SOAK_ARGS ?=
+soak: $(STAMP)  ## mixed gRPC traffic against gpt2-serve for 30 minutes (bench/soak.py; SOAK_ARGS="--minutes 8"): fails if RSS grows >= 1 MB/minute after warm-up
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
