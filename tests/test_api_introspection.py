@@ -32,7 +32,8 @@ SIXTY_FOUR_TOKENS = " ".join(["word"] * 64)  # "word" and " word" are one token 
 
 @pytest.fixture
 async def served(tiny: LoadedModel) -> AsyncIterator[Served]:
-    async with serve(tiny) as s:
+    # room for the five model RPCs that some tests run at once beside generation
+    async with serve(tiny, server_config=dataclasses.replace(API_SERVER_CONFIG, max_model_rpcs=5)) as s:
         yield s
 
 

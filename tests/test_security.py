@@ -259,7 +259,8 @@ BAD_FLAGS = {
     "unreadable-client-ca": (["--tls-cert", CERT, "--tls-key", KEY, "--tls-client-ca", "MISSING"], "cannot read"),
     "unreadable-token-file": (["--auth-token-file", "MISSING"], "--auth-token-file MISSING: cannot read it"),
     "empty-token-file": (["--auth-token-file", "EMPTY"], "no token in it"),
-    "token-with-space": (["--auth-token-file", "SPACED"], "line 1 is not one token"),
+    "token-with-space": (["--auth-token-file", "SPACED"], "line 1 is not a token"),
+    "bad-tenant-name": (["--auth-token-file", "BADTENANT"], "line 2: the tenant name must be"),
     "health-port-is-the-port": (["--port", "50051", "--health-port", "50051"], "must differ from --port"),
 }
 
@@ -271,8 +272,9 @@ def test_bad_security_flags_exit_2_with_one_clear_line(
     for name in [n for n in os.environ if n.startswith("GPT2_SERVE_")]:
         monkeypatch.delenv(name)
     (tmp_path / "EMPTY").write_text("\n\n")
-    (tmp_path / "SPACED").write_text("two words\n")
-    files = {name: str(tmp_path / name) for name in ("EMPTY", "SPACED", "MISSING")}
+    (tmp_path / "SPACED").write_text("three spaced words\n")  # a token, and at most its tenant's name
+    (tmp_path / "BADTENANT").write_text("token-a team-a\ntoken-b team/b\n")
+    files = {name: str(tmp_path / name) for name in ("EMPTY", "SPACED", "BADTENANT", "MISSING")}
     flags, expected = BAD_FLAGS[case]
     flags = [files.get(flag, flag) for flag in flags]
     for name, path in files.items():

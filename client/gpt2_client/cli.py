@@ -73,6 +73,7 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "stop": args.stop, "stop_token_ids": args.stop_token_id, "ignore_eos": args.ignore_eos or None,
         "include_stop_in_output": args.include_stop or None, "top_logprobs": args.top_logprobs,
         "truncation": args.truncation, "overflow": args.overflow, "request_id": args.request_id,
+        "priority": args.priority,
     }  # fmt: skip
 
 
@@ -207,6 +208,7 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--top-logprobs", type=int, help="alternatives per token to report (0-20)")
     p.add_argument("--truncation", choices=["truncate_left", "reject"])
     p.add_argument("--overflow", choices=["shift", "stop"])
+    p.add_argument("--priority", choices=["interactive", "default", "batch"], help="its class when the server is busy")
     p.add_argument("--request-id")
     _add_common(p, suppress=True)
     p.set_defaults(run=cmd_generate)

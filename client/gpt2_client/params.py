@@ -36,6 +36,7 @@ class GenerationParams(TypedDict, total=False):
     include_stop_in_output: bool
     truncation: Literal["truncate_left", "reject"]  # a prompt longer than the context window
     overflow: Literal["shift", "stop"]  # a generation that fills the context window
+    priority: Literal["interactive", "default", "batch"]  # its class under contention
     top_logprobs: int  # 0-20 alternatives per token
     request_id: str  # echoed back and logged by the server; generated if not given
 
@@ -54,6 +55,7 @@ STOPPING_KEYS = ("max_new_tokens", "min_new_tokens", "ignore_eos", "include_stop
 KNOWN_KEYS = frozenset(GenerationParams.__optional_keys__)
 TRUNCATION = {"truncate_left": pb.TRUNCATE_LEFT, "reject": pb.REJECT}
 OVERFLOW = {"shift": pb.SHIFT, "stop": pb.STOP}
+PRIORITY = {"interactive": pb.PRIORITY_INTERACTIVE, "default": pb.PRIORITY_DEFAULT, "batch": pb.PRIORITY_BATCH}
 
 
 def _choice(table: Mapping[str, int], name: str, value: str) -> Any:
@@ -86,6 +88,8 @@ def build_request(prompt: Prompt, params: Mapping[str, Any]) -> pb.GenerateReque
         request.truncation = _choice(TRUNCATION, "truncation", given["truncation"])
     if "overflow" in given:
         request.overflow = _choice(OVERFLOW, "overflow", given["overflow"])
+    if "priority" in given:
+        request.priority = _choice(PRIORITY, "priority", given["priority"])
     return request
 
 

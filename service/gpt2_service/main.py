@@ -31,6 +31,12 @@ from gpt2_service.model.weights import load_model
 
 log = logging.getLogger("gpt2_service.main")
 
+# Flat memory: oneDNN and ideep (its wrapper in torch) keep up to 1024 compiled matrix products
+# each, one per input shape, and every batch size or prompt length is a new shape; the 30-minute
+# soak grew +62.5 MB/minute with those defaults and -0.05 MB/minute with these (bench/README.md,
+# "Soak"). deploy/Dockerfile sets the same; the environment wins.
+PRIMITIVE_CACHES = {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
+
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; the exit status (1 if the model cannot be loaded)."""
@@ -177,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(server_config.log_format, server_config.log_level)
     log.info("engine config: %s", engine_config)
     log.info("server config: %s", server_config)
+    for name, value in PRIMITIVE_CACHES.items():  # read by oneDNN and ideep at their first matrix product
+        os.environ.setdefault(name, value)
     status = asyncio.run(serve(engine_config, server_config))
     # Drained and stopped: exit now. Tearing down the interpreter (torch, gRPC and the model's
     # memory) takes seconds and does nothing a restarting pod needs.

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpt2_client.proto import common_pb2 as gpt2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpt2/v1/generation.proto\x12\x07gpt2.v1\x1a\x14gpt2/v1/common.proto\"\xf8\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\ttypical_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xb4\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x1e\n\x16include_stop_in_output\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"\xab\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x11.gpt2.v1.TokenIdsH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.gpt2.v1.SamplingParams\x12+\n\x08stopping\x18\x05 \x01(\x0b\x32\x19.gpt2.v1.StoppingCriteria\x12\'\n\ntruncation\x18\x06 \x01(\x0e\x32\x13.gpt2.v1.Truncation\x12#\n\x08overflow\x18\x07 \x01(\x0e\x32\x11.gpt2.v1.Overflow\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x42\x07\n\x05input\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"a\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12)\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x13.gpt2.v1.TopLogprob\"r\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_shifts\x18\x04 \x01(\r\"[\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xfe\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\"\n\x06tokens\x18\x04 \x03(\x0b\x32\x12.gpt2.v1.TokenInfo\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.gpt2.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1d\n\x05usage\x18\x07 \x01(\x0b\x32\x0e.gpt2.v1.Usage\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x1f\n\x06timing\x18\t \x01(\x0b\x32\x0f.gpt2.v1.Timing\"\xff\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x06tokens\x18\x03 \x03(\x0b\x32\x12.gpt2.v1.TokenInfo\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.gpt2.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.gpt2.v1.Usage\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x06timing\x18\x08 \x01(\x0b\x32\x0f.gpt2.v1.TimingB\x07\n\x05_seed\"B\n\x14GenerateBatchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.gpt2.v1.GenerateRequest\"E\n\x15GenerateBatchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.gpt2.v1.GenerateResponse\"\x15\n\x13GetModelInfoRequest*G\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x11\n\rTRUNCATE_LEFT\x10\x01\x12\n\n\x06REJECT\x10\x02*9\n\x08Overflow\x12\x18\n\x14OVERFLOW_UNSPECIFIED\x10\x00\x12\t\n\x05SHIFT\x10\x01\x12\x08\n\x04STOP\x10\x02*y\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x07\n\x03\x45OS\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\x0e\n\nSTOP_TOKEN\x10\x04\x12\x12\n\x0e\x43ONTEXT_WINDOW\x10\x05\x32\xb2\x02\n\x0eTextGeneration\x12?\n\x08Generate\x12\x18.gpt2.v1.GenerateRequest\x1a\x19.gpt2.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.gpt2.v1.GenerateRequest\x1a\x1f.gpt2.v1.GenerateStreamResponse0\x01\x12N\n\rGenerateBatch\x12\x1d.gpt2.v1.GenerateBatchRequest\x1a\x1e.gpt2.v1.GenerateBatchResponse\x12@\n\x0cGetModelInfo\x12\x1c.gpt2.v1.GetModelInfoRequest\x1a\x12.gpt2.v1.ModelInfoB\x10Z\x0egpt2/v1;gpt2v1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpt2/v1/generation.proto\x12\x07gpt2.v1\x1a\x14gpt2/v1/common.proto\"\xf8\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\ttypical_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xb4\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x1e\n\x16include_stop_in_output\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"\xd0\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x11.gpt2.v1.TokenIdsH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.gpt2.v1.SamplingParams\x12+\n\x08stopping\x18\x05 \x01(\x0b\x32\x19.gpt2.v1.StoppingCriteria\x12\'\n\ntruncation\x18\x06 \x01(\x0e\x32\x13.gpt2.v1.Truncation\x12#\n\x08overflow\x18\x07 \x01(\x0e\x32\x11.gpt2.v1.Overflow\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x12#\n\x08priority\x18\t \x01(\x0e\x32\x11.gpt2.v1.PriorityB\x07\n\x05input\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"a\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12)\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x13.gpt2.v1.TopLogprob\"r\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_shifts\x18\x04 \x01(\r\"[\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xfe\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\"\n\x06tokens\x18\x04 \x03(\x0b\x32\x12.gpt2.v1.TokenInfo\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.gpt2.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1d\n\x05usage\x18\x07 \x01(\x0b\x32\x0e.gpt2.v1.Usage\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x1f\n\x06timing\x18\t \x01(\x0b\x32\x0f.gpt2.v1.Timing\"\xff\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x06tokens\x18\x03 \x03(\x0b\x32\x12.gpt2.v1.TokenInfo\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.gpt2.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.gpt2.v1.Usage\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x06timing\x18\x08 \x01(\x0b\x32\x0f.gpt2.v1.TimingB\x07\n\x05_seed\"B\n\x14GenerateBatchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.gpt2.v1.GenerateRequest\"E\n\x15GenerateBatchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.gpt2.v1.GenerateResponse\"\x15\n\x13GetModelInfoRequest*G\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x11\n\rTRUNCATE_LEFT\x10\x01\x12\n\n\x06REJECT\x10\x02*h\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x14\n\x10PRIORITY_DEFAULT\x10\x02\x12\x12\n\x0ePRIORITY_BATCH\x10\x03*9\n\x08Overflow\x12\x18\n\x14OVERFLOW_UNSPECIFIED\x10\x00\x12\t\n\x05SHIFT\x10\x01\x12\x08\n\x04STOP\x10\x02*y\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x07\n\x03\x45OS\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\x0e\n\nSTOP_TOKEN\x10\x04\x12\x12\n\x0e\x43ONTEXT_WINDOW\x10\x05\x32\xb2\x02\n\x0eTextGeneration\x12?\n\x08Generate\x12\x18.gpt2.v1.GenerateRequest\x1a\x19.gpt2.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.gpt2.v1.GenerateRequest\x1a\x1f.gpt2.v1.GenerateStreamResponse0\x01\x12N\n\rGenerateBatch\x12\x1d.gpt2.v1.GenerateBatchRequest\x1a\x1e.gpt2.v1.GenerateBatchResponse\x12@\n\x0cGetModelInfo\x12\x1c.gpt2.v1.GetModelInfoRequest\x1a\x12.gpt2.v1.ModelInfoB\x10Z\x0egpt2/v1;gpt2v1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpt2_client.proto.generatio
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\016gpt2/v1;gpt2v1'
-  _globals['_TRUNCATION']._serialized_start=1965
-  _globals['_TRUNCATION']._serialized_end=2036
-  _globals['_OVERFLOW']._serialized_start=2038
-  _globals['_OVERFLOW']._serialized_end=2095
-  _globals['_FINISHREASON']._serialized_start=2097
-  _globals['_FINISHREASON']._serialized_end=2218
+  _globals['_TRUNCATION']._serialized_start=2002
+  _globals['_TRUNCATION']._serialized_end=2073
+  _globals['_PRIORITY']._serialized_start=2075
+  _globals['_PRIORITY']._serialized_end=2179
+  _globals['_OVERFLOW']._serialized_start=2181
+  _globals['_OVERFLOW']._serialized_end=2238
+  _globals['_FINISHREASON']._serialized_start=2240
+  _globals['_FINISHREASON']._serialized_end=2361
   _globals['_SAMPLINGPARAMS']._serialized_start=60
   _globals['_SAMPLINGPARAMS']._serialized_end=436
   _globals['_STOPPINGCRITERIA']._serialized_start=439
   _globals['_STOPPINGCRITERIA']._serialized_end=619
   _globals['_GENERATEREQUEST']._serialized_start=622
-  _globals['_GENERATEREQUEST']._serialized_end=921
-  _globals['_TOPLOGPROB']._serialized_start=923
-  _globals['_TOPLOGPROB']._serialized_end=978
-  _globals['_TOKENINFO']._serialized_start=980
-  _globals['_TOKENINFO']._serialized_end=1077
-  _globals['_USAGE']._serialized_start=1079
-  _globals['_USAGE']._serialized_end=1193
-  _globals['_TIMING']._serialized_start=1195
-  _globals['_TIMING']._serialized_end=1286
-  _globals['_GENERATERESPONSE']._serialized_start=1289
-  _globals['_GENERATERESPONSE']._serialized_end=1543
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1546
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1801
-  _globals['_GENERATEBATCHREQUEST']._serialized_start=1803
-  _globals['_GENERATEBATCHREQUEST']._serialized_end=1869
-  _globals['_GENERATEBATCHRESPONSE']._serialized_start=1871
-  _globals['_GENERATEBATCHRESPONSE']._serialized_end=1940
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1942
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1963
-  _globals['_TEXTGENERATION']._serialized_start=2221
-  _globals['_TEXTGENERATION']._serialized_end=2527
+  _globals['_GENERATEREQUEST']._serialized_end=958
+  _globals['_TOPLOGPROB']._serialized_start=960
+  _globals['_TOPLOGPROB']._serialized_end=1015
+  _globals['_TOKENINFO']._serialized_start=1017
+  _globals['_TOKENINFO']._serialized_end=1114
+  _globals['_USAGE']._serialized_start=1116
+  _globals['_USAGE']._serialized_end=1230
+  _globals['_TIMING']._serialized_start=1232
+  _globals['_TIMING']._serialized_end=1323
+  _globals['_GENERATERESPONSE']._serialized_start=1326
+  _globals['_GENERATERESPONSE']._serialized_end=1580
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1583
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1838
+  _globals['_GENERATEBATCHREQUEST']._serialized_start=1840
+  _globals['_GENERATEBATCHREQUEST']._serialized_end=1906
+  _globals['_GENERATEBATCHRESPONSE']._serialized_start=1908
+  _globals['_GENERATEBATCHRESPONSE']._serialized_end=1977
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1979
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2000
+  _globals['_TEXTGENERATION']._serialized_start=2364
+  _globals['_TEXTGENERATION']._serialized_end=2670
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,37 @@ REJECT: Truncation.ValueType  # 2
 """Fail the request with INVALID_ARGUMENT (reason PROMPT_TOO_LONG)."""
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """Default: PRIORITY_DEFAULT."""
+    PRIORITY_INTERACTIVE: _Priority.ValueType  # 1
+    """Someone is waiting for it: admitted first."""
+    PRIORITY_DEFAULT: _Priority.ValueType  # 2
+    PRIORITY_BATCH: _Priority.ValueType  # 3
+    """Offline work: admitted last, preempted first."""
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """A request's class under contention. A waiting request of a higher class is admitted before
+    any of a lower class, and when the batch is full it preempts the newest running sequence of
+    the lowest class below its own (that sequence waits and resumes later, recomputing its keys
+    and values: its output is unchanged, token for token, in the server's default deterministic
+    mode). Within a class, tenants share the batch fairly.
+    """
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""Default: PRIORITY_DEFAULT."""
+PRIORITY_INTERACTIVE: Priority.ValueType  # 1
+"""Someone is waiting for it: admitted first."""
+PRIORITY_DEFAULT: Priority.ValueType  # 2
+PRIORITY_BATCH: Priority.ValueType  # 3
+"""Offline work: admitted last, preempted first."""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 class _Overflow:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -291,6 +322,7 @@ class GenerateRequest(_message.Message):
     TRUNCATION_FIELD_NUMBER: _builtins.int
     OVERFLOW_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Echoed in every response and in the server's logs. Default: a generated uuid4 hex.
     1 to 128 printable ASCII characters without spaces ([!-~]); anything else is INVALID_ARGUMENT.
@@ -304,6 +336,10 @@ class GenerateRequest(_message.Message):
     top_logprobs: _builtins.int
     """Also return the log-probabilities of this many most likely tokens at each step, in [0, 20].
     Default 0 (only the chosen token's log-probability).
+    """
+    priority: Global___Priority.ValueType
+    """Its class under contention. Default (UNSPECIFIED): PRIORITY_DEFAULT. An unknown value is
+    INVALID_ARGUMENT.
     """
     @_builtins.property
     def prompt_token_ids(self) -> _common_pb2.TokenIds:
@@ -328,10 +364,11 @@ class GenerateRequest(_message.Message):
         truncation: Global___Truncation.ValueType = ...,
         overflow: Global___Overflow.ValueType = ...,
         top_logprobs: _builtins.int = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "overflow", b"overflow", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping", "top_logprobs", b"top_logprobs", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "overflow", b"overflow", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping", "top_logprobs", b"top_logprobs", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "prompt_token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

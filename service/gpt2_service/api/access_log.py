@@ -59,6 +59,8 @@ def log_access(call: CallRecord, code: grpc.StatusCode, error: str | None, log_p
     fields.update(rpc=call.rpc, code=code.name, error=error)
     if call.rejected is not None:
         fields["rejected"] = call.rejected
+    if call.tenant is not None:
+        fields["tenant"] = call.tenant
     if log_prompts and call.prompt is not None:
         fields["prompt"] = call.prompt
     level = _LOG_LEVEL_BY_CODE.get(code, logging.INFO)

@@ -83,6 +83,7 @@ class CallRecord:
     completion_tokens: int | None = None  # so far (a stream counts them as they go)
     finished: Finished | None = None
     items: list[FinishedRequest] = field(default_factory=list)  # GenerateBatch, when it succeeded
+    tenant: str | None = None  # the authenticated identity (--auth-token-file); None: the peer's
     rejected: str | None = None  # one of metrics.REJECT_REASONS
     outcome: grpc.StatusCode | None = None  # how the behaviour ended; None: not (yet), cut short
     code: grpc.StatusCode | None = None  # the final code, once accounted for

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import grpc.aio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gpt2_service.api.accounting import current_call
 from gpt2_service.api.handlers import guarded
 from gpt2_service.api.logs import new_request_id
 from gpt2_service.api.status import rich_status
@@ -33,6 +35,7 @@ BEARER_SCHEME = "bearer"  # RFC 7235: the scheme is case-insensitive
 UNAUTHENTICATED_REASON = "UNAUTHENTICATED"
 # Methods that answer without a token: probes and generic tools (grpcurl describe) carry none.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -60,6 +63,7 @@ class ServerSecurity:
     private_key: bytes | None = None  # PEM, with certificate_chain
     client_ca: bytes | None = None  # PEM; set = mutual TLS: client certificates required and verified
     token_digests: tuple[bytes, ...] = ()  # SHA-256 of each accepted bearer token; () = no token auth
+    tenants: tuple[str, ...] = ()  # the tenant of each token, in the same order
 
     @property
     def tls(self) -> bool:
@@ -76,13 +80,18 @@ class ServerSecurity:
         )
 
     def accepts(self, token: str) -> bool:
-        """Whether ``token`` is one of the accepted tokens, compared in constant time with every
-        one of them (no early exit on the first match)."""
+        """Whether ``token`` is one of the accepted tokens."""
+        return self.tenant_of(token) is not None
+
+    def tenant_of(self, token: str) -> str | None:
+        """The tenant of ``token``, or None if it is not accepted; compared in constant time
+        with every accepted token (no early exit on the first match)."""
         candidate = _digest(token.encode())
-        matched = False
-        for digest in self.token_digests:
-            matched |= hmac.compare_digest(candidate, digest)
-        return matched
+        tenant = None
+        for digest, name in zip(self.token_digests, self.tenants, strict=True):
+            if hmac.compare_digest(candidate, digest):
+                tenant = name
+        return tenant
 
 
 def _read(path: str, flag: str, marker: bytes) -> bytes:
@@ -95,27 +104,36 @@ def _read(path: str, flag: str, marker: bytes) -> bytes:
     return data
 
 
-def read_tokens(path: str) -> tuple[bytes, ...]:
-    """The SHA-256 digests of the tokens in ``path``: one per non-blank line, whitespace
-    around it ignored."""
+def read_tokens(path: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """The SHA-256 digests of the tokens in ``path`` and their tenants: one token per non-blank
+    line, optionally followed by its tenant's name (``TENANT_NAME``; default ``token-<n>`` for
+    the n-th token), whitespace around them ignored. Several tokens may share a tenant."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SecurityConfigError(f"--auth-token-file {path}: cannot read it ({reason})") from None
     tokens: list[str] = []
+    tenants: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        token = line.strip()
-        if not token:
+        words = line.split()
+        if not words:
             continue
-        if any(c.isspace() for c in token) or not token.isascii() or not token.isprintable():
+        token = words[0]
+        if len(words) > 2 or not token.isascii() or not token.isprintable():
             raise SecurityConfigError(
-                f"--auth-token-file {path}: line {number} is not one token (printable ASCII, no spaces)"
+                f"--auth-token-file {path}: line {number} is not a token (printable ASCII, no spaces) "
+                "and an optional tenant name"
+            )
+        if len(words) == 2 and not TENANT_NAME.fullmatch(words[1]):
+            raise SecurityConfigError(
+                f"--auth-token-file {path}: line {number}: the tenant name must be 1 to 64 of A-Z a-z 0-9 . _ -"
             )
         tokens.append(token)
+        tenants.append(words[1] if len(words) == 2 else f"token-{len(tokens)}")
     if not tokens:
         raise SecurityConfigError(f"--auth-token-file {path}: no token in it (one token per line)")
-    return tuple(_digest(token.encode()) for token in tokens)
+    return tuple(_digest(token.encode()) for token in tokens), tuple(tenants)
 
 
 def load_security(
@@ -127,11 +145,13 @@ def load_security(
         raise SecurityConfigError(f"{given} needs {missing} too (TLS takes a certificate and its private key)")
     if tls_client_ca and not tls_cert:
         raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    digests, tenants = read_tokens(auth_token_file) if auth_token_file else ((), ())
     return ServerSecurity(
         certificate_chain=_read(tls_cert, "tls-cert", b"-----BEGIN CERTIFICATE-----") if tls_cert else None,
         private_key=_read(tls_key, "tls-key", b"PRIVATE KEY-----") if tls_key else None,
         client_ca=_read(tls_client_ca, "tls-client-ca", b"-----BEGIN CERTIFICATE-----") if tls_client_ca else None,
-        token_digests=read_tokens(auth_token_file) if auth_token_file else (),
+        token_digests=digests,
+        tenants=tenants,
     )
 
 
@@ -234,7 +254,9 @@ class BearerTokenInterceptor(_ServerInterceptor):
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
         token = bearer_token(handler_call_details.invocation_metadata)
-        if token is not None and self._security.accepts(token):
+        tenant = self._security.tenant_of(token) if token is not None else None
+        if tenant is not None:
+            current_call().tenant = tenant  # the RPC's task: the handler sees it
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)  # only looks the method up; runs nothing
         if handler is None:  # an unknown method: UNIMPLEMENTED, as for anyone (stubs say never None)

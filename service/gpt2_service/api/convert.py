@@ -25,6 +25,7 @@ from gpt2_service.core.request import (
     FinishReason,
     GenerationRequest,
     Overflow,
+    Priority,
     RequestLimits,
     SamplingParams,
     StoppingCriteria,
@@ -50,6 +51,12 @@ TRUNCATION_FROM_PROTO = {
     pb.TRUNCATION_UNSPECIFIED: Truncation.TRUNCATE_LEFT,
     pb.TRUNCATE_LEFT: Truncation.TRUNCATE_LEFT,
     pb.REJECT: Truncation.REJECT,
+}
+PRIORITY_FROM_PROTO = {
+    pb.PRIORITY_UNSPECIFIED: Priority.DEFAULT,
+    pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    pb.PRIORITY_DEFAULT: Priority.DEFAULT,
+    pb.PRIORITY_BATCH: Priority.BATCH,
 }
 OVERFLOW_FROM_PROTO = {
     pb.OVERFLOW_UNSPECIFIED: Overflow.SHIFT,
@@ -109,9 +116,15 @@ def is_large(msg: pb.GenerateRequest) -> bool:
 
 
 def to_engine_request(
-    msg: pb.GenerateRequest, request_id: str, deadline: float | None, limits: RequestLimits
+    msg: pb.GenerateRequest,
+    request_id: str,
+    deadline: float | None,
+    limits: RequestLimits,
+    tenant: str = "",
+    call_id: str = "",
 ) -> GenerationRequest:
-    """The validated engine request of ``msg``. Raises InvalidRequestError naming the bad fields
+    """The validated engine request of ``msg``, for ``tenant`` (who is served) and ``call_id``
+    (the call it came with). Raises InvalidRequestError naming the bad fields
     (what only the proto can get wrong, then the engine's own rules), at most
     ``MAX_REPORTED_VIOLATIONS`` of them. Costs O(1) plus the size of the prompt: lists over their
     count limit are never converted. Run it on a worker thread when ``is_large(msg)``."""
@@ -126,6 +139,8 @@ def to_engine_request(
     bad.check(truncation is not None, "truncation", f"unknown Truncation value {msg.truncation}")
     overflow = OVERFLOW_FROM_PROTO.get(msg.overflow)
     bad.check(overflow is not None, "overflow", f"unknown Overflow value {msg.overflow}")
+    priority = PRIORITY_FROM_PROTO.get(msg.priority)
+    bad.check(priority is not None, "priority", f"unknown Priority value {msg.priority}")
     which = msg.WhichOneof("input")
     prompt_ids: tuple[int, ...] | None = None
     num_dropped = 0
@@ -148,6 +163,9 @@ def to_engine_request(
         overflow=overflow or Overflow.SHIFT,
         top_logprobs=msg.top_logprobs,
         deadline=deadline,
+        priority=priority or Priority.DEFAULT,
+        tenant=tenant,
+        call_id=call_id,
     )
     for v in find_violations(request, limits):
         bad.add(proto_field_path(v.field), v.description)
@@ -186,15 +204,20 @@ def to_stopping_criteria(s: pb.StoppingCriteria, bad: Violations) -> StoppingCri
 
 
 def to_engine_batch(
-    request: pb.GenerateBatchRequest, deadline: float | None, limits: RequestLimits
+    request: pb.GenerateBatchRequest,
+    deadline: float | None,
+    limits: RequestLimits,
+    tenant: str = "",
+    call_id: str = "",
 ) -> list[GenerationRequest]:
     """Every item, converted and validated, so one answer names the bad fields of every item
-    (as ``requests[i].<field>``, at most ``MAX_REPORTED_VIOLATIONS`` in all)."""
+    (as ``requests[i].<field>``, at most ``MAX_REPORTED_VIOLATIONS`` in all). The items share
+    ``call_id``: together they hold at most the engine's call share of the batch."""
     items: list[GenerationRequest] = []
     bad = Violations()
     for i, item in enumerate(request.requests):
         try:
-            items.append(to_engine_request(item, request_id_of(item), deadline, limits))
+            items.append(to_engine_request(item, request_id_of(item), deadline, limits, tenant, call_id))
         except InvalidRequestError as exc:
             bad.extend(with_prefix(exc, f"requests[{i}]."))
     bad.raise_if_any()

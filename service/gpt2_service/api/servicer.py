@@ -12,6 +12,7 @@ the engine stream, which aborts the request; its slot is freed at the next engin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 
 MAX_LOGGED_PROMPT_CHARS = 2048
 MAX_LOGGED_PROMPT_IDS = 512
+# EngineOverloadedError.reason -> the metrics' rejection reason
+OVERLOAD_REASONS = {
+    "QUEUE_FULL": "queue_full",
+    "TENANT_QUEUE_FULL": "tenant_queue_full",
+    "DEADLINE_UNMEETABLE": "deadline_unmeetable",
+    "TOO_MANY_MODEL_RPCS": "model_rpcs",
+}
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -49,11 +57,23 @@ def _rejection(error: EngineError, call: CallRecord) -> str | None:
     None when ``error`` came later or is no refusal."""
     if isinstance(error, InvalidRequestError):
         return "invalid"
-    if isinstance(error, EngineOverloadedError):
-        return "queue_full"
+    if isinstance(error, EngineOverloadedError) and not call.accepted:
+        return OVERLOAD_REASONS.get(error.reason, "queue_full")
     if isinstance(error, DeadlineExceededError) and not call.accepted:
         return "deadline"  # too little time left to start: the engine never saw it
     return None
+
+
+def tenant_of(call: CallRecord, context: Context) -> str:
+    """Who is served: the authenticated identity, else the peer's address without its port
+    (``ipv4:10.0.0.7``; one per client host, not per connection)."""
+    if call.tenant is not None:
+        return call.tenant
+    peer: str = context.peer() or ""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        address = address.rpartition(":")[0] or address
+    return f"{kind}:{address}" if address else kind
 
 
 def _prompt_of(request: pb.GenerateRequest) -> Prompt:
@@ -87,7 +107,9 @@ async def rpc_scope(gate: ServingGate, rpc: str, context: Context, request_id: s
         log.exception("%s failed", rpc)
         await _abort(context, internal_status(request_id))
     finally:
-        request_id_var.reset(token)
+        # a streaming handler's generator cut short is finalised in another context
+        with contextlib.suppress(ValueError):
+            request_id_var.reset(token)
 
 
 class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
@@ -99,16 +121,17 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         return rpc_scope(self._gate, rpc, context, request_id)
 
     async def _submit(
-        self, engine: Engine, request: pb.GenerateRequest, call: CallRecord, context: Context
+        self, engine: Engine, request: pb.GenerateRequest, call: CallRecord, context: Context, streamed: bool = False
     ) -> GenerationStream:
         deadline = convert.deadline_from_time_remaining(context.time_remaining())
         engine.check_admission()  # a full queue refuses before any conversion
-        args = (request, call.request_id, deadline, engine.limits)
+        call.tenant = tenant_of(call, context)
+        args = (request, call.request_id, deadline, engine.limits, call.tenant)
         if convert.is_large(request):
             engine_request = await asyncio.to_thread(convert.to_engine_request, *args)
         else:
             engine_request = convert.to_engine_request(*args)
-        stream = await engine.submit(engine_request, validated=True)
+        stream = await engine.submit(engine_request, validated=True, backpressure=streamed)
         _close_when_done(context, stream)
         call.accepted, call.prompt_tokens = True, stream.prompt_tokens
         return stream
@@ -128,7 +151,9 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         call = current_call()
         call.prompt = _prompt_of(request)
         async with self._call("GenerateStream", context, convert.request_id_of(request)) as engine:
-            stream = await self._submit(engine, request, call, context)
+            # backpressure: a reader that lags pauses the generation; one idle past
+            # --stream-idle-timeout gets RESOURCE_EXHAUSTED (STREAM_STALLED) after what was sent
+            stream = await self._submit(engine, request, call, context, streamed=True)
             try:
                 async for response in convert.to_stream_responses(call.request_id, _recorded(call, stream)):
                     yield response
@@ -141,7 +166,8 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
             convert.check_batch_size(len(request.requests), self._max_batch_requests)  # before any work
             deadline = convert.deadline_from_time_remaining(context.time_remaining())
             engine.check_admission()
-            args = (request, deadline, engine.limits)
+            call.tenant = tenant_of(call, context)
+            args = (request, deadline, engine.limits, call.tenant, call.request_id)
             if any(convert.is_large(item) for item in request.requests):
                 items = await asyncio.to_thread(convert.to_engine_batch, *args)
             else:

@@ -5,9 +5,9 @@ engine's state, re-checked after every delivery. Everything here runs on the eve
 
 Backpressure: a stream with ``FlowControl`` counts the tokens it holds unread. Past
 ``max_unread`` it asks the engine to pause its sequence; once its reader has read it down to
-half of that, to resume it. A stream paused and unread for ``idle_timeout`` seconds is ended
-with ``StreamStalledError``: its buffer is dropped, its request aborted, and ``on_stalled``
-called (the gRPC layer cancels the call there, since its writer is blocked on the reader).
+half of that, to resume it. A stream paused and unread for ``idle_timeout`` seconds is ended:
+its buffer is dropped, its request aborted (the slot is freed at the next step), and its reader,
+if it ever reads again, gets ``StreamStalledError``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class GenerationStream:
         self._unread = 0  # tokens in the queue
         self._paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
-        self.on_stalled: Callable[[], None] | None = None
         self.seq_id = seq.seq_id
         self.request_id = seq.request_id
         self.seed = seq.seed
@@ -145,8 +144,6 @@ class GenerationStream:
         )
         self._abort(self.seq_id)  # the reader still gets the error if it comes back
         self._flow.stalled()
-        if self.on_stalled is not None:
-            self.on_stalled()
 
 
 class StreamRouter:
