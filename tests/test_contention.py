@@ -186,3 +186,20 @@ async def test_a_deadline_the_engine_cannot_meet_is_refused_at_once_with_a_retry
         await ok.collect()
     finally:
         await engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        {"max_call_share": 0.0},
+        {"max_call_share": 1.5},
+        {"max_queued_per_tenant": 0},
+        {"stream_buffer_tokens": 0},
+        {"stream_idle_timeout": -1.0},
+        {"introspection_share": 0.0},
+    ],
+)
+def test_bad_contention_flags_are_refused_naming_the_flag(tiny: LoadedModel, flag: dict[str, float]) -> None:
+    (name,) = flag
+    with pytest.raises(ValueError, match="--" + name.replace("_", "-")):
+        Engine(tiny, replace(CONFIG, **flag))  # type: ignore[arg-type]

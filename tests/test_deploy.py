@@ -669,6 +669,11 @@ def test_dashboard_covers_the_service_metrics() -> None:
         WAITING_METRIC,
         "gpt2_kv_cache_usage_ratio",
         "gpt2_step_batch_size",
+        "gpt2_preemptions_total",  # the Contention row
+        "gpt2_paused_sequences",
+        "gpt2_streams_stalled_total",
+        "gpt2_tenant_queued_requests",
+        "gpt2_requests_rejected_total",
     ):
         assert wanted in families, wanted
 

@@ -59,6 +59,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         model_config = loaded.model.config
         self.context_window = min(config.context_window or model_config.n_positions, model_config.n_positions)
+        _check_contention_flags(config)
         num_slots = config.resolved_slots()
         if num_slots < config.max_batch_size:
             raise ValueError(f"kv_cache_slots ({num_slots}) must be >= max_batch_size ({config.max_batch_size})")
@@ -302,6 +303,27 @@ class Engine:
         self.model.prepare_weights(self.config.weights)
         ids = torch.tensor([[self.tokenizer.eos_token_id]], device=self.runner.device)
         self.model.logits(self.model(ids, torch.zeros_like(ids)))
+
+
+def _check_contention_flags(config: EngineConfig) -> None:
+    problems = [
+        f"--{name} {value}: {rule}"
+        for name, value, ok, rule in (
+            ("max-call-share", config.max_call_share, 0 < config.max_call_share <= 1, "must be in (0, 1]"),
+            ("max-queued-per-tenant", config.max_queued_per_tenant, config.max_queued_per_tenant >= 1, "must be >= 1"),
+            ("stream-buffer-tokens", config.stream_buffer_tokens, config.stream_buffer_tokens >= 1, "must be >= 1"),
+            ("stream-idle-timeout", config.stream_idle_timeout, config.stream_idle_timeout >= 0, "must be >= 0"),
+            (
+                "introspection-share",
+                config.introspection_share,
+                0 < config.introspection_share <= 1,
+                "must be in (0, 1]",
+            ),
+        )
+        if not ok
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
