@@ -1,7 +1,9 @@
 """The engine thread: the one thread that owns the scheduler and the model runner.
 
 It loops ``schedule -> execute -> update_from_output``, and between two steps applies the messages
-of its inbox: ``Add`` a sequence, ``Abort`` one, queue a ``Job`` (introspection, warm-up), ``Stop``.
+of its inbox: ``Add`` a sequence, ``Abort`` one, ``Pause`` or ``Resume`` one (its stream's reader
+lags, or caught up), queue a ``Job`` (introspection, warm-up), ``Stop``. It also feeds the
+deadline estimator (core/estimate.py) each step's time and the scheduler's load.
 After each step it records the step's statistics, tells the observers (``StepEvent``, then a
 ``FinishEvent`` per request that ended) and hands the step's outputs to ``Outbox.deliver``, once
 per step, even when there are none, so that whoever waits on the engine's state re-checks it.
