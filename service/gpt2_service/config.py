@@ -67,7 +67,7 @@ class EngineConfig:
         "it cannot meet with its first token, instead of queueing it to die"
     )  # fmt: skip
     stream_buffer_tokens: int = _opt(
-        64, "tokens a stream may hold generated but unread; beyond it its sequence is paused (out of the batch) "
+        256, "tokens a stream may hold generated but unread; beyond it its sequence is paused (out of the batch) "
         "until the reader catches up"
     )  # fmt: skip
     stream_idle_timeout: float = _opt(
