@@ -301,7 +301,9 @@ def test_an_unsafe_request_id_is_refused_and_never_logged(server: ServeProcess, 
 
 def test_calls_whose_deadline_passes_count_as_deadline_exceeded_not_cancelled(server: ServeProcess) -> None:
     """A client whose deadline passes cancels the call a moment before the server's copy of that
-    deadline runs out; every such call must still count as DEADLINE_EXCEEDED, none as CANCELLED."""
+    deadline runs out; every such call must still count as DEADLINE_EXCEEDED, none as CANCELLED.
+    (Once the batch is full of these 500-token calls, the server refuses the later ones at once,
+    RESOURCE_EXHAUSTED: their deadline cannot be met. Those are not deadlines that passed.)"""
     num_calls = 60
     assert server.channel is not None
     call = _raw(server.channel, GENERATION + "Generate")
@@ -318,8 +320,11 @@ def test_calls_whose_deadline_passes_count_as_deadline_exceeded_not_cancelled(se
         return caught.value.code()  # type: ignore[attr-defined,no-any-return]
 
     with ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(one, range(num_calls))) == {grpc.StatusCode.DEADLINE_EXCEEDED}
-    expected = before.get(key("DEADLINE_EXCEEDED"), 0) + num_calls
+        codes = list(pool.map(one, range(num_calls)))
+    assert set(codes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    num_expired = codes.count(grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert num_expired >= 8  # at least the first batch's worth ran into its deadline
+    expected = before.get(key("DEADLINE_EXCEEDED"), 0) + num_expired
     poll(
         lambda: (
             server.samples().get(key("DEADLINE_EXCEEDED"), 0) + server.samples().get(key("CANCELLED"), 0) >= expected

@@ -1,9 +1,10 @@
 """The gpt2.v1.Introspection servicer: convert the request, run the Inspector, convert back.
 
-A model RPC is one job on the engine thread, run between two generation steps
-(``engine.run_exclusive``): the plan (validation, tokenization), the forward pass and the response
-(tensors encoded), so it never races a forward pass, never competes with the engine for the GIL
-from another thread, and its whole time counts against the engine's ``introspection_share``.
+A model RPC's forward pass is one job on the engine thread, run between two generation steps
+(``engine.run_exclusive``), so it never races a forward pass and its time counts against the
+engine's ``introspection_share``; its plan (validation, tokenization: work that grows with the
+input) runs on a worker thread before it, so a hostile input is refused without touching the
+engine, and its response (tensors encoded) on a worker thread after it.
 At most ``max_model_rpcs`` of them are in flight per server; beyond it a call is refused at once
 with RESOURCE_EXHAUSTED (reason ``TOO_MANY_MODEL_RPCS``). Tokenize and Detokenize need no model:
 they run on a worker thread, never hold up the engine and are not limited. Errors, the serving
@@ -111,8 +112,9 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
         dtype: int = 0,
     ) -> R:
         """A model RPC, unless ``max_model_rpcs`` are in flight: ``plan`` (validation,
-        tokenization), the forward pass and ``respond`` (the response, with its tensors as
-        ``dtype``), all in one engine job between two steps (see the module docstring)."""
+        tokenization: work that grows with the input, so a hostile input is refused without
+        touching the engine) on a worker thread, the forward pass as one engine job between two
+        steps, then ``respond`` (the response, with its tensors as ``dtype``) on a worker thread."""
         async with self._call(rpc, context) as (engine, inspector):
             tensors = tensor_dtype(dtype)  # an unknown value is refused before any work
             if self._model_rpcs >= self._max_model_rpcs:
@@ -125,7 +127,9 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             self._model_rpcs += 1
             started = time.monotonic()
             try:
-                return await engine.run_exclusive(lambda: respond(plan(inspector)(), tensors))
+                run = await asyncio.to_thread(plan, inspector)
+                result = await engine.run_exclusive(run)
+                return await asyncio.to_thread(respond, result, tensors)
             finally:
                 self._model_rpcs -= 1
                 self._model_rpc_seconds += 0.2 * (time.monotonic() - started - self._model_rpc_seconds)
