@@ -203,3 +203,25 @@ def test_bad_contention_flags_are_refused_naming_the_flag(tiny: LoadedModel, fla
     (name,) = flag
     with pytest.raises(ValueError, match="--" + name.replace("_", "-")):
         Engine(tiny, replace(CONFIG, **flag))  # type: ignore[arg-type]
+
+
+async def test_deadline_admission_counts_the_places_preemption_frees(tiny: LoadedModel) -> None:
+    """A probe with a deadline, behind one call that fills the batch, or a flood of another
+    tenant, or paused streams: it gets in by preemption, so it is not refused."""
+    config = replace(CONFIG, max_batch_size=4, max_call_share=0.5, stream_buffer_tokens=4)
+    engine = await started(tiny, config)
+    try:
+        big = [await engine.submit(req(f"b{i}", max_new=1000, call_id="big", tenant="t")) for i in range(8)]
+        await engine.wait_for(lambda: engine.stats.num_steps > 20, WAIT_S)  # full, and step times known
+        probe = await engine.submit(req("small", max_new=4, tenant="t", deadline=time.monotonic() + 2.0))
+        await probe.collect()
+        for stream in big:
+            stream.close()
+        flood = [await engine.submit(req(f"f{i}", max_new=1000, tenant="flood")) for i in range(8)]
+        await engine.wait_for(lambda: engine.stats.num_running == 4, WAIT_S)
+        probe = await engine.submit(req("other", max_new=4, tenant="other", deadline=time.monotonic() + 2.0))
+        await probe.collect()
+        for stream in flood:
+            stream.close()
+    finally:
+        await engine.shutdown()

@@ -194,7 +194,7 @@ def timed(estimator: FirstTokenEstimator, clock: FakeClock, seconds: float, pref
 def test_the_estimate_is_unknown_until_a_step_was_timed() -> None:
     estimator = FirstTokenEstimator(max_batch_size=4, max_prefill_tokens=256, preemption=True)
     assert estimator.first_token_in(Priority.DEFAULT, 100) is None
-    assert shortfall(estimator, Priority.DEFAULT, 100, seconds_left=0.0) is None  # refuses nothing
+    assert shortfall(estimator, GenerationRequest(request_id="r"), 100, seconds_left=0.0) is None  # refuses nothing
 
 
 def test_a_free_place_costs_the_prefill_steps_and_one_decode_step() -> None:
@@ -207,34 +207,70 @@ def test_a_free_place_costs_the_prefill_steps_and_one_decode_step() -> None:
     # 250 prompt tokens: 3 prefill steps, then one step
     assert estimator.first_token_in(Priority.DEFAULT, 250) == pytest.approx(3 * 0.05 + 0.02)
     deadline = clock() + 0.1
-    missed = shortfall(estimator, Priority.DEFAULT, 250, deadline - clock())
+    request = GenerationRequest(request_id="r")
+    missed = shortfall(estimator, request, 250, deadline - clock())
     assert missed == pytest.approx(0.07)
-    assert shortfall(estimator, Priority.DEFAULT, 250, deadline - clock() + 1.0) is None
+    assert shortfall(estimator, request, 250, deadline - clock() + 1.0) is None
 
 
 def test_a_full_batch_costs_the_wait_for_the_needed_place() -> None:
     estimator = FirstTokenEstimator(max_batch_size=2, max_prefill_tokens=100, preemption=True)
     estimator.observe(0.01, prefilled=False)
     estimator.observe(0.01, prefilled=True)
-    full = Load(num_running=2, remaining=(40, 300), running_by_class=(0, 2, 0), waiting_by_class=(0, 1, 0))
+    full = Load(num_running=2, remaining=(40, 300), running_by_class=(0, 2, 0), waiting={(Priority.DEFAULT, ""): 1})
     estimator.publish(full)
     # one DEFAULT request waits ahead: this one needs the second place to open, after 300 steps
     assert estimator.first_token_in(Priority.DEFAULT, 10) == pytest.approx(300 * 0.01 + 0.01 + 0.01)
     # an INTERACTIVE request waits for nobody ahead, and preempts a DEFAULT one at once
     assert estimator.first_token_in(Priority.INTERACTIVE, 10) == pytest.approx(0.02)
     # a request needs more places than the batch frees in one round: it waits for later rounds
-    crowded = Load(num_running=2, remaining=(40, 300), running_by_class=(0, 2, 0), waiting_by_class=(0, 3, 0))
+    crowded = Load(
+        num_running=2,
+        remaining=(40, 300),
+        running_by_class=(0, 2, 0),
+        waiting={(Priority.DEFAULT, ""): 3},
+        waiting_max_new=500,
+    )
     estimator.publish(crowded)
-    assert estimator.first_token_in(Priority.DEFAULT, 10) == pytest.approx((300 + 300) * 0.01 + 0.02)
+    # the 4th place: the second to finish (300), then the occupant of the first freed (500 at most)
+    assert estimator.first_token_in(Priority.DEFAULT, 10) == pytest.approx((300 + 500) * 0.01 + 0.02)
+
+
+def test_places_that_preemption_would_free_are_not_waited_for() -> None:
+    estimator = FirstTokenEstimator(max_batch_size=4, max_prefill_tokens=100, preemption=True)
+    estimator.observe(0.01, prefilled=False)
+    estimator.observe(0.01, prefilled=True)
+    base = dict(num_running=4, remaining=(500, 500, 500, 500), running_by_class=(0, 4, 0))
+    one_tenant = Load(**base, held={(Priority.DEFAULT, "a"): 4})
+    estimator.publish(one_tenant)
+    assert estimator.first_token_in(Priority.DEFAULT, 10, tenant="b") == pytest.approx(0.02)  # takes a's 4th
+    assert estimator.first_token_in(Priority.DEFAULT, 10, tenant="a") == pytest.approx(5.02)  # waits its turn
+    one_call = Load(**base, held={(Priority.DEFAULT, "a"): 4}, over_share={"big": 2})
+    estimator.publish(one_call)
+    assert estimator.first_token_in(Priority.DEFAULT, 10, tenant="a", call_id="small") == pytest.approx(0.02)
+    assert estimator.first_token_in(Priority.DEFAULT, 10, tenant="a", call_id="big") == pytest.approx(5.02)
+    paused = Load(**base, held={(Priority.DEFAULT, "a"): 4}, num_paused=1)
+    estimator.publish(paused)
+    assert estimator.first_token_in(Priority.DEFAULT, 10, tenant="a") == pytest.approx(0.02)
+    no_preemption = FirstTokenEstimator(max_batch_size=4, max_prefill_tokens=100, preemption=False)
+    no_preemption.observe(0.01, prefilled=False)
+    no_preemption.publish(one_call)
+    assert no_preemption.first_token_in(Priority.DEFAULT, 10, tenant="b", call_id="small") == pytest.approx(5.02)
 
 
 def test_load_of_counts_classes_and_remaining_tokens() -> None:
     a = sq("a", Priority.BATCH, max_new=10)
     b = sq("b", Priority.INTERACTIVE, prompt_len=7)
-    load = load_of([a], [b])
+    load = load_of([a], [b], call_cap=1)
     assert load.num_running == 1 and load.remaining == (10,)
-    assert load.running_by_class == (0, 0, 1) and load.waiting_by_class == (1, 0, 0)
-    assert load.waiting_tokens_by_class == (7, 0, 0)
+    assert load.held == {(Priority.BATCH, "a"): 1} and load.over_share == {} and load.waiting_max_new == 50
+    assert load.running_by_class == (0, 0, 1)
+    assert load.waiting == {(Priority.INTERACTIVE, "b"): 1} and load.waiting_tokens == {(Priority.INTERACTIVE, "b"): 7}
+    # what cannot be admitted before a newcomer is not ahead of it: a call at its share, a paused one
+    c, d = sq("a", call_id="big"), sq("a", call_id="big")
+    d.paused = True
+    assert load_of([sq("a", call_id="big")], [c], call_cap=1).waiting == {}
+    assert load_of([], [d], call_cap=1).waiting == {}
 
 
 def test_requests_of_the_engine_default_to_the_default_class() -> None:

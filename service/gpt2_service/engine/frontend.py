@@ -259,7 +259,7 @@ class Engine:
         deadline = seq.request.deadline
         if self.estimator is None or deadline is None:
             return
-        missed_by = shortfall(self.estimator, seq.request.priority, len(seq.prompt_ids), deadline - time.monotonic())
+        missed_by = shortfall(self.estimator, seq.request, len(seq.prompt_ids), deadline - time.monotonic())
         if missed_by is not None:
             raise EngineOverloadedError(
                 f"the deadline cannot be met: the first token is estimated {missed_by:.3f} s after it; retry later",

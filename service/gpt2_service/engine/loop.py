@@ -237,7 +237,8 @@ class EngineLoop:
                 if self._estimator is not None:
                     self._estimator.observe(time.perf_counter() - start, prefilled=bool(plan.prefill))
         if self._estimator is not None:
-            self._estimator.publish(load_of(self.scheduler.running, self.scheduler.waiting))
+            scheduler = self.scheduler
+            self._estimator.publish(load_of(scheduler.running, scheduler.waiting, scheduler.config.call_cap))
         self._record_step(plan, early, result)  # before delivering: whoever sees an output sees this step's stats
         items = self._finish(early) + self._finish(result)
         self._outbox.deliver(items)
