@@ -1,10 +1,11 @@
 """The gpt2.v1.Introspection servicer: convert the request, run the Inspector, convert back.
 
-A model RPC's forward pass is one job on the engine thread, run between two generation steps
-(``engine.run_exclusive``), so it never races a forward pass and its time counts against the
-engine's ``introspection_share``; its plan (validation, tokenization: work that grows with the
-input) runs on a worker thread before it, so a hostile input is refused without touching the
-engine, and its response (tensors encoded) on a worker thread after it.
+A model RPC's plan (validation, tokenization: work that grows with the input) runs on a worker
+thread, so a hostile input is refused without touching the engine; its forward pass and its
+response (tensors encoded, bounded by the response budget) are then one job on the engine thread,
+run between two generation steps (``engine.run_exclusive``), so it never races a forward pass,
+the response's Python work does not compete with the engine for the GIL from another thread, and
+its time counts against the engine's ``introspection_share``.
 At most ``max_model_rpcs`` of them are in flight per server; beyond it a call is refused at once
 with RESOURCE_EXHAUSTED (reason ``TOO_MANY_MODEL_RPCS``). Tokenize and Detokenize need no model:
 they run on a worker thread, never hold up the engine and are not limited. Errors, the serving
@@ -113,8 +114,8 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
     ) -> R:
         """A model RPC, unless ``max_model_rpcs`` are in flight: ``plan`` (validation,
         tokenization: work that grows with the input, so a hostile input is refused without
-        touching the engine) on a worker thread, the forward pass as one engine job between two
-        steps, then ``respond`` (the response, with its tensors as ``dtype``) on a worker thread."""
+        touching the engine) on a worker thread, then the forward pass and ``respond`` (the
+        response, with its tensors as ``dtype``) as one engine job between two steps."""
         async with self._call(rpc, context) as (engine, inspector):
             tensors = tensor_dtype(dtype)  # an unknown value is refused before any work
             if self._model_rpcs >= self._max_model_rpcs:
@@ -128,8 +129,7 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             started = time.monotonic()
             try:
                 run = await asyncio.to_thread(plan, inspector)
-                result = await engine.run_exclusive(run)
-                return await asyncio.to_thread(respond, result, tensors)
+                return await engine.run_exclusive(lambda: respond(run(), tensors))
             finally:
                 self._model_rpcs -= 1
                 self._model_rpc_seconds += 0.2 * (time.monotonic() - started - self._model_rpc_seconds)
