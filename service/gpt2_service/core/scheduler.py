@@ -9,8 +9,9 @@ Policy, each in a small helper below:
   KV-cache slot, in the order core/fairness.py sets (priority classes, then tenants max-min
   fairly, one call at most ``call_cap`` places while others wait); when the batch is full, a
   waiting request may preempt a running one (fairness.choose_victim): the victim's slot is
-  freed and it waits again, to be recomputed (its tokens so far are its new prompt, its
-  generator stays). Expired deadlines are never admitted;
+  freed and it waits again; readmitted, it recomputes its window as it first computed it
+  (``prefill_end``: its prompt in prefill chunks, its output replayed one decode step per token,
+  nothing sampled), so its next token is bitwise the same. Expired deadlines are never admitted;
 - a paused sequence (its reader lags: ``pause``) is not scheduled until ``resume``;
 - prefill is chunked: at most ``max_prefill_tokens`` prompt tokens per step across newcomers,
   higher classes first and tenants taking turns, so a long prompt delays running streams by at
@@ -233,8 +234,10 @@ class Scheduler:
             self.running.append(seq)
 
     def _preempt(self, seq: Sequence, reason: str, result: StepResult) -> None:
-        """Free the sequence's slot and put it back at the head of its queue: readmitted, it
-        prefills its whole window again and samples its next token from the last position."""
+        """Free the sequence's slot and put it back at the head of its queue. Readmitted, it
+        recomputes its window: in batch-invariant mode as it first computed it (prompt chunks,
+        then a replayed decode step per output token: ``StepPlan.replay``), else all in prefill
+        chunks; either way its next token is sampled from the window's last position."""
         assert seq.slot is not None
         self.slots.free(seq.slot)
         self.running.remove(seq)
