@@ -47,8 +47,6 @@ import concurrent.futures
 import contextlib
 import json
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -65,89 +63,33 @@ from gpt2_client import Client, GPT2Error
 from gpt2_client.proto import common_pb2, generation_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
 from grpc_status import rpc_status
+from serve_process import ServeProcess
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
-METRICS_AT = re.compile(r"metrics on http://\S+:(\d+)/metrics")
 SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 PROMPT = list(range(1000, 1016))  # 16 token ids
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)  # a channel of its own, not a shared subchannel
 SCENARIOS = ("one_call", "tenants", "slow", "deadline")
-MB = 1_000_000
 
 
 # -- the server --------------------------------------------------------------------------------
 
 
-class Server:
-    """``gpt2-serve --model random:tiny`` on 127.0.0.1, free gRPC and metrics ports read from its log."""
+class Server(ServeProcess):
+    """``gpt2-serve --model random:tiny`` with ``flags``."""
 
     def __init__(self, flags: list[str]) -> None:
-        entry = Path(sys.executable).with_name("gpt2-serve")
-        command = [str(entry)] if entry.exists() else [sys.executable, "-m", "gpt2_service"]
-        command += ["--model", "random:tiny", "--host", "127.0.0.1", "--port", "0"]
-        command += ["--metrics-host", "127.0.0.1", "--metrics-port", "0", *flags]
-        self.flags = flags
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: collections.deque[str] = collections.deque(maxlen=300)
-        self._found: dict[str, str] = {}
-        self._ready = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        super().__init__("random:tiny", flags)
 
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-            for name, pattern in (("port", LISTENING), ("metrics", METRICS_AT)):
-                if name not in self._found and (match := pattern.search(line)):
-                    with self._ready:
-                        self._found[name] = match.group(1)
-                        self._ready.notify_all()
-
-    def start(self, token: str | None = None, timeout: float = 180.0) -> tuple[str, str]:
-        """The gRPC target and the metrics URL, once the server is SERVING (and warm)."""
-        deadline = time.monotonic() + timeout
-        with self._ready:
-            while len(self._found) < 2:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gpt2-serve did not start:\n" + "\n".join(self.lines))
-                self._ready.wait(0.2)
-        target = f"127.0.0.1:{self._found['port']}"
+    def start(self, token: str | None = None) -> tuple[str, str]:
+        """The gRPC target and the metrics URL, once the server is SERVING and warm."""
+        target, metrics_url = self.wait_listening()
+        self.wait_serving(target, token)
         with Client(target, timeout=5, token=token) as client:
-            while True:
-                try:
-                    if client.health().name == "SERVING":
-                        break
-                except GPT2Error:
-                    pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gpt2-serve not SERVING:\n" + "\n".join(self.lines))
-                time.sleep(0.2)
             for _ in range(3):  # warm: a first step timed, the connection's path
                 client.generate(PROMPT, max_new_tokens=8, temperature=0.0, ignore_eos=True, timeout=60)
-        return target, f"http://127.0.0.1:{self._found['metrics']}/metrics"
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / MB
-        raise KeyError("VmRSS")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> int | None:
-        """SIGTERM (SIGKILL after 60 s); the exit status, or None when it was already gone."""
-        if self.process.poll() is not None:
-            return self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            return None
+        return target, metrics_url
 
 
 class Metrics:

@@ -34,8 +34,6 @@ import os
 import platform
 import random
 import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -46,11 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_client import Client, GPT2Error
+from serve_process import ServeProcess
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
-METRICS_AT = re.compile(r"metrics on http://\S+:(\d+)/metrics")
-MB = 1_000_000
 
 DOCKERFILE = Path(__file__).resolve().parents[1] / "deploy" / "Dockerfile"
 # The memory settings deploy/Dockerfile gives the server (read from it, so the two cannot drift).
@@ -82,83 +78,6 @@ WORDS = [
     "old", "roads", "led", "far", "into", "bright", "cities", "where", "people", "spoke", "of",
     "ships", "machines", "music", "rivers", "winter", "gardens", "time", "\n", ",", ".",
 ]  # fmt: skip
-
-
-# -- the server --------------------------------------------------------------------------------
-
-
-class Server:
-    """``gpt2-serve`` on 127.0.0.1 with free ports; the last log lines are kept."""
-
-    def __init__(self, model: str, extra_args: list[str], env: dict[str, str], log: Path | None) -> None:
-        entry = Path(sys.executable).with_name("gpt2-serve")
-        command = [str(entry)] if entry.exists() else [sys.executable, "-m", "gpt2_service"]
-        command += ["--model", model, "--host", "127.0.0.1", "--port", "0"]
-        command += ["--metrics-host", "127.0.0.1", "--metrics-port", "0", *extra_args]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
-        )
-        self.lines: collections.deque[str] = collections.deque(maxlen=200)
-        self._log = log.open("w") if log else None
-        self._found: dict[str, str] = {}
-        self._ready = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if self._log:
-                self._log.write(line)
-                self._log.flush()
-            for name, pattern in (("port", LISTENING), ("metrics", METRICS_AT)):
-                if name not in self._found and (match := pattern.search(line)):
-                    with self._ready:
-                        self._found[name] = match.group(1)
-                        self._ready.notify_all()
-
-    def wait_listening(self, timeout: float = 120.0) -> tuple[int, str]:
-        """The gRPC port and the metrics URL, once both are logged."""
-        deadline = time.monotonic() + timeout
-        with self._ready:
-            while len(self._found) < 2:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gpt2-serve did not start:\n" + "\n".join(self.lines))
-                self._ready.wait(0.5)
-        return int(self._found["port"]), f"http://127.0.0.1:{self._found['metrics']}/metrics"
-
-    def rss_bytes(self) -> int:
-        return _status_kib(self.process.pid, "VmRSS") * 1024
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-
-def _status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def wait_serving(server: Server, address: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    with Client(address, timeout=5) as client:
-        while True:
-            try:
-                if client.health().name == "SERVING":
-                    return
-            except GPT2Error:
-                pass
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("gpt2-serve not SERVING:\n" + "\n".join(server.lines))
-            time.sleep(0.5)
 
 
 # -- the traffic -------------------------------------------------------------------------------
@@ -310,7 +229,7 @@ class RssSampler:
     """A thread that scrapes ``/metrics`` (as Prometheus would) and records the server's RSS every
     ``interval`` seconds, under the current ``phase`` ("load", then "idle")."""
 
-    def __init__(self, server: Server, metrics_url: str, interval: float, tally: Tally) -> None:
+    def __init__(self, server: ServeProcess, metrics_url: str, interval: float, tally: Tally) -> None:
         self.server, self.metrics_url, self.interval, self.tally = server, metrics_url, interval, tally
         self.samples: list[Sample] = []
         self.phase = "load"
@@ -321,7 +240,7 @@ class RssSampler:
 
     def sample(self) -> Sample:
         minutes = (time.monotonic() - self._start) / 60
-        sample = Sample(minutes, self.server.rss_bytes() / MB, self.tally.total(), self.phase)
+        sample = Sample(minutes, self.server.rss_mb(), self.tally.total(), self.phase)
         self.samples.append(sample)
         print(f"  {sample.minutes:6.2f} min  RSS {sample.rss_mb:8.1f} MB  {sample.requests} requests", flush=True)
         return sample
@@ -453,12 +372,11 @@ def drive(address: str, args: argparse.Namespace, tally: Tally) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {**MEMORY_SETTINGS[args.memory_settings], **dict(item.split("=", 1) for item in args.env)}
-    server = Server(args.model, args.server_arg, env, args.server_log)
+    server = ServeProcess(args.model, args.server_arg, env, args.server_log)
     tally = Tally()
     try:
-        port, metrics_url = server.wait_listening()
-        address = f"127.0.0.1:{port}"
-        wait_serving(server, address)
+        address, metrics_url = server.wait_listening()
+        server.wait_serving(address)
         print(
             f"gpt2-serve pid {server.process.pid} on {address}, memory settings {args.memory_settings} {env}",
             flush=True,
