@@ -62,14 +62,15 @@ class Waiting:
         self._len += 1
 
     def remove_where(self, predicate: Callable[[Sequence], bool]) -> list[Sequence]:
-        """Take out and return every waiting sequence for which ``predicate`` holds."""
+        """Take out and return every waiting sequence for which ``predicate`` holds (asked once
+        per sequence)."""
         removed: list[Sequence] = []
         for key, queue in list(self._queues.items()):
-            hit = [s for s in queue if predicate(s)]
-            if not hit:
+            kept: deque[Sequence] = deque()
+            for seq in queue:
+                (removed if predicate(seq) else kept).append(seq)
+            if len(kept) == len(queue):
                 continue
-            removed += hit
-            kept = deque(s for s in queue if not predicate(s))
             if kept:
                 self._queues[key] = kept
             else:
