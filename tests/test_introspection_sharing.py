@@ -20,9 +20,11 @@ from google.rpc import error_details_pb2
 from gpt2_client.proto import generation_pb2_grpc, introspection_pb2_grpc
 from gpt2_client.proto import introspection_pb2 as pb
 from gpt2_service.config import ServerConfig
+from gpt2_service.core.pieces import Pieces, advance
 from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.engine.loop import EngineLoop
+from gpt2_service.introspection.inspector import TRACE_OPTIONS, Inspector
 from gpt2_service.metrics import REJECT_REASONS, Metrics
 from gpt2_service.model.weights import LoadedModel
 from grpc_status import rpc_status
@@ -58,14 +60,7 @@ async def test_jobs_take_at_most_their_share_while_generation_runs(tiny: LoadedM
     engine = Engine(tiny, dataclasses.replace(API_ENGINE_CONFIG, introspection_share=0.25))
     await engine.start()
     try:
-        stream = await engine.submit(
-            GenerationRequest(
-                request_id="long",
-                prompt_token_ids=list(range(1000, 1016)),
-                sampling=SamplingParams(temperature=0.0),
-                stopping=StoppingCriteria(max_new_tokens=400, ignore_eos=True),
-            )
-        )
+        stream = await engine.submit(_long_generation(engine))
         await anext(aiter(stream))  # generating
         runs = await asyncio.wait_for(asyncio.gather(*_sleeping_jobs(engine, 5)), WAIT_S)
         assert engine.scheduler.running, "the stream was generating all along"
@@ -91,6 +86,97 @@ async def test_jobs_run_back_to_back_without_generation(tiny: LoadedModel) -> No
         await engine.shutdown()
     assert [index for index, _, _ in runs] == list(range(5))
     assert elapsed < 5 * JOB_S + 1.0, f"five idle-engine jobs of {JOB_S}s took {elapsed:.2f}s: they waited"
+
+
+def _long_generation(engine: Engine) -> GenerationRequest:
+    return GenerationRequest(
+        request_id="long",
+        prompt_token_ids=list(range(1000, 1016)),
+        sampling=SamplingParams(temperature=0.0),
+        stopping=StoppingCriteria(max_new_tokens=400, ignore_eos=True),
+    )
+
+
+async def test_generation_steps_run_between_the_pieces_of_a_job(tiny: LoadedModel) -> None:
+    engine = Engine(tiny, dataclasses.replace(API_ENGINE_CONFIG, introspection_share=1.0))
+    await engine.start()
+
+    def counting(pieces: int) -> Pieces[list[int]]:  # the engine's step count at each piece
+        seen = []
+        for _ in range(pieces):
+            seen.append(engine.stats.num_steps)
+            yield
+        return seen
+
+    try:
+        stream = await engine.submit(_long_generation(engine))
+        await anext(aiter(stream))
+        seen = await asyncio.wait_for(engine.run_pieces(counting(5)), WAIT_S)
+        stream.close()
+    finally:
+        await engine.shutdown()
+    assert all(b > a for a, b in itertools.pairwise(seen)), f"no step between two pieces: {seen}"
+
+
+async def test_a_request_arriving_during_a_job_waits_for_a_piece_not_the_job(tiny: LoadedModel) -> None:
+    engine = Engine(tiny, dataclasses.replace(API_ENGINE_CONFIG, introspection_share=0.25))
+    await engine.start()
+    first_piece = threading.Event()
+
+    def slow(pieces: int) -> Pieces[list[int]]:
+        seen = []
+        for _ in range(pieces):
+            seen.append(engine.stats.num_steps)
+            first_piece.set()
+            time.sleep(JOB_S)
+            yield
+        return seen
+
+    try:
+        job = asyncio.ensure_future(engine.run_pieces(slow(10)))
+        await asyncio.to_thread(first_piece.wait, WAIT_S)
+        stream = await engine.submit(_long_generation(engine))  # arrives while piece 0 or 1 runs
+        seen = await asyncio.wait_for(job, WAIT_S)
+        stream.close()
+    finally:
+        await engine.shutdown()
+    assert seen[3] > seen[0], f"the request took no step until the job's end: {seen}"
+
+
+async def test_a_failing_piece_fails_its_job_only(tiny: LoadedModel) -> None:
+    engine = Engine(tiny, API_ENGINE_CONFIG)
+    await engine.start()
+
+    def failing() -> Pieces[int]:
+        yield
+        raise RuntimeError("piece 2 failed")
+
+    try:
+        with pytest.raises(RuntimeError, match="piece 2 failed"):
+            await asyncio.wait_for(engine.run_pieces(failing()), WAIT_S)
+        assert await asyncio.wait_for(engine.run_exclusive(lambda: 7), WAIT_S) == 7
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_trace_in_pieces_is_the_trace_and_times_only_itself(tiny: LoadedModel) -> None:
+    inspector = Inspector(tiny)
+    whole = inspector.trace(token_ids=list(range(1000, 1064)))
+    pieces = inspector.plan_trace(
+        None, list(range(1000, 1064)), dataclasses.replace(TRACE_OPTIONS, seed=whole.prediction.seed)
+    )()
+    away = 0.0
+    while (finished := advance(pieces)) is None:
+        time.sleep(JOB_S)  # the engine at other work between two pieces
+        away += JOB_S
+    traced = finished.result
+    assert [s.name for s in traced.stages] == [s.name for s in whole.stages]
+    assert [(s.output_stats, s.output_shape) for s in traced.stages] == [
+        (s.output_stats, s.output_shape) for s in whole.stages
+    ]
+    assert traced.prediction == whole.prediction
+    assert away >= 3 * JOB_S, "the trace has a piece per model stage"
+    assert traced.seconds < away, f"{traced.seconds:.3f}s counts the {away:.3f}s spent between pieces"
 
 
 def test_the_share_must_be_a_fraction(tiny: LoadedModel) -> None:
@@ -228,11 +314,9 @@ async def test_a_small_generate_keeps_its_pace_beside_four_1024_token_traces(tin
     """Idle and loaded p50 in the same test, on the same server; the four Trace clients run in a
     process of their own, as callers do (the Generate client shares the server's event loop).
 
-    The issue's target is 2x; on this 2-core machine the Trace clients and the engine thread's
-    back-to-back jobs (between two Generates the engine has no generation work) compete for the
-    same two cores, and the ratio measured 1.5-2.6x over runs (12-18x before the time share:
-    bench/contention_introspection.py). The test holds the line at 3x, which a regression to
-    one-job-per-step would break by far."""
+    The issue's bound is 2x. Here the ratio measured 1.53-1.60x over runs (2.2-2.6x while a
+    model RPC was one job, not a piece per stage; 12-18x before the time share:
+    bench/contention_introspection.py); 10 ms of slack absorbs a noisy machine's jitter."""
     async with serve(tiny, engine_config=BOUND_ENGINE) as served:
         idle = await _generate_p50(served, SAMPLES)
         clients = await asyncio.create_subprocess_exec(
@@ -249,4 +333,4 @@ async def test_a_small_generate_keeps_its_pace_beside_four_1024_token_traces(tin
             out, _ = await asyncio.wait_for(clients.communicate(), 60)
     answered = int(out.split()[0])
     assert answered >= 4, f"only {answered} Trace calls answered"
-    assert loaded <= 3 * idle + 0.01, f"p50 of a small Generate: {idle:.4f}s idle, {loaded:.4f}s beside Traces"
+    assert loaded <= 2 * idle + 0.01, f"p50 of a small Generate: {idle:.4f}s idle, {loaded:.4f}s beside Traces"

@@ -3,9 +3,10 @@
 A model RPC's plan (validation, tokenization: work that grows with the input) runs on a worker
 thread, so a hostile input is refused without touching the engine; its forward pass and its
 response (tensors encoded, bounded by the response budget) are then one job on the engine thread,
-run between two generation steps (``engine.run_exclusive``), so it never races a forward pass,
-the response's Python work does not compete with the engine for the GIL from another thread, and
-its time counts against the engine's ``introspection_share``.
+run in pieces between generation steps (``engine.run_pieces``: the embedding, each block, the
+head, then the response), so it never races a forward pass, a Generate arriving meanwhile waits
+for one piece rather than the whole pass, the response's Python work does not compete with the
+engine for the GIL from another thread, and its time counts against ``introspection_share``.
 At most ``max_model_rpcs`` of them are in flight per server; beyond it a call is refused at once
 with RESOURCE_EXHAUSTED (reason ``TOO_MANY_MODEL_RPCS``). Tokenize and Detokenize need no model:
 they run on a worker thread, never hold up the engine and are not limited. Errors, the serving
@@ -30,6 +31,7 @@ from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.logs import new_request_id
 from gpt2_service.api.servicer import Context, rpc_scope
 from gpt2_service.config import ServerConfig
+from gpt2_service.core.pieces import Pieces
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.errors import EngineOverloadedError, FieldViolation, InvalidRequestError
 from gpt2_service.introspection.inspector import (
@@ -115,7 +117,8 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
         """A model RPC, unless ``max_model_rpcs`` are in flight: ``plan`` (validation,
         tokenization: work that grows with the input, so a hostile input is refused without
         touching the engine) on a worker thread, then the forward pass and ``respond`` (the
-        response, with its tensors as ``dtype``) as one engine job between two steps."""
+        response, with its tensors as ``dtype``) as one engine job, a model stage (and then the
+        response) per piece, between generation steps."""
         async with self._call(rpc, context) as (engine, inspector):
             tensors = tensor_dtype(dtype)  # an unknown value is refused before any work
             if self._model_rpcs >= self._max_model_rpcs:
@@ -129,7 +132,7 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             started = time.monotonic()
             try:
                 run = await asyncio.to_thread(plan, inspector)
-                return await engine.run_exclusive(lambda: respond(run(), tensors))
+                return await engine.run_pieces(_then_respond(run(), respond, tensors))
             finally:
                 self._model_rpcs -= 1
                 self._model_rpc_seconds += 0.2 * (time.monotonic() - started - self._model_rpc_seconds)
@@ -170,6 +173,13 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             lambda i: i.plan_trace(*_input(request), options),
             lambda result, _: to_trace_response(result),
         )
+
+
+def _then_respond(pieces: Pieces[T], respond: Callable[[T, TensorDtype], R], tensors: TensorDtype) -> Pieces[R]:
+    """The pass, then its response as a piece of its own."""
+    result = yield from pieces
+    yield
+    return respond(result, tensors)
 
 
 def response_budget(max_bytes: int) -> ResponseBudget:

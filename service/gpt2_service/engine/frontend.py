@@ -4,8 +4,8 @@ Threading: the event loop never runs torch. ``submit`` (on the loop) validates, 
 bound, tokenizes, and posts the new sequence to the engine thread (engine_loop.py), which loops
 ``schedule -> execute -> update_from_output`` and hands each step's outputs back to the loop in
 one ``call_soon_threadsafe``, where they are routed to their streams (engine_stream.py). Aborts
-and introspection jobs (``run_exclusive``) go through the same inbox, so they are applied between
-steps and never race a forward pass. Observers get immutable events (engine_events.py).
+and introspection jobs (``run_pieces``, a model stage per piece; ``run_exclusive``) go through the
+same inbox, so they are applied between steps and never race a forward pass. Observers get immutable events (engine_events.py).
 
 Contract of ``submit``: raises ``InvalidRequestError`` (nothing enqueued),
 ``EngineOverloadedError`` (queue full; raised before any tokenization or model work) or
@@ -27,6 +27,7 @@ import torch
 
 from gpt2_service.config import EngineConfig
 from gpt2_service.core.estimate import FirstTokenEstimator, shortfall
+from gpt2_service.core.pieces import Pieces, one_piece
 from gpt2_service.core.request import GenerationRequest, RequestLimits, validate
 from gpt2_service.core.scheduler import Scheduler, SchedulerConfig
 from gpt2_service.core.sequence import GenerationOutput, Sequence
@@ -283,6 +284,11 @@ class Engine:
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between two steps (it never overlaps a forward pass)."""
+        return await self.run_pieces(one_piece(fn))
+
+    async def run_pieces(self, pieces: Pieces[T]) -> T:
+        """Run ``pieces`` on the engine thread, a piece at a time between two steps (no piece
+        overlaps a forward pass; generation steps may run between pieces); its result."""
         loop = self._loop
         if loop is None or not self._thread.started:
             raise EngineUnavailableError("engine not started")
@@ -293,7 +299,7 @@ class Engine:
         def done(result: Any, error: BaseException | None) -> None:  # on the engine thread
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-        self._thread.post(Job(lambda: self.runner.run(fn), done))
+        self._thread.post(Job(pieces, done))
         return await future
 
     def _count_stalled(self) -> None:

@@ -8,11 +8,13 @@ After each step it records the step's statistics, tells the observers (``StepEve
 ``FinishEvent`` per request that ended) and hands the step's outputs to ``Outbox.deliver``, once
 per step, even when there are none, so that whoever waits on the engine's state re-checks it.
 
-Jobs share the thread with generation by time: they run in arrival order, one between two steps,
-and while the scheduler has work, a job that took ``t`` seconds is followed by at least
-``t * (1 - job_share) / job_share`` seconds of steps before the next one, so jobs take at most
-``job_share`` of the thread's busy time and running streams keep their pace. With no generation
-work, jobs run back to back (warm-up is never delayed); every job runs eventually.
+Jobs share the thread with generation by time. A job is work in pieces (core/pieces.py: an
+introspection pass is one piece per model stage); jobs run in arrival order, a piece at a time.
+While the scheduler has work, a piece that took ``t`` seconds is followed by at least one step,
+and by at least ``t * (1 - job_share) / job_share`` seconds of steps, before the next piece: jobs
+take at most ``job_share`` of the thread's busy time and running streams keep their pace; a
+request arriving while a job runs waits for one piece, not for the whole job. With no generation
+work, pieces run back to back (warm-up is never delayed); every job runs to its end eventually.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gpt2_service.core.estimate import FirstTokenEstimator, load_of
+from gpt2_service.core.pieces import Pieces, advance
 from gpt2_service.core.scheduler import Scheduler, StepPlan, StepResult
 from gpt2_service.core.sequence import Finished, Sequence
 from gpt2_service.engine.events import (
@@ -76,9 +79,10 @@ class Resume:
 
 @dataclass(frozen=True)
 class Job:
-    """Run ``fn`` between two steps and pass its result, or what it raised, to ``done``."""
+    """Run ``pieces`` between steps, a piece at a time, and pass its result, or what it raised,
+    to ``done``."""
 
-    fn: Callable[[], Any]
+    pieces: Pieces[Any]
     done: Callable[[Any, BaseException | None], None]
 
 
@@ -115,7 +119,7 @@ class EngineLoop:
         estimator: FirstTokenEstimator | None = None,
     ) -> None:
         """``job_share``: the largest share, in (0, 1], of the thread's busy time that jobs take
-        while the scheduler has work (1: one job between every two steps)."""
+        while the scheduler has work (1: one piece of a job between every two steps)."""
         if not 0.0 < job_share <= 1.0:
             raise ValueError(f"the jobs' share of the engine thread must be in (0, 1], not {job_share}")
         self.scheduler = scheduler
@@ -128,7 +132,9 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._jobs: deque[Job] = deque()  # FIFO, taken off the inbox, waiting for their turn
         self._steps_per_job_second = (1.0 - job_share) / job_share
-        self._steps_owed = 0.0  # seconds of steps to run before the next job, while generation has work
+        self._steps_owed = (
+            0.0  # seconds of steps to run (at least one) before the next piece, while generation has work
+        )
         self._step_observers: list[StepObserver] = []
         self._finish_observers: list[FinishObserver] = []
         self._thread: threading.Thread | None = None
@@ -162,10 +168,10 @@ class EngineLoop:
             while True:
                 if not self._drain_inbox(block=not (self.scheduler.has_work or self._jobs)):
                     while self._jobs:  # posted before Stop: they run, as they always have
-                        self._run_job(self._jobs.popleft())
+                        self._run_piece()
                     return
-                if self._jobs and (self._steps_owed <= 0.0 or not self.scheduler.has_work):
-                    self._run_job(self._jobs.popleft())
+                if self._jobs and (self._steps_owed < 0.0 or not self.scheduler.has_work):
+                    self._run_piece()
                 elif self.scheduler.has_work:
                     started = time.perf_counter()
                     self._step()
@@ -201,15 +207,20 @@ class EngineLoop:
                 case Stop():
                     return False
 
-    def _run_job(self, job: Job) -> None:
-        """Run ``job`` and owe generation its share of the time it took."""
+    def _run_piece(self) -> None:
+        """Run the next piece of the oldest job (and settle the job if that was its last), and owe
+        generation its share of the time it took."""
+        job = self._jobs[0]
         started = time.perf_counter()
         try:
-            result = job.fn()
+            finished = self.runner.run(lambda: advance(job.pieces))
         except BaseException as exc:
+            self._jobs.popleft()
             job.done(None, exc)
         else:
-            job.done(result, None)
+            if finished is not None:
+                self._jobs.popleft()
+                job.done(finished.result, None)
         self._steps_owed = (time.perf_counter() - started) * self._steps_per_job_second
 
     def _paused_changed(self) -> None:

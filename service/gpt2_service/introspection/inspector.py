@@ -2,10 +2,10 @@
 
 The Inspector plans each question: it checks and tokenizes the input (introspection_inputs) and
 refuses an answer over its budget (introspection_budget) on any thread, then hands back the
-forward pass (introspection_passes) to run on the engine thread, between steps::
+forward pass (introspection_passes), in pieces, to run on the engine thread between steps::
 
     plan = inspector.plan_attention(text="cat sat on the")  # validation and tokenization here
-    result = await engine.run_exclusive(plan)  # the forward pass there
+    result = await engine.run_pieces(plan())  # the forward pass there, a model stage at a time
 
 Each question also has a one-call form (``inspector.attention(...)``) that does both at once.
 Not here: the numbers themselves, the results' types (introspection_results) or protobuf.
@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import ParamSpec, TypeAlias, TypedDict, TypeVar, Unpack
 
+from gpt2_service.core.pieces import Pieces, run_to_end
 from gpt2_service.errors import Violations
 from gpt2_service.introspection.budget import NO_LIMIT, RESPONSE_TOO_LARGE, ResponseBudget
 from gpt2_service.introspection.inputs import MAX_INDEX_LIST, MAX_NUM_SAMPLES, InputChecker, input_field
@@ -65,8 +66,9 @@ __all__ = [
 R = TypeVar("R")
 P = ParamSpec("P")
 # The model half of a request: validation and tokenization are done when a plan is made (on any
-# thread); calling it runs the forward pass (on the engine thread, between steps).
-Plan: TypeAlias = Callable[[], R]
+# thread); calling it gives the forward pass as work in pieces, one per model stage, to run on the
+# engine thread between steps (``Engine.run_pieces``) or at once (``run_to_end``).
+Plan: TypeAlias = Callable[[], Pieces[R]]
 
 
 class SamplingArgs(TypedDict, total=False):
@@ -87,7 +89,7 @@ def _now(plan: Callable[P, Plan[R]]) -> Callable[P, R]:
 
     @functools.wraps(plan)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        return plan(*args, **kwargs)()
+        return run_to_end(plan(*args, **kwargs)())
 
     return run
 
@@ -225,7 +227,7 @@ class Inspector:
         engine's sampler does, so the first draw is the token a generation with the same prompt,
         parameters and seed starts with.
         """
-        return self.plan_predict_next(text, token_ids, SamplingOptions(**options))()
+        return run_to_end(self.plan_predict_next(text, token_ids, SamplingOptions(**options))())
 
     def plan_predict_next(
         self, text: str | None, token_ids: Sequence[int] | None, options: SamplingOptions = PREDICT_NEXT_OPTIONS
@@ -240,7 +242,7 @@ class Inspector:
         (the residual stream after each), final LayerNorm, LM head (last position) and sampling,
         each with shapes, time and statistics of its output; plus the prediction (5 candidates
         unless ``num_candidates`` says otherwise)."""
-        return self.plan_trace(text, token_ids, replace(TRACE_OPTIONS, **options))()
+        return run_to_end(self.plan_trace(text, token_ids, replace(TRACE_OPTIONS, **options))())
 
     def plan_trace(
         self, text: str | None, token_ids: Sequence[int] | None, options: SamplingOptions = TRACE_OPTIONS

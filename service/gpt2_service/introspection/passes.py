@@ -1,8 +1,9 @@
 """Introspection's model half: one forward pass of the serving model per question, made into a result.
 
-Every number comes from ``GPT2.forward`` with a ``Capture``, never from a second implementation,
-and every draw from the engine's sampler. Inputs arrive checked and tokenized (introspection.py);
-these passes are not thread-safe with generation: run them on the engine thread, between steps.
+Every number comes from ``GPT2.stages`` (the forward pass) with a ``Capture``, never from a
+second implementation, and every draw from the engine's sampler. Inputs arrive checked and
+tokenized (introspection.py). Each pass is work in pieces (core/pieces.py), one per model stage;
+the pieces are not thread-safe with generation: run them on the engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpt2_service.core.pieces import Pieces
 from gpt2_service.engine.sampler import FilterParams, apply_filters, draw, next_uniforms
 from gpt2_service.introspection.results import (
     AttentionResult,
@@ -34,6 +37,7 @@ from gpt2_service.model.gpt2 import Capture, StageTimer
 from gpt2_service.model.weights import LoadedModel
 
 Tokens = tuple[TokenInfo, ...]
+T = TypeVar("T")
 
 
 class ForwardPasses:
@@ -48,9 +52,9 @@ class ForwardPasses:
         self._device = next(loaded.model.parameters()).device
 
     @torch.inference_mode()
-    def embed(self, tokens: Tokens) -> EmbedResult:
+    def embed(self, tokens: Tokens) -> Pieces[EmbedResult]:
         capture = Capture(embeddings=True, hidden_states=True)
-        self._forward(tokens, capture)
+        yield from self._forward(tokens, capture)
         assert capture.token_embeddings is not None and capture.position_embeddings is not None
         summed = capture.hidden[0][0].float()  # (T, d): the tensor block 0 reads
         unit = F.normalize(summed, dim=-1)
@@ -65,9 +69,9 @@ class ForwardPasses:
     @torch.inference_mode()
     def attention(
         self, tokens: Tokens, layer_list: list[int], head_list: list[int], include_scores: bool
-    ) -> AttentionResult:
+    ) -> Pieces[AttentionResult]:
         capture = Capture(layers=frozenset(layer_list), attention_weights=True, attention_scores=include_scores)
-        self._forward(tokens, capture)
+        yield from self._forward(tokens, capture)
         head_index = None if len(head_list) == self.n_head else torch.tensor(head_list, device=self._device)
 
         def gather(per_layer: dict[int, Tensor]) -> FloatArray:
@@ -85,9 +89,9 @@ class ForwardPasses:
     @torch.inference_mode()
     def hidden_states(
         self, tokens: Tokens, layer_list: list[int], positions: tuple[int, ...], include_vectors: bool
-    ) -> HiddenStatesResult:
+    ) -> Pieces[HiddenStatesResult]:
         capture = Capture(hidden_states=True)
-        self._forward(tokens, capture)
+        yield from self._forward(tokens, capture)
         start = positions[0]
         states = torch.stack([capture.hidden[i][0, start:] for i in layer_list]).float()  # (L, P, d)
         return HiddenStatesResult(
@@ -99,19 +103,21 @@ class ForwardPasses:
         )
 
     @torch.inference_mode()
-    def predict_next(self, tokens: Tokens, options: SamplingOptions) -> PredictNextResult:
-        hidden = self._forward(tokens, None)
+    def predict_next(self, tokens: Tokens, options: SamplingOptions) -> Pieces[PredictNextResult]:
+        hidden = yield from self._forward(tokens, None)
         return self._predict(tokens, self.model.logits(hidden[0, -1:]), options)
 
     @torch.inference_mode()
     def trace(
         self, tokens: Tokens, options: SamplingOptions, input_shape: tuple[int, ...], tokenizer_seconds: float
-    ) -> TraceResult:
-        """The trace's forward pass; its time counts the tokenizer's (done when it was planned)."""
+    ) -> Pieces[TraceResult]:
+        """The trace's forward pass; its time counts the tokenizer's (done when it was planned),
+        not the time its runner spent elsewhere between two pieces."""
         started = time.perf_counter() - tokenizer_seconds
         timer = _StageLog(self._sync)
         capture = Capture(stage_outputs=True)
-        hidden = self._forward(tokens, capture, timer)
+        away = _Away()
+        hidden = yield from away.timed(self._forward(tokens, capture, timer))
         logits = self.model.logits(hidden[0, -1:], timer)  # (1, V)
         sampling_started = time.perf_counter()
         prediction = self._predict(tokens, logits, options)
@@ -129,16 +135,17 @@ class ForwardPasses:
         lm_seconds = times["lm_head"].popleft() if times["lm_head"] else 0.0
         stages.append(StageTrace("lm_head", None, (self.d_model,), (vocab,), lm_seconds, _stats(logits)))
         stages.append(StageTrace("sampling", None, (vocab,), (max(options.num_samples, 1),), sampling_seconds, None))
-        return TraceResult(tokens, tuple(stages), prediction, time.perf_counter() - started)
+        return TraceResult(tokens, tuple(stages), prediction, time.perf_counter() - started - away.seconds)
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _forward(self, tokens: Sequence[TokenInfo], capture: Capture | None, timer: StageTimer | None = None) -> Tensor:
-        """One forward pass over the whole input. (1, T, d)."""
+    def _forward(
+        self, tokens: Sequence[TokenInfo], capture: Capture | None, timer: StageTimer | None = None
+    ) -> Pieces[Tensor]:
+        """One forward pass over the whole input, a piece per stage. (1, T, d)."""
         ids = torch.tensor([[t.id for t in tokens]], dtype=torch.long, device=self._device)
         positions = torch.arange(len(tokens), device=self._device)[None]
-        hidden: Tensor = self.model(ids, positions, capture=capture, timer=timer)
-        return hidden
+        return self.model.stages(ids, positions, capture=capture, timer=timer)
 
     def _predict(self, tokens: Tokens, logits: Tensor, o: SamplingOptions) -> PredictNextResult:
         """Candidates, greedy token, draws and entropy from the last position's (1, V) logits."""
@@ -182,6 +189,24 @@ class ForwardPasses:
     def _sync(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
+
+
+class _Away:
+    """The seconds a piecewise pass spent suspended between its pieces (its runner at other work)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, pieces: Pieces[T]) -> Pieces[T]:
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as end:
+                result: T = end.value
+                return result
+            suspended = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - suspended
 
 
 class _StageLog(StageTimer):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt2_service.core.pieces import Pieces, run_to_end
 from gpt2_service.model.kernels import WEIGHT_FORMATS, PackedLinear, attention, project
 from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
 from gpt2_service.model.kv_cache import KeyValues, KVCache
@@ -260,6 +261,20 @@ class GPT2(nn.Module):
         timer: StageTimer | None = None,
     ) -> Tensor:
         """Hidden states after the final LayerNorm, (B, T, d)."""
+        return run_to_end(self.stages(input_ids, positions, layout, cache, capture, timer))
+
+    def stages(
+        self,
+        input_ids: Tensor,  # (B, T)
+        positions: Tensor,  # (B, T), each < n_positions
+        layout: AttentionLayout | None = None,
+        cache: KVCache | None = None,
+        capture: Capture | None = None,
+        timer: StageTimer | None = None,
+    ) -> Pieces[Tensor]:
+        """``forward`` in pieces: it yields after the embedding and after each block (so that a
+        long pass can share its thread with other work) and returns what ``forward`` does. It
+        does not enter inference mode itself: run it in a caller that has."""
         t = self.transformer
         if timer is not None:
             timer.start("embedding")
@@ -275,10 +290,12 @@ class GPT2(nn.Module):
                 capture.hidden.append(x)
             if capture.stage_outputs:
                 capture.stages.append(("embedding", input_ids, x))
+        yield
         for block in t.h:
             x = block(x, layout, cache, capture, timer)
             if capture is not None and capture.hidden_states:
                 capture.hidden.append(x)
+            yield
         if timer is not None:
             timer.start("final_layer_norm")
         out: Tensor = t.ln_f(x)
