@@ -19,17 +19,21 @@ at most 2). Writes ``bench/results/contention_introspection.json`` and prints a 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import multiprocessing
 import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -53,31 +57,33 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Server:
-    """``gpt2-serve --model random:tiny`` on 127.0.0.1, a free port read back from its log."""
+    """``gpt2-serve --model random:tiny`` on 127.0.0.1, a free port read back from its log (a
+    temporary file: a thread reading a pipe of access lines would compete with the clients)."""
 
     def __init__(self, flags: list[str]) -> None:
         command = [
             sys.executable, "-m", "gpt2_service", "--model", "random:tiny", "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "-1", *flags,
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._log = Path(tempfile.mkdtemp()) / "gpt2-serve.log"
+        with self._log.open("a") as log:  # appends: the server's writes and our reads keep their own offsets
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=log)
         self.port: int | None = None
-        self._lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            if len(self._lines) < 200:  # the start-up lines, for an error; the access lines are dropped
-                self._lines.append(line)
-            match = LISTENING.search(line) if self.port is None else None
-            if match:
+    @property
+    def _lines(self) -> list[str]:
+        with self._log.open() as log:
+            return list(itertools.islice(log, 200))  # the start-up lines, for an error
+
+    def _find_port(self) -> None:
+        for line in self._lines:
+            if match := LISTENING.search(line):
                 self.port = int(match.group(1))
 
     def wait_serving(self, timeout: float = 120.0) -> str:
         deadline = time.monotonic() + timeout
         while self.port is None:
+            self._find_port()
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("gpt2-serve did not start:\n" + "".join(self._lines))
             time.sleep(0.05)
@@ -103,6 +109,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        shutil.rmtree(self._log.parent, ignore_errors=True)
 
 
 def generate_latencies(target: str, count: int) -> list[float]:
@@ -123,61 +130,78 @@ def generate_latencies(target: str, count: int) -> list[float]:
     return latencies
 
 
-class ModelLoad:
-    """``clients`` threads, each calling one model RPC on a 1024-token input in a loop."""
+def _load_clients(target: str, rpc: str, clients: int, tokens: int, retry_s: float, conn: Connection) -> None:
+    """In a process of its own: ``clients`` threads, each calling ``rpc`` on a ``tokens``-token
+    input in a loop (a refused call retries after ``retry_s``). Sends "running" once a call is
+    answered; on "reset" zeroes its counts; on "stop" sends (answered, refused, errors)."""
+    rng = random.Random(0)
+    ids = common_pb2.TokenIds(ids=[rng.randrange(50000) for _ in range(tokens)])
+    request: Any = pb.TraceRequest(token_ids=ids) if rpc == "Trace" else pb.HiddenStatesRequest(token_ids=ids)
+    stop, lock = threading.Event(), threading.Lock()
+    counts, errors, running = [0, 0], [], threading.Event()
 
-    def __init__(self, target: str, rpc: str, clients: int, tokens: int, retry_s: float) -> None:
-        rng = random.Random(0)
-        ids = common_pb2.TokenIds(ids=[rng.randrange(50000) for _ in range(tokens)])
-        self._call: Callable[[Any], Any]
-        if rpc == "Trace":
-            request: Any = pb.TraceRequest(token_ids=ids)
-            self._call = lambda stub: stub.Trace(request, timeout=120)
-        else:
-            request = pb.HiddenStatesRequest(token_ids=ids)
-            self._call = lambda stub: stub.HiddenStates(request, timeout=120)
-        self._target = target
-        self._retry_s = retry_s
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.answered = 0
-        self.refused = 0
-        self.errors: list[str] = []
-        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
-
-    def _loop(self) -> None:
-        with grpc.insecure_channel(self._target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-            stub = introspection_pb2_grpc.IntrospectionStub(channel)
-            while not self._stop.is_set():
+    def loop() -> None:
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        with grpc.insecure_channel(target, options=options) as channel:
+            call = getattr(introspection_pb2_grpc.IntrospectionStub(channel), rpc)
+            while not stop.is_set():
                 try:
-                    self._call(stub)
+                    call(request, timeout=120)
                 except grpc.RpcError as exc:
                     if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        with self._lock:
-                            self.errors.append(f"{exc.code().name}: {exc.details()}")
+                        with lock:
+                            errors.append(f"{exc.code().name}: {exc.details()}")
                         return
-                    with self._lock:
-                        self.refused += 1
-                    self._stop.wait(self._retry_s)
+                    with lock:
+                        counts[1] += 1
+                    stop.wait(retry_s)
                 else:
-                    with self._lock:
-                        self.answered += 1
+                    with lock:
+                        counts[0] += 1
+                        if counts[0] == clients and not running.is_set():
+                            running.set()
+                            conn.send("running")
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    while (message := conn.recv()) != "stop":
+        if message == "reset":
+            with lock:
+                counts[:] = [0, 0]
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    conn.send((counts[0], counts[1], errors))
+
+
+class ModelLoad:
+    """The model-RPC clients, in a process of their own as callers are (threads of this process
+    would take the GIL from the measured Generate client and inflate its latency)."""
+
+    def __init__(self, target: str, rpc: str, clients: int, tokens: int, retry_s: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_load_clients, args=(target, rpc, clients, tokens, retry_s, child), daemon=True
+        )
+        self.answered = self.refused = 0
+        self.errors: list[str] = []
 
     def __enter__(self) -> ModelLoad:
-        self.started = time.perf_counter()
-        for thread in self._threads:
-            thread.start()
+        self._process.start()
+        if not self._conn.poll(120) or self._conn.recv() != "running":
+            raise RuntimeError("the model-RPC clients were never answered")
         time.sleep(1.0)  # every client busy before the Generate calls start
-        with self._lock:
-            self.answered = self.refused = 0
+        self._conn.send("reset")
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.started
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
+        self._conn.send("stop")
+        self.answered, self.refused, self.errors = self._conn.recv()
+        self._process.join(timeout=120)
 
 
 def measure(flags: list[str], samples: int, clients: int, tokens: int, retry_s: float) -> dict[str, Any]:
