@@ -38,13 +38,23 @@ def test_every_enum_starts_with_unspecified_zero() -> None:
 
 def test_the_contract_names_are_there() -> None:
     service = pb.DESCRIPTOR.services_by_name["TextGeneration"]
-    assert set(service.methods_by_name) == {"Generate", "GenerateStream", "GenerateBatch", "GetModelInfo"}
+    assert set(service.methods_by_name) == {
+        "Generate", "GenerateStream", "GenerateBatch", "GetModelInfo", "Score", "ScoreBatch",
+    }  # fmt: skip
     assert service.methods_by_name["GenerateStream"].server_streaming
     assert [v.name for v in pb.FinishReason.DESCRIPTOR.values] == [
         "FINISH_REASON_UNSPECIFIED", "LENGTH", "EOS", "STOP_SEQUENCE", "STOP_TOKEN", "CONTEXT_WINDOW",
     ]  # fmt: skip
     request = pb.GenerateRequest.DESCRIPTOR
     assert [f.name for f in request.oneofs_by_name["input"].fields] == ["prompt", "prompt_token_ids"]
+    score = pb.ScoreRequest.DESCRIPTOR  # DESIGN.md section 8
+    assert [f.name for f in score.oneofs_by_name["input"].fields] == ["text", "token_ids"]
+    assert [f.name for f in score.oneofs_by_name["context"].fields] == ["context_text", "context_token_ids"]
+    assert {"request_id", "add_bos", "top_logprobs"} <= set(score.fields_by_name)
+    assert {"request_id", "tokens", "total_logprob", "mean_nll", "perplexity", "usage"} <= set(
+        pb.ScoreResponse.DESCRIPTOR.fields_by_name
+    )
+    assert [f.name for f in pb.ScoredToken.DESCRIPTOR.fields] == ["id", "text", "logprob", "rank", "top_logprobs"]
     # "unset" differs from zero for these, so they are proto3 optional
     sampling = pb.SamplingParams.DESCRIPTOR
     for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "seed"):

@@ -693,3 +693,208 @@ class GetModelInfoRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
+
+@_typing.final
+class ScoreRequest(_message.Message):
+    """Score a text: the model reads `context` (if any), then `input`, and reports for every scored
+    input token the natural log of the probability it gave that token.
+
+    Which tokens are scored: a token's probability is predicted from the tokens before it, so the
+    FIRST token of the input has no prediction unless something precedes it. With a context, or
+    with add_bos (<|endoftext|> prepended, as GPT-2 was trained), every input token is scored;
+    with neither, the first input token is not scored and the response's `tokens` start at the
+    second. The sequence read (<|endoftext|>, context, input) must fit the context window:
+    a longer one is INVALID_ARGUMENT (reason PROMPT_TOO_LONG), never truncated.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    CONTEXT_TEXT_FIELD_NUMBER: _builtins.int
+    CONTEXT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    ADD_BOS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Echoed in the response and logged; the server generates one if empty."""
+    text: _builtins.str
+    """UTF-8 text, tokenized by the server."""
+    context_text: _builtins.str
+    add_bos: _builtins.bool
+    """Prepend <|endoftext|> so that the first token (of the context, or of the input without one)
+    is predicted too. Default false.
+    """
+    top_logprobs: _builtins.int
+    """Also return this many most likely tokens at each scored position, in [0, 20]. Default 0."""
+    priority: Global___Priority.ValueType
+    """Its class under contention. Default (UNSPECIFIED): PRIORITY_DEFAULT."""
+    @_builtins.property
+    def token_ids(self) -> _common_pb2.TokenIds:
+        """Token ids, each < the vocabulary size."""
+
+    @_builtins.property
+    def context_token_ids(self) -> _common_pb2.TokenIds: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        text: _builtins.str = ...,
+        token_ids: _common_pb2.TokenIds | None = ...,
+        context_text: _builtins.str = ...,
+        context_token_ids: _common_pb2.TokenIds | None = ...,
+        add_bos: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
+        priority: Global___Priority.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "context_text", b"context_text", "context_token_ids", b"context_token_ids", "input", b"input", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_bos", b"add_bos", "context", b"context", "context_text", b"context_text", "context_token_ids", b"context_token_ids", "input", b"input", "priority", b"priority", "request_id", b"request_id", "text", b"text", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_context: _TypeAlias = _typing.Literal["context_text", "context_token_ids"]  # noqa: Y015
+    _WhichOneofArgType_context: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "token_ids"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_context) -> _WhichOneofReturnType_context | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
+
+@_typing.final
+class ScoredToken(_message.Message):
+    """One scored input token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Vocabulary id."""
+    text: _builtins.str
+    """The token on its own (U+FFFD where it holds part of a multi-byte character)."""
+    logprob: _builtins.float
+    """Natural log of the probability the model gave it, from the tokens before it."""
+    rank: _builtins.int
+    """Its rank in that distribution: 1 = the most likely token; 1 + the number of tokens with a
+    strictly higher probability.
+    """
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
+        """The ScoreRequest.top_logprobs most likely tokens at this position, most likely first."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        text: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        rank: _builtins.int = ...,
+        top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "logprob", b"logprob", "rank", b"rank", "text", b"text", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoredToken: _TypeAlias = ScoredToken  # noqa: Y015
+
+@_typing.final
+class ScoreResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TOTAL_LOGPROB_FIELD_NUMBER: _builtins.int
+    MEAN_NLL_FIELD_NUMBER: _builtins.int
+    PERPLEXITY_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    TIMING_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request's request_id, or the one the server generated."""
+    total_logprob: _builtins.float
+    """Sum of the scored tokens' logprobs."""
+    mean_nll: _builtins.float
+    """Mean negative log-likelihood per scored token: -total_logprob / len(tokens)."""
+    perplexity: _builtins.float
+    """exp(mean_nll)."""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredToken]:
+        """Every scored input token, in order (see ScoreRequest for which are scored)."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """prompt_tokens: every token the model read (<|endoftext|>, context, input); completion 0."""
+
+    @_builtins.property
+    def timing(self) -> Global___Timing:
+        """Where the time went (time_to_first_token_seconds: arrival -> scored)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        tokens: _abc.Iterable[Global___ScoredToken] | None = ...,
+        total_logprob: _builtins.float = ...,
+        mean_nll: _builtins.float = ...,
+        perplexity: _builtins.float = ...,
+        usage: Global___Usage | None = ...,
+        timing: Global___Timing | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_nll", b"mean_nll", "perplexity", b"perplexity", "request_id", b"request_id", "timing", b"timing", "tokens", b"tokens", "total_logprob", b"total_logprob", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015
+
+@_typing.final
+class ScoreBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreRequest]:
+        """At most the server's --max-batch-requests."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ScoreRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreBatchRequest: _TypeAlias = ScoreBatchRequest  # noqa: Y015
+
+@_typing.final
+class ScoreBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreResponse]:
+        """One response per request, in request order."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___ScoreResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreBatchResponse: _TypeAlias = ScoreBatchResponse  # noqa: Y015

@@ -55,6 +55,16 @@ class TextGenerationStub:
                 request_serializer=gpt2_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=gpt2_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/gpt2.v1.TextGeneration/Score',
+                request_serializer=gpt2_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=gpt2_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
+                _registered_method=True)
+        self.ScoreBatch = channel.unary_unary(
+                '/gpt2.v1.TextGeneration/ScoreBatch',
+                request_serializer=gpt2_dot_v1_dot_generation__pb2.ScoreBatchRequest.SerializeToString,
+                response_deserializer=gpt2_dot_v1_dot_generation__pb2.ScoreBatchResponse.FromString,
+                _registered_method=True)
 
 
 class TextGenerationServicer:
@@ -89,6 +99,22 @@ class TextGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """The log-probability the model gives each token of a text (perplexity, ranking candidates).
+        Runs through the engine's scheduler as prefill work, chunked like any prompt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreBatch(self, request, context):
+        """Several Score requests at once (each scheduled on its own); answers in request order. Fails
+        as a whole: one bad request fails the call, naming it as `requests[i].<field>`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +137,16 @@ def add_TextGenerationServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=gpt2_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
                     response_serializer=gpt2_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=gpt2_dot_v1_dot_generation__pb2.ScoreRequest.FromString,
+                    response_serializer=gpt2_dot_v1_dot_generation__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ScoreBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreBatch,
+                    request_deserializer=gpt2_dot_v1_dot_generation__pb2.ScoreBatchRequest.FromString,
+                    response_serializer=gpt2_dot_v1_dot_generation__pb2.ScoreBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +257,60 @@ class TextGeneration:
             '/gpt2.v1.TextGeneration/GetModelInfo',
             gpt2_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
             gpt2_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpt2.v1.TextGeneration/Score',
+            gpt2_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
+            gpt2_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpt2.v1.TextGeneration/ScoreBatch',
+            gpt2_dot_v1_dot_generation__pb2.ScoreBatchRequest.SerializeToString,
+            gpt2_dot_v1_dot_generation__pb2.ScoreBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,14 @@ class TextGenerationStub:
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetModelInfoRequest, _common_pb2.ModelInfo]
     """What model and limits the server has."""
+    Score: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ScoreRequest, _generation_pb2.ScoreResponse]
+    """The log-probability the model gives each token of a text (perplexity, ranking candidates).
+    Runs through the engine's scheduler as prefill work, chunked like any prompt.
+    """
+    ScoreBatch: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ScoreBatchRequest, _generation_pb2.ScoreBatchResponse]
+    """Several Score requests at once (each scheduled on its own); answers in request order. Fails
+    as a whole: one bad request fails the call, naming it as `requests[i].<field>`.
+    """
 
 @_typing.type_check_only
 class TextGenerationAsyncStub(TextGenerationStub):
@@ -66,6 +74,14 @@ class TextGenerationAsyncStub(TextGenerationStub):
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetModelInfoRequest, _common_pb2.ModelInfo]  # type: ignore[assignment]
     """What model and limits the server has."""
+    Score: _aio.UnaryUnaryMultiCallable[_generation_pb2.ScoreRequest, _generation_pb2.ScoreResponse]  # type: ignore[assignment]
+    """The log-probability the model gives each token of a text (perplexity, ranking candidates).
+    Runs through the engine's scheduler as prefill work, chunked like any prompt.
+    """
+    ScoreBatch: _aio.UnaryUnaryMultiCallable[_generation_pb2.ScoreBatchRequest, _generation_pb2.ScoreBatchResponse]  # type: ignore[assignment]
+    """Several Score requests at once (each scheduled on its own); answers in request order. Fails
+    as a whole: one bad request fails the call, naming it as `requests[i].<field>`.
+    """
 
 class TextGenerationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,5 +117,25 @@ class TextGenerationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.ModelInfo, _abc.Awaitable[_common_pb2.ModelInfo]]:
         """What model and limits the server has."""
+
+    @_abc_1.abstractmethod
+    def Score(
+        self,
+        request: _generation_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.ScoreResponse, _abc.Awaitable[_generation_pb2.ScoreResponse]]:
+        """The log-probability the model gives each token of a text (perplexity, ranking candidates).
+        Runs through the engine's scheduler as prefill work, chunked like any prompt.
+        """
+
+    @_abc_1.abstractmethod
+    def ScoreBatch(
+        self,
+        request: _generation_pb2.ScoreBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.ScoreBatchResponse, _abc.Awaitable[_generation_pb2.ScoreBatchResponse]]:
+        """Several Score requests at once (each scheduled on its own); answers in request order. Fails
+        as a whole: one bad request fails the call, naming it as `requests[i].<field>`.
+        """
 
 def add_TextGenerationServicer_to_server(servicer: TextGenerationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
