@@ -6,6 +6,7 @@
         print(client.generate("The cat sat on the", max_new_tokens=20, temperature=0.8, seed=1).text)
         for chunk in client.stream("Once upon a time", max_new_tokens=40, stop=["\\n"]):
             print(chunk.text, end="", flush=True)
+        print(client.score("The cat sat on the mat", add_bos=True).perplexity)
 
 ``AsyncClient`` is the asyncio twin. Results are frozen dataclasses (gpt2_client.results);
 failed calls raise ``GPT2Error`` subclasses (gpt2_client.errors).
@@ -24,7 +25,7 @@ from gpt2_client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from gpt2_client.params import BatchItem, GenerationParams, Prompt
+from gpt2_client.params import BatchItem, GenerationParams, Prompt, ScoreItem, ScoreParams
 from gpt2_client.results import (
     EngineLimits,
     FinishReason,
@@ -32,6 +33,8 @@ from gpt2_client.results import (
     HealthStatus,
     ModelInfo,
     ParameterCounts,
+    ScoredToken,
+    ScoreResult,
     StreamChunk,
     Timing,
     Token,
@@ -60,6 +63,10 @@ __all__ = [
     "OverloadedError",
     "ParameterCounts",
     "Prompt",
+    "ScoreItem",
+    "ScoreParams",
+    "ScoreResult",
+    "ScoredToken",
     "StreamChunk",
     "Timing",
     "Token",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from functools import cached_property
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any, Literal, Unpack
 
 import grpc
 import grpc.aio
@@ -18,18 +18,30 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gpt2_client.channel import DEFAULT_TARGET, ChannelConfig, ConnectionOptions
 from gpt2_client.errors import error_from_rpc
 from gpt2_client.inspect import AsyncInspect
-from gpt2_client.params import BatchItem, GenerationParams, Prompt, build_batch, build_request
+from gpt2_client.params import (
+    BatchItem,
+    GenerationParams,
+    Prompt,
+    ScoreItem,
+    ScoreParams,
+    build_batch,
+    build_request,
+    build_score_batch,
+    build_score_request,
+)
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
 from gpt2_client.results import (
     Generation,
     HealthStatus,
     ModelInfo,
+    ScoreResult,
     StreamChunk,
     chunk_from_proto,
     generation_from_proto,
     health_status_from_proto,
     model_info_from_proto,
+    score_result_from_proto,
 )
 
 
@@ -104,6 +116,45 @@ class AsyncClient:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         return [generation_from_proto(r) for r in response.responses]
+
+    async def score(
+        self,
+        text: str | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        context: str | None = None,
+        context_token_ids: Sequence[int] | None = None,
+        add_bos: bool = False,
+        top_logprobs: int = 0,
+        priority: Literal["interactive", "default", "batch"] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        request = build_score_request(
+            {
+                "text": text, "token_ids": token_ids, "context": context, "context_token_ids": context_token_ids,
+                "add_bos": add_bos, "top_logprobs": top_logprobs, "priority": priority, "request_id": request_id,
+            }
+        )  # fmt: skip
+        try:
+            response = await self._stub.Score(request, timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return score_result_from_proto(response)
+
+    async def score_batch(
+        self,
+        items: Sequence[Prompt | ScoreItem],
+        *,
+        timeout: float | None = None,
+        **params: Unpack[ScoreParams],
+    ) -> list[ScoreResult]:
+        request = build_score_batch(items, params)
+        try:
+            response = await self._stub.ScoreBatch(request, timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return [score_result_from_proto(r) for r in response.responses]
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         try:

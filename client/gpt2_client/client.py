@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from types import TracebackType
-from typing import Unpack
+from typing import Literal, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,18 +19,30 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gpt2_client.channel import DEFAULT_TARGET, ChannelConfig, ConnectionOptions
 from gpt2_client.errors import error_from_rpc
 from gpt2_client.inspect import Inspect
-from gpt2_client.params import BatchItem, GenerationParams, Prompt, build_batch, build_request
+from gpt2_client.params import (
+    BatchItem,
+    GenerationParams,
+    Prompt,
+    ScoreItem,
+    ScoreParams,
+    build_batch,
+    build_request,
+    build_score_batch,
+    build_score_request,
+)
 from gpt2_client.proto import generation_pb2 as pb
 from gpt2_client.proto import generation_pb2_grpc
 from gpt2_client.results import (
     Generation,
     HealthStatus,
     ModelInfo,
+    ScoreResult,
     StreamChunk,
     chunk_from_proto,
     generation_from_proto,
     health_status_from_proto,
     model_info_from_proto,
+    score_result_from_proto,
 )
 
 
@@ -117,6 +129,51 @@ class Client:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return [generation_from_proto(r) for r in response.responses]
+
+    def score(
+        self,
+        text: str | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        context: str | None = None,
+        context_token_ids: Sequence[int] | None = None,
+        add_bos: bool = False,
+        top_logprobs: int = 0,
+        priority: Literal["interactive", "default", "batch"] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        """The log-probability the model gives each token of ``text`` (or ``token_ids``: exactly
+        one of them), after ``context`` (or ``context_token_ids``), which is read but not scored.
+        Without a context or ``add_bos`` (<|endoftext|> first) the first token is not scored."""
+        request = build_score_request(
+            {
+                "text": text, "token_ids": token_ids, "context": context, "context_token_ids": context_token_ids,
+                "add_bos": add_bos, "top_logprobs": top_logprobs, "priority": priority, "request_id": request_id,
+            }
+        )  # fmt: skip
+        try:
+            response = self._stub.Score(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return score_result_from_proto(response)
+
+    def score_batch(
+        self,
+        items: Sequence[Prompt | ScoreItem],
+        *,
+        timeout: float | None = None,
+        **params: Unpack[ScoreParams],
+    ) -> list[ScoreResult]:
+        """Score each item, in order. An item is a text or token ids (it takes ``params``) or a
+        ``ScoreItem`` dict with ``text`` or ``token_ids`` and its own parameters (they override
+        ``params``). One bad item fails the whole call."""
+        request = build_score_batch(items, params)
+        try:
+            response = self._stub.ScoreBatch(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return [score_result_from_proto(r) for r in response.responses]
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         try:

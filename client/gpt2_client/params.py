@@ -1,4 +1,5 @@
-"""The keyword arguments of a generation, and the GenerateRequest they become.
+"""The keyword arguments of a generation, and the GenerateRequest they become (and those of a
+Score, and the ScoreRequest they become).
 
 Every parameter is optional; one left out takes the server's default (documented in
 proto/gpt2/v1/generation.proto): temperature 1, no top-k/top-p/min-p/typical-p filtering, no
@@ -103,3 +104,90 @@ def build_batch(items: Sequence[Prompt | BatchItem], params: Mapping[str, Any]) 
         else:
             requests.append(build_request(item, params))
     return pb.GenerateBatchRequest(requests=requests)
+
+
+# -- Score ---------------------------------------------------------------------------------------
+
+
+class ScoreParams(TypedDict, total=False):
+    """The keyword arguments of a Score request besides its input (proto ScoreRequest)."""
+
+    context: str  # conditioned on, not scored
+    context_token_ids: Sequence[int]  # the same, as token ids (at most one of the two)
+    add_bos: bool  # prepend <|endoftext|> so that the first token is scored too
+    top_logprobs: int  # 0-20 most likely tokens at each scored position
+    priority: Literal["interactive", "default", "batch"]  # its class under contention
+    request_id: str  # echoed back and logged by the server; generated if not given
+
+
+class ScoreItem(ScoreParams, total=False):
+    """One item of ``score_batch``: its input (``text`` or ``token_ids``) and its own parameters."""
+
+    text: str
+    token_ids: Sequence[int]
+
+
+SCORE_KEYS = frozenset(ScoreItem.__optional_keys__)
+_CONTEXT_KEYS = frozenset({"context", "context_token_ids"})
+
+
+def _token_ids(name: str, value: Any) -> common_pb2.TokenIds:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(value).__name__}")
+    return common_pb2.TokenIds(ids=list(value))
+
+
+def build_score_request(params: Mapping[str, Any]) -> pb.ScoreRequest:
+    """A ScoreRequest from ScoreItem keys (None = absent). Exactly one of text / token_ids, at
+    most one of context / context_token_ids: anything else is a ValueError, before any call."""
+    unknown = set(params) - SCORE_KEYS
+    if unknown:
+        raise TypeError(f"unknown score parameter(s): {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in params.items() if v is not None}
+    if ("text" in given) == ("token_ids" in given):
+        raise ValueError("score needs exactly one of text and token_ids")
+    if all(key in given for key in _CONTEXT_KEYS):
+        raise ValueError("score takes at most one of context and context_token_ids")
+    request = pb.ScoreRequest(
+        request_id=given.get("request_id", ""),
+        add_bos=bool(given.get("add_bos", False)),
+        top_logprobs=given.get("top_logprobs", 0),
+    )
+    if "text" in given:
+        if not isinstance(given["text"], str):
+            raise TypeError(f"text must be a str (token ids go in token_ids=), got {type(given['text']).__name__}")
+        request.text = given["text"]
+    else:
+        request.token_ids.CopyFrom(_token_ids("token_ids", given["token_ids"]))
+    if "context" in given:
+        if not isinstance(given["context"], str):
+            raise TypeError(
+                f"context must be a str (token ids go in context_token_ids=), got {type(given['context']).__name__}"
+            )
+        request.context_text = given["context"]
+    elif "context_token_ids" in given:
+        request.context_token_ids.CopyFrom(_token_ids("context_token_ids", given["context_token_ids"]))
+    if "priority" in given:
+        request.priority = _choice(PRIORITY, "priority", given["priority"])
+    return request
+
+
+def build_score_batch(items: Sequence[Prompt | ScoreItem], params: Mapping[str, Any]) -> pb.ScoreBatchRequest:
+    """Each item is a text, token ids, or a ScoreItem (its keys override ``params``; one that is
+    None is not given; an item that names a context replaces the shared one, whichever form
+    either takes)."""
+    if isinstance(items, str | bytes):
+        raise TypeError("score_batch takes a sequence of items, not one text")
+    if "text" in params or "token_ids" in params:
+        raise TypeError("score_batch takes its inputs as items, not as text= or token_ids=")
+    requests = []
+    for item in items:
+        if isinstance(item, Mapping):
+            own = {k: v for k, v in item.items() if v is not None}
+            shared = {k: v for k, v in params.items() if not (k in _CONTEXT_KEYS and own.keys() & _CONTEXT_KEYS)}
+            requests.append(build_score_request({**shared, **own}))
+        elif isinstance(item, str):
+            requests.append(build_score_request({**params, "text": item}))
+        else:
+            requests.append(build_score_request({**params, "token_ids": item}))
+    return pb.ScoreBatchRequest(requests=requests)

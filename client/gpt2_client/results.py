@@ -1,7 +1,8 @@
 """What the client returns: frozen dataclasses and enums, converted from the gpt2.v1 messages.
 
 Callers never see protobuf: ``Generation`` (a whole completion), ``StreamChunk`` (one streamed
-text delta; the last one says how the generation finished), ``ModelInfo``, ``HealthStatus``.
+text delta; the last one says how the generation finished), ``ScoreResult`` (the log-probability
+of each token of a text), ``ModelInfo``, ``HealthStatus``.
 """
 
 from __future__ import annotations
@@ -105,6 +106,37 @@ class StreamChunk:
 
 
 @dataclass(frozen=True)
+class ScoredToken:
+    """One scored input token: its id, its text on its own (U+FFFD for part of a character), the
+    natural log of the probability the model gave it from the tokens before it, its rank in that
+    distribution (1 = the most likely; 1 + the number of tokens strictly more likely), and the
+    most likely tokens at its position if ``top_logprobs`` was asked for."""
+
+    id: int
+    text: str
+    logprob: float
+    rank: int
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """A scored text. ``tokens``: every scored input token, in order; without a context or
+    ``add_bos`` the first input token is not scored (nothing precedes it), so they start at the
+    second. ``total_logprob`` is their sum, ``mean_nll`` = -total_logprob / len(tokens),
+    ``perplexity`` = exp(mean_nll); ``usage.prompt_tokens`` counts every token the model read
+    (<|endoftext|>, context, input)."""
+
+    request_id: str
+    tokens: tuple[ScoredToken, ...]
+    total_logprob: float
+    mean_nll: float
+    perplexity: float
+    usage: Usage
+    timing: Timing
+
+
+@dataclass(frozen=True)
 class ParameterCounts:
     token_embedding: int
     position_embedding: int
@@ -191,6 +223,24 @@ def chunk_from_proto(r: pb.GenerateStreamResponse) -> StreamChunk:
         stop_sequence=r.stop_sequence or None,
         usage=_usage(r.usage),
         seed=r.seed if r.HasField("seed") else None,
+        timing=_timing(r.timing),
+    )
+
+
+def scored_token_from_proto(t: pb.ScoredToken) -> ScoredToken:
+    return ScoredToken(
+        t.id, t.text, t.logprob, t.rank, tuple(TopLogprob(x.id, x.text, x.logprob) for x in t.top_logprobs)
+    )
+
+
+def score_result_from_proto(r: pb.ScoreResponse) -> ScoreResult:
+    return ScoreResult(
+        request_id=r.request_id,
+        tokens=tuple(scored_token_from_proto(t) for t in r.tokens),
+        total_logprob=r.total_logprob,
+        mean_nll=r.mean_nll,
+        perplexity=r.perplexity,
+        usage=_usage(r.usage),
         timing=_timing(r.timing),
     )
 
