@@ -1,7 +1,8 @@
-"""``gpt2-client``: generate text, show the model, or check health from the command line.
+"""``gpt2-client``: generate or score text, show the model, or check health from the command line.
 
     gpt2-client generate "The cat sat on the" --max-new-tokens 20 --temperature 0.8 --seed 1
     gpt2-client generate "Once upon a time" --stream --stop "." --json
+    gpt2-client score " sat on the mat" --context "The cat" --top-logprobs 3
     gpt2-client info
     gpt2-client health --target gpt2.example:50051
     gpt2-client --target dns:///gpt2.ns.svc.cluster.local:50051 --tls-ca ca.pem info
@@ -30,7 +31,7 @@ from typing import Any
 from gpt2_client.cli_inspect import add_inspect_command
 from gpt2_client.client import Client
 from gpt2_client.errors import GPT2Error
-from gpt2_client.results import Generation, HealthStatus, ModelInfo, StreamChunk
+from gpt2_client.results import Generation, HealthStatus, ModelInfo, ScoreResult, StreamChunk
 
 TARGET_ENV = "GPT2_CLIENT_TARGET"
 TLS_CA_ENV = "GPT2_CLIENT_TLS_CA"
@@ -100,6 +101,40 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
         reason = last.finish_reason.name if last.finish_reason is not None else "?"
         print(_summary(reason, last.usage.completion_tokens, last.seed, last.timing.total_seconds,
                        last.request_id), file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def describe_score(result: ScoreResult, first_token_scored: bool) -> str:
+    """One line per scored token (its position in the input, its text repr'd so that whitespace
+    shows, its logprob, its rank, then its alternatives if any), and a footer."""
+    offset = 0 if first_token_scored else 1
+    texts = [repr(t.text) for t in result.tokens]
+    width = max((len(text) for text in texts), default=0)
+    lines = []
+    for position, (token, text) in enumerate(zip(result.tokens, texts, strict=True), start=offset):
+        lines.append(f"{position:>5}  {text:<{width}}  {token.logprob:>10.4f}  rank {token.rank}")
+        if token.top_logprobs:
+            top = ", ".join(f"{x.text!r} {x.logprob:.4f}" for x in token.top_logprobs)
+            lines.append(f"{'':>5}  top: {top}")
+    lines.append(
+        f"{len(result.tokens)} tokens scored: total logprob {result.total_logprob:.4f}, "
+        f"mean NLL {result.mean_nll:.4f}, perplexity {result.perplexity:.4f}"
+    )
+    if not first_token_scored:
+        lines.append("(the first token is not scored: nothing precedes it; --context or --add-bos scores it)")
+    return "\n".join(lines)
+
+
+def cmd_score(client: Client, args: argparse.Namespace) -> int:
+    context = args.context or None  # an empty --context is no context
+    result = client.score(args.text, context=context, add_bos=args.add_bos, top_logprobs=args.top_logprobs,
+                          priority=args.priority, request_id=args.request_id)  # fmt: skip
+    if args.json:
+        _print_json(result)
+    else:
+        print(describe_score(result, first_token_scored=context is not None or args.add_bos), flush=True)
+        print(f"[{result.usage.prompt_tokens} tokens read in {result.timing.total_seconds:.2f}s, "
+              f"request {result.request_id}]", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -214,12 +249,30 @@ def _add_generate(commands: Any) -> None:
     p.set_defaults(run=cmd_generate)
 
 
+def _add_score(commands: Any) -> None:
+    p = commands.add_parser(
+        "score",
+        help="the log-probability of each token of a text",
+        description="The log-probability the model gives each token of TEXT, its rank, and the text's perplexity. "
+        "Without --context or --add-bos the first token is not scored (nothing precedes it).",
+    )
+    p.add_argument("text", help="the text to score")
+    p.add_argument("--context", help="text read before TEXT and not scored (a prompt, a question)")
+    p.add_argument("--add-bos", action="store_true", help="prepend <|endoftext|> so that the first token is scored")
+    p.add_argument("--top-logprobs", type=int, default=0, help="most likely tokens to show per position (0-20)")
+    p.add_argument("--priority", choices=["interactive", "default", "batch"], help="its class when the server is busy")
+    p.add_argument("--request-id")
+    _add_common(p, suppress=True)
+    p.set_defaults(run=cmd_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_common(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
+    _add_score(commands)
     info = commands.add_parser("info", help="show the served model and the server's limits")
     _add_common(info, suppress=True)
     info.set_defaults(run=cmd_info)
