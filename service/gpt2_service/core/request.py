@@ -92,6 +92,15 @@ class StoppingCriteria:
 
 
 @dataclass(frozen=True)
+class ScoreSpec:
+    """Score the prompt instead of generating: the log-probability of each prompt token from
+    index ``first`` (>= 1: token 0 has no prediction) on, given the tokens before it. The prompt
+    is read in prefill chunks like any other; nothing is generated."""
+
+    first: int
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One generation as the engine sees it. Exactly one of prompt / prompt_token_ids is set."""
 
@@ -110,6 +119,7 @@ class GenerationRequest:
     priority: Priority = Priority.DEFAULT
     tenant: str = ""  # who is served: the authenticated identity, else the peer; "" = anonymous
     call_id: str = ""  # the call it came with (a GenerateBatch's items share one); "" = its own
+    score: ScoreSpec | None = None  # a Score request: prompt_token_ids scored, nothing generated
 
 
 @dataclass(frozen=True)
@@ -252,6 +262,14 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violat
         "top_logprobs",
         f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}",
     )
+    if request.score is not None:
+        num_ids = len(request.prompt_token_ids or ())
+        check(
+            1 <= request.score.first < num_ids,
+            "score.first",
+            f"must be in [1, {num_ids}) (the prompt's token ids, given as prompt_token_ids), got {request.score.first}",
+        )
+        check(request.truncation is Truncation.REJECT, "truncation", "a scored prompt is never truncated: REJECT")
     return bad
 
 

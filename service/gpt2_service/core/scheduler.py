@@ -18,12 +18,17 @@ Policy, each in a small helper below:
   most one chunk per step (with
   ``fixed_prefill_chunks``, chunks end at multiples of it, whatever the batch);
 - every running sequence with exactly one uncomputed token decodes in the same step;
+- a Score request (``request.score``) is a prompt read in prefill chunks and never sampled: each
+  chunk's scored tokens come back from the runner, and it finishes when its prompt is read; its
+  tokens cost ``score_token_cost`` each of the prefill budget (their rows also go through the
+  LM head);
 - a finished, aborted or expired sequence frees its slot in the step it is seen.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +38,7 @@ from gpt2_service.core.request import FinishReason, Overflow
 from gpt2_service.core.sequence import (
     Finished,
     GenerationOutput,
+    ScoredToken,
     Sequence,
     SequenceStatus,
     Timing,
@@ -56,6 +62,10 @@ class SchedulerConfig:
     fixed_prefill_chunks: bool = False
     call_cap: int = 1 << 30  # most running sequences of one call while requests of other calls wait
     preemption: bool = True  # may a waiting request take a running one's place (see fairness.py)
+    # what a scored prompt token costs of the prefill budget: its block work plus the LM head on
+    # its row (the engine sets it from the model's shape), so that a Score's step takes about as
+    # long as a prompt's
+    score_token_cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,17 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.prefill and not self.decode
+
+
+@dataclass(frozen=True)
+class ScoredPosition:
+    """The runner's answer for one scored prompt token: its log-probability and rank, and the
+    most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,12 +187,19 @@ class Scheduler:
         replay = frozenset(s.seq_id for s in decode if s.num_uncomputed > 1)
         return StepPlan(prefill=self._plan_prefill(), decode=decode, replay=replay), result
 
-    def update_from_output(self, plan: StepPlan, sampled: dict[int, SampledToken]) -> StepResult:
-        """Advance every planned sequence by what the runner computed and sampled."""
+    def update_from_output(
+        self,
+        plan: StepPlan,
+        sampled: dict[int, SampledToken],
+        scored: dict[int, list[ScoredPosition]] | None = None,
+    ) -> StepResult:
+        """Advance every planned sequence by what the runner computed, sampled and scored."""
         result = StepResult()
         now = self._clock()
         for chunk in plan.prefill:
             chunk.seq.num_computed += chunk.num_tokens
+            if chunk.seq.request.score is not None:
+                self._add_scores(chunk.seq, (scored or {}).get(chunk.seq.seq_id, []), now, result)
         for seq in plan.decode:
             seq.num_computed += 1
         decoded = [s for s in plan.decode if s.seq_id not in plan.replay]
@@ -247,6 +275,7 @@ class Scheduler:
         if not self.config.fixed_prefill_chunks:
             seq.prefill_end = seq.window_len  # recompute it all in prefill chunks: fast, not bitwise
         seq.num_preemptions += 1
+        seq.scored.clear()  # a Score recomputes its window, and scores it again
         self.waiting.appendleft(seq)
         result.preempted.append((seq, reason))
 
@@ -275,21 +304,43 @@ class Scheduler:
             if budget <= 0:
                 break
             remaining = seq.prefill_end - seq.num_computed
+            cost = self.config.score_token_cost if seq.request.score is not None else 1.0
             if self.config.fixed_prefill_chunks:
-                size = self.config.max_prefill_tokens
+                size = max(1, int(self.config.max_prefill_tokens / cost))
                 n = min(remaining, size - seq.num_computed % size)
-                if n > budget:
-                    break  # first come, first served: later sequences wait too
+                if math.ceil(n * cost) > budget and chunks:
+                    break  # first come, first served: later sequences wait too (a step's first chunk always runs)
             else:
-                n = min(remaining, budget)
-            samples = seq.num_computed + n == seq.window_len
+                n = min(remaining, max(1, int(budget / cost)))
+            samples = seq.num_computed + n == seq.window_len and seq.request.score is None
             chunks.append(PrefillChunk(seq, seq.num_computed, n, samples=samples))
-            budget -= n
+            budget -= math.ceil(n * cost)
         return chunks
 
     def _plan_decode(self) -> list[Sequence]:
         ready = [s for s in self.running if s.num_computed >= s.prefill_end and s.num_uncomputed and not s.paused]
         return sorted(ready, key=lambda s: s.slot if s.slot is not None else -1)
+
+    def _add_scores(self, seq: Sequence, positions: list[ScoredPosition], now: float, result: StepResult) -> None:
+        """A Score's chunk was read: keep its tokens' scores; once the whole prompt is read, it
+        finishes (nothing is generated) and frees its slot."""
+        text = self._token_text
+        seq.scored.extend(
+            ScoredToken(
+                p.token_id,
+                text(p.token_id),
+                p.logprob,
+                p.rank,
+                tuple(TopLogprob(i, text(i), lp) for i, lp in p.top_logprobs),
+            )
+            for p in positions
+        )
+        if seq.num_computed < seq.window_len:
+            return
+        seq.first_token_time = now
+        finished = self._finished(seq, FinishReason.LENGTH, None, now)
+        self._release(seq, result)
+        result.outputs.append((seq, GenerationOutput(seq.request_id, (), "", finished)))
 
     def _append_token(self, seq: Sequence, sampled: SampledToken, now: float, result: StepResult) -> None:
         token_id = sampled.token_id
@@ -357,6 +408,7 @@ class Scheduler:
             token_ids=tuple(seq.output_ids),
             usage=seq.usage(),
             seed=seq.seed,
+            scored=tuple(seq.scored),
             timing=Timing(
                 queue_seconds=admitted - seq.arrival_time,
                 time_to_first_token_seconds=first - seq.arrival_time,

@@ -39,6 +39,17 @@ class TokenInfo:
 
 
 @dataclass(frozen=True)
+class ScoredToken:
+    """A prompt token of a Score request and the log-probability the model gave it."""
+
+    id: int
+    text: str
+    logprob: float  # natural log, from the tokens before it
+    rank: int  # 1 = the most likely token
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int  # after truncation
     completion_tokens: int
@@ -62,6 +73,7 @@ class Finished:
     usage: Usage
     seed: int
     timing: Timing
+    scored: tuple[ScoredToken, ...] = ()  # a Score request's tokens
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class Sequence:
     token_infos: list[TokenInfo] = field(default_factory=list)
     paused: bool = False  # its reader lags: it is not scheduled until resumed
     num_preemptions: int = 0  # times it lost its slot and was recomputed
+    scored: list[ScoredToken] = field(default_factory=list)  # a Score request's tokens so far
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -37,6 +37,7 @@ from gpt2_service.engine.loop import Abort, Add, EngineLoop, Job, Pause, Resume,
 from gpt2_service.engine.runner import ModelRunner
 from gpt2_service.engine.stream import FlowControl, GenerationStream, StreamRouter
 from gpt2_service.errors import EngineDeadError, EngineError, EngineOverloadedError, EngineUnavailableError
+from gpt2_service.model.gpt2 import GPT2Config
 from gpt2_service.model.kernels import KernelMode, onednn_applies, padded_keys
 from gpt2_service.model.kv_cache import KVCache
 from gpt2_service.model.weights import LoadedModel
@@ -99,6 +100,7 @@ class Engine:
                 fixed_prefill_chunks=self.batch_invariant,
                 call_cap=max(1, int(config.max_call_share * config.max_batch_size)),
                 preemption=config.preemption,
+                score_token_cost=score_token_cost(loaded.model.config),
             ),
             token_text=self.tokenizer.id_to_text,
         )
@@ -309,6 +311,17 @@ class Engine:
         self.model.prepare_weights(self.config.weights)
         ids = torch.tensor([[self.tokenizer.eos_token_id]], device=self.runner.device)
         self.model.logits(self.model(ids, torch.zeros_like(ids)))
+
+
+MAX_SCORE_TOKEN_COST = 4.0
+
+
+def score_token_cost(config: GPT2Config) -> float:
+    """What a scored prompt token costs, in prompt tokens: its blocks' matrix products (12 d^2
+    multiply-adds per layer) plus the LM head's on its row (vocab x d); 1.45 for GPT-2 small.
+    At most MAX_SCORE_TOKEN_COST: in a toy model (random:tiny, 33.7 by this count) a step's
+    fixed costs outweigh its matrix products."""
+    return min(1.0 + config.vocab_size / (12 * config.n_layer * config.n_embd), MAX_SCORE_TOKEN_COST)
 
 
 def _check_contention_flags(config: EngineConfig) -> None:

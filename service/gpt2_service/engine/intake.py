@@ -105,7 +105,7 @@ class SequenceFactory:
             request=request,
             prompt_ids=ids,
             seed=seed,
-            max_new_tokens=stopping.max_new_tokens or self.default_max_new_tokens,
+            max_new_tokens=0 if request.score else stopping.max_new_tokens or self.default_max_new_tokens,
             truncated_prompt_tokens=truncated,
             arrival_time=time.monotonic(),
             detokenizer=IncrementalDetokenizer(

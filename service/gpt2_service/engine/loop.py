@@ -244,7 +244,7 @@ class EngineLoop:
                 log.exception("forward pass failed; failing requests %s", ids)
                 result = self.scheduler.fail(plan, EngineError("internal error in the forward pass"))
             else:
-                result = self.scheduler.update_from_output(plan, sampled)
+                result = self.scheduler.update_from_output(plan, sampled, self.runner.last_scored)
                 if self._estimator is not None:
                     self._estimator.observe(time.perf_counter() - start, prefilled=bool(plan.prefill))
         if self._estimator is not None:

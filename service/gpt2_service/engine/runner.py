@@ -29,7 +29,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from gpt2_service.core.scheduler import PrefillChunk, SampledToken, StepPlan
+from gpt2_service.core.scheduler import PrefillChunk, SampledToken, ScoredPosition, StepPlan
 from gpt2_service.core.sequence import Sequence
 from gpt2_service.engine.sampler import RowState, Sampler
 from gpt2_service.engine.threads import ENGINE_THREADS
@@ -83,6 +83,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
         self.last_times = StepTimes()
+        self.last_scored: dict[int, list[ScoredPosition]] = {}  # the last step's scored prompt tokens
 
     @property
     def batch_invariant(self) -> bool:
@@ -107,6 +108,7 @@ class ModelRunner:
         hidden_rows: list[Tensor] = []
         sampled_seqs: list[Sequence] = []
 
+        self.last_scored = {}
         if plan.prefill:
             start = time.perf_counter()
             hidden = self._prefill(plan.prefill, timer)
@@ -115,6 +117,10 @@ class ModelRunner:
                     hidden_rows.append(hidden[i, chunk.num_tokens - 1])
                     sampled_seqs.append(chunk.seq)
             times.prefill = time.perf_counter() - start
+            if any(c.seq.request.score is not None for c in plan.prefill):
+                start = time.perf_counter()
+                self.last_scored = self._score(plan.prefill, hidden, timer)
+                times.sampling += time.perf_counter() - start
         if plan.decode:
             start = time.perf_counter()
             hidden = self._decode(plan.decode, timer)
@@ -133,7 +139,7 @@ class ModelRunner:
             for i, seq in enumerate(sampled_seqs):
                 result[seq.seq_id] = SampledToken(out.token_ids[i], out.logprobs[i], tuple(out.top_logprobs[i]))
             end = time.perf_counter()
-            times.sampling = end - start  # LM head + sampling
+            times.sampling += end - start  # LM head + sampling
             if timer is not None:
                 timer.seconds["sampling"] = end - sample_start
         if timer is not None:
@@ -222,6 +228,51 @@ class ModelRunner:
         slots = [s.slot for s in seqs]
         assert all(s is not None for s in slots), "a scheduled sequence has no KV-cache slot"
         return [s for s in slots if s is not None]
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _score(
+        self, chunks: list[PrefillChunk], hidden: Tensor, timer: StageTimer | None
+    ) -> dict[int, list[ScoredPosition]]:
+        """The scored tokens of the Score requests' chunks: the LM head on the rows that predict
+        one (and on no other), the log-probability of the token that follows, its rank, and the
+        most likely tokens. Rows are independent, so a token's numbers do not depend on its batch
+        in batch-invariant mode."""
+        rows: list[Tensor] = []
+        spans: list[tuple[Sequence, list[int], int]] = []  # (seq, its scored token ids, top_logprobs)
+        for i, chunk in enumerate(chunks):
+            seq, score = chunk.seq, chunk.seq.request.score
+            if score is None:
+                continue
+            # row j predicts the token at window position chunk.start + j + 1
+            lo = max(0, score.first - 1 - chunk.start)
+            hi = min(chunk.num_tokens, len(seq.prompt_ids) - 1 - chunk.start)
+            if lo >= hi:
+                spans.append((seq, [], 0))
+                continue
+            rows.append(hidden[i, lo:hi])
+            spans.append((seq, seq.prompt_ids[chunk.start + lo + 1 : chunk.start + hi + 1], seq.request.top_logprobs))
+        scored: dict[int, list[ScoredPosition]] = {seq.seq_id: [] for seq, _, _ in spans}
+        if not rows:
+            return scored
+        log_probs = self.model.logits(torch.cat(rows), timer).float().log_softmax(dim=-1)  # (N, V)
+        targets = torch.tensor([t for _, ids, _ in spans for t in ids], dtype=torch.long, device=log_probs.device)
+        chosen = log_probs.gather(1, targets[:, None])  # (N, 1)
+        ranks = ((log_probs > chosen).sum(dim=-1) + 1).tolist()
+        chosen_l = chosen[:, 0].tolist()
+        max_top = max(top for _, _, top in spans)
+        top_values: list[list[float]] = []
+        top_ids: list[list[int]] = []
+        if max_top:
+            best = log_probs.topk(max_top, dim=-1)
+            top_values, top_ids = best.values.tolist(), best.indices.tolist()
+        row = 0
+        for seq, ids, top in spans:
+            for token_id in ids:
+                alternatives = tuple(zip(top_ids[row][:top], top_values[row][:top], strict=True)) if top else ()
+                scored[seq.seq_id].append(ScoredPosition(token_id, chosen_l[row], ranks[row], alternatives))
+                row += 1
+        return scored
 
     # -- sampling ------------------------------------------------------------------------------
 
