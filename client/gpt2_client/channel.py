@@ -73,6 +73,8 @@ RETRIED_METHODS: tuple[dict[str, str], ...] = (
     {"service": TEXT_GENERATION, "method": "Generate"},
     {"service": TEXT_GENERATION, "method": "GenerateBatch"},
     {"service": TEXT_GENERATION, "method": "GetModelInfo"},
+    {"service": TEXT_GENERATION, "method": "Score"},
+    {"service": TEXT_GENERATION, "method": "ScoreBatch"},
     {"service": INTROSPECTION},  # every method of it is unary
 )
 HEALTH_CHECK_SERVICE = ""  # the whole server, in grpc.health.v1 terms

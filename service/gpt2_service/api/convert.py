@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TypeVar
 
 from gpt2_client.proto import common_pb2
 from gpt2_client.proto import generation_pb2 as pb
@@ -39,6 +40,7 @@ from gpt2_service.core.sequence import Finished, GenerationOutput, TokenInfo
 from gpt2_service.engine.frontend import LONG_PROMPT, Engine
 from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError, Violations
 
+M = TypeVar("M")
 MAX_REQUEST_ID_CHARS = 128
 # Request ids go into every log line and the ErrorInfo of errors: printable ASCII, no spaces, so
 # that no id can forge a log line, carry terminal escapes, or grow a trailer.
@@ -88,7 +90,16 @@ def is_safe_request_id(request_id: str) -> bool:
     return _SAFE_REQUEST_ID.fullmatch(request_id) is not None
 
 
-def request_id_of(msg: pb.GenerateRequest) -> str:
+def check_request_id(bad: Violations, request_id: str) -> None:
+    bad.check(
+        not request_id or is_safe_request_id(request_id),
+        "request_id",
+        f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces "
+        f"(got {len(request_id)} characters)",
+    )
+
+
+def request_id_of(msg: pb.GenerateRequest | pb.ScoreRequest) -> str:
     """The caller's request_id, or a new one when it is empty or unsafe to log (such a request
     is refused, and the refusal is logged under the new id)."""
     return msg.request_id if is_safe_request_id(msg.request_id) else new_request_id()
@@ -129,12 +140,7 @@ def to_engine_request(
     ``MAX_REPORTED_VIOLATIONS`` of them. Costs O(1) plus the size of the prompt: lists over their
     count limit are never converted. Run it on a worker thread when ``is_large(msg)``."""
     bad = Violations()
-    bad.check(
-        not msg.request_id or is_safe_request_id(msg.request_id),
-        "request_id",
-        f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces "
-        f"(got {len(msg.request_id)} characters)",
-    )
+    check_request_id(bad, msg.request_id)
     truncation = TRUNCATION_FROM_PROTO.get(msg.truncation)
     bad.check(truncation is not None, "truncation", f"unknown Truncation value {msg.truncation}")
     overflow = OVERFLOW_FROM_PROTO.get(msg.overflow)
@@ -210,16 +216,28 @@ def to_engine_batch(
     tenant: str = "",
     call_id: str = "",
 ) -> list[GenerationRequest]:
-    """Every item, converted and validated, so one answer names the bad fields of every item
-    (as ``requests[i].<field>``, at most ``MAX_REPORTED_VIOLATIONS`` in all). The items share
-    ``call_id``: together they hold at most the engine's call share of the batch."""
+    """Every item, converted and validated (``to_engine_items``). The items share ``call_id``:
+    together they hold at most the engine's call share of the batch."""
+    return to_engine_items(
+        request.requests, lambda item: to_engine_request(item, request_id_of(item), deadline, limits, tenant, call_id)
+    )
+
+
+def to_engine_items(messages: Iterable[M], to_engine: Callable[[M], GenerationRequest]) -> list[GenerationRequest]:
+    """A batch call's items, each converted by ``to_engine``, so one answer names the bad fields
+    of every item (as ``requests[i].<field>``, at most ``MAX_REPORTED_VIOLATIONS`` in all)."""
     items: list[GenerationRequest] = []
-    bad = Violations()
-    for i, item in enumerate(request.requests):
+    errors: list[InvalidRequestError] = []
+    for i, item in enumerate(messages):
         try:
-            items.append(to_engine_request(item, request_id_of(item), deadline, limits, tenant, call_id))
+            items.append(to_engine(item))
         except InvalidRequestError as exc:
-            bad.extend(with_prefix(exc, f"requests[{i}]."))
+            errors.append(with_prefix(exc, f"requests[{i}]."))
+    if len(errors) == 1:
+        raise errors[0]  # with its own reason (PROMPT_TOO_LONG, ...)
+    bad = Violations()
+    for error in errors:
+        bad.extend(error)
     bad.raise_if_any()
     return items
 
@@ -243,7 +261,7 @@ def to_token_info(token: TokenInfo) -> pb.TokenInfo:
     )
 
 
-def _usage(finished: Finished) -> pb.Usage:
+def usage(finished: Finished) -> pb.Usage:
     u = finished.usage
     return pb.Usage(
         prompt_tokens=u.prompt_tokens,
@@ -253,7 +271,7 @@ def _usage(finished: Finished) -> pb.Usage:
     )
 
 
-def _timing(finished: Finished) -> pb.Timing:
+def timing(finished: Finished) -> pb.Timing:
     t = finished.timing
     return pb.Timing(
         queue_seconds=t.queue_seconds,
@@ -270,9 +288,9 @@ def to_response(request_id: str, outputs: Iterable[GenerationOutput], finished: 
         tokens=[to_token_info(t) for out in outputs for t in out.tokens],
         finish_reason=FINISH_REASON_TO_PROTO[finished.reason],
         stop_sequence=finished.stop_sequence or "",
-        usage=_usage(finished),
+        usage=usage(finished),
         seed=finished.seed,
-        timing=_timing(finished),
+        timing=timing(finished),
     )
 
 
@@ -283,9 +301,9 @@ def to_stream_response(
     if finished is not None:
         response.finish_reason = FINISH_REASON_TO_PROTO[finished.reason]
         response.stop_sequence = finished.stop_sequence or ""
-        response.usage.CopyFrom(_usage(finished))
+        response.usage.CopyFrom(usage(finished))
         response.seed = finished.seed
-        response.timing.CopyFrom(_timing(finished))
+        response.timing.CopyFrom(timing(finished))
     return response
 
 

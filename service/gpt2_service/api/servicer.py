@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, NoReturn, TypeAlias
 
@@ -23,12 +23,13 @@ import grpc
 from gpt2_client.proto import common_pb2, generation_pb2_grpc
 from gpt2_client.proto import generation_pb2 as pb
 
-from gpt2_service.api import convert
+from gpt2_service.api import convert, scoring
 from gpt2_service.api.accounting import CallRecord, FinishedRequest, Prompt, current_call
 from gpt2_service.api.gate import ServingGate
 from gpt2_service.api.logs import new_request_id, request_id_var
 from gpt2_service.api.status import internal_status, status_code_for, status_for_error
-from gpt2_service.core.sequence import GenerationOutput
+from gpt2_service.core.request import GenerationRequest
+from gpt2_service.core.sequence import Finished, GenerationOutput
 from gpt2_service.engine.frontend import Engine, GenerationStream
 from gpt2_service.errors import DeadlineExceededError, EngineError, EngineOverloadedError, InvalidRequestError, clip
 
@@ -83,6 +84,13 @@ def _prompt_of(request: pb.GenerateRequest) -> Prompt:
     return clip(request.prompt, MAX_LOGGED_PROMPT_CHARS)
 
 
+def _score_prompt_of(request: pb.ScoreRequest) -> Prompt:
+    """The scored input as the access log shows it (with --log-prompts), clipped."""
+    if request.WhichOneof("input") == "token_ids":
+        return list(itertools.islice(request.token_ids.ids, MAX_LOGGED_PROMPT_IDS))
+    return clip(request.text, MAX_LOGGED_PROMPT_CHARS)
+
+
 @asynccontextmanager
 async def rpc_scope(gate: ServingGate, rpc: str, context: Context, request_id: str) -> AsyncIterator[Engine]:
     """The frame of every RPC of every gpt2.v1 service: the request id for logging, a place in
@@ -123,14 +131,26 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
     async def _submit(
         self, engine: Engine, request: pb.GenerateRequest, call: CallRecord, context: Context, streamed: bool = False
     ) -> GenerationStream:
+        def to_engine(deadline: float | None) -> GenerationRequest:
+            return convert.to_engine_request(request, call.request_id, deadline, engine.limits, call.tenant or "")
+
+        return await self._submit_as(engine, to_engine, convert.is_large(request), call, context, streamed)
+
+    async def _submit_as(
+        self,
+        engine: Engine,
+        to_engine: Callable[[float | None], GenerationRequest],
+        large: bool,
+        call: CallRecord,
+        context: Context,
+        streamed: bool = False,
+    ) -> GenerationStream:
+        """The call's one engine request, made by ``to_engine(deadline)`` (on a worker thread
+        when ``large``) once the queue has room, submitted, and aborted when the RPC ends."""
         deadline = convert.deadline_from_time_remaining(context.time_remaining())
         engine.check_admission()  # a full queue refuses before any conversion
         call.tenant = tenant_of(call, context)
-        args = (request, call.request_id, deadline, engine.limits, call.tenant)
-        if convert.is_large(request):
-            engine_request = await asyncio.to_thread(convert.to_engine_request, *args)
-        else:
-            engine_request = convert.to_engine_request(*args)
+        engine_request = await asyncio.to_thread(to_engine, deadline) if large else to_engine(deadline)
         stream = await engine.submit(engine_request, validated=True, backpressure=streamed)
         _close_when_done(context, stream)
         call.accepted, call.prompt_tokens = True, stream.prompt_tokens
@@ -172,20 +192,7 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
                 items = await asyncio.to_thread(convert.to_engine_batch, *args)
             else:
                 items = convert.to_engine_batch(*args)
-            streams: list[GenerationStream] = []
-            try:
-                for i, item in enumerate(items):
-                    try:
-                        streams.append(await engine.submit(item, validated=True))
-                        _close_when_done(context, streams[-1])
-                        call.accepted = True
-                    except InvalidRequestError as exc:  # e.g. a prompt too long under REJECT
-                        raise convert.with_prefix(exc, f"requests[{i}].") from None
-                # Every item is already running on the engine; reading them in order just waits.
-                results = [await stream.collect() for stream in streams]
-            finally:
-                for stream in streams:
-                    stream.close()
+            results = await _run_all(engine, items, call, context)
             call.items = [
                 FinishedRequest(item.request_id, _prompt_of(message), finished)
                 for item, message, (_, finished) in zip(items, request.requests, results, strict=True)
@@ -198,10 +205,70 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
             )
         raise AssertionError("unreachable: _call aborts on every error")
 
+    async def Score(self, request: pb.ScoreRequest, context: Context) -> pb.ScoreResponse:
+        call = current_call()
+        call.prompt = _score_prompt_of(request)
+        async with self._call("Score", context, convert.request_id_of(request)) as engine:
+
+            def to_engine(deadline: float | None) -> GenerationRequest:
+                args = (call.request_id, deadline, engine.limits, engine.tokenizer, call.tenant or "")
+                return scoring.to_engine_score(request, *args)
+
+            stream = await self._submit_as(engine, to_engine, scoring.is_large(request), call, context)
+            _, call.finished = await stream.collect()
+            return scoring.to_score_response(call.request_id, call.finished)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: Context) -> pb.ScoreBatchResponse:
+        call = current_call()
+        async with self._call("ScoreBatch", context, new_request_id()) as engine:  # the batch's own id
+            convert.check_batch_size(len(request.requests), self._max_batch_requests)  # before any work
+            deadline = convert.deadline_from_time_remaining(context.time_remaining())
+            engine.check_admission()
+            call.tenant = tenant_of(call, context)
+            args = (request, deadline, engine.limits, engine.tokenizer, call.tenant, call.request_id)
+            if any(scoring.is_large(item) for item in request.requests):
+                items = await asyncio.to_thread(scoring.to_engine_scores, *args)
+            else:
+                items = scoring.to_engine_scores(*args)
+            results = await _run_all(engine, items, call, context)
+            call.items = [
+                FinishedRequest(item.request_id, _score_prompt_of(message), finished)
+                for item, message, (_, finished) in zip(items, request.requests, results, strict=True)
+            ]
+            return pb.ScoreBatchResponse(
+                responses=[
+                    scoring.to_score_response(item.request_id, finished)
+                    for item, (_, finished) in zip(items, results, strict=True)
+                ]
+            )
+        raise AssertionError("unreachable: _call aborts on every error")
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> common_pb2.ModelInfo:
         async with self._call("GetModelInfo", context, new_request_id()) as engine:
             return convert.to_model_info(engine, self._max_batch_requests)
         raise AssertionError("unreachable: _call aborts on every error")
+
+
+async def _run_all(
+    engine: Engine, items: list[GenerationRequest], call: CallRecord, context: Context
+) -> list[tuple[list[GenerationOutput], Finished]]:
+    """A batch call's items submitted one after another (all of them running on the engine
+    before the first is read), then their results in order; every item is aborted if the call
+    ends first."""
+    streams: list[GenerationStream] = []
+    try:
+        for i, item in enumerate(items):
+            try:
+                streams.append(await engine.submit(item, validated=True))
+                _close_when_done(context, streams[-1])
+                call.accepted = True
+            except InvalidRequestError as exc:  # e.g. a prompt too long under REJECT
+                raise convert.with_prefix(exc, f"requests[{i}].") from None
+        return [await stream.collect() for stream in streams]
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 def _close_when_done(context: Context, stream: GenerationStream) -> None:
