@@ -156,6 +156,24 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         call.accepted, call.prompt_tokens = True, stream.prompt_tokens
         return stream
 
+    async def _run_batch(
+        self,
+        engine: Engine,
+        num_requests: int,
+        to_engine: Callable[[float | None], list[GenerationRequest]],
+        large: bool,
+        call: CallRecord,
+        context: Context,
+    ) -> tuple[list[GenerationRequest], list[tuple[list[GenerationOutput], Finished]]]:
+        """A batch call's items, made by ``to_engine(deadline)`` (on a worker thread when
+        ``large``) once its size and the queue allow, and their results in order (``_run_all``)."""
+        convert.check_batch_size(num_requests, self._max_batch_requests)  # before any work
+        deadline = convert.deadline_from_time_remaining(context.time_remaining())
+        engine.check_admission()
+        call.tenant = tenant_of(call, context)
+        items = await asyncio.to_thread(to_engine, deadline) if large else to_engine(deadline)
+        return items, await _run_all(engine, items, call, context)
+
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         call = current_call()
         call.prompt = _prompt_of(request)
@@ -183,16 +201,12 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
     async def GenerateBatch(self, request: pb.GenerateBatchRequest, context: Context) -> pb.GenerateBatchResponse:
         call = current_call()
         async with self._call("GenerateBatch", context, new_request_id()) as engine:  # the batch's own id
-            convert.check_batch_size(len(request.requests), self._max_batch_requests)  # before any work
-            deadline = convert.deadline_from_time_remaining(context.time_remaining())
-            engine.check_admission()
-            call.tenant = tenant_of(call, context)
-            args = (request, deadline, engine.limits, call.tenant, call.request_id)
-            if any(convert.is_large(item) for item in request.requests):
-                items = await asyncio.to_thread(convert.to_engine_batch, *args)
-            else:
-                items = convert.to_engine_batch(*args)
-            results = await _run_all(engine, items, call, context)
+
+            def to_engine(deadline: float | None) -> list[GenerationRequest]:
+                return convert.to_engine_batch(request, deadline, engine.limits, call.tenant or "", call.request_id)
+
+            large = any(convert.is_large(item) for item in request.requests)
+            items, results = await self._run_batch(engine, len(request.requests), to_engine, large, call, context)
             call.items = [
                 FinishedRequest(item.request_id, _prompt_of(message), finished)
                 for item, message, (_, finished) in zip(items, request.requests, results, strict=True)
@@ -222,16 +236,13 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
     async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: Context) -> pb.ScoreBatchResponse:
         call = current_call()
         async with self._call("ScoreBatch", context, new_request_id()) as engine:  # the batch's own id
-            convert.check_batch_size(len(request.requests), self._max_batch_requests)  # before any work
-            deadline = convert.deadline_from_time_remaining(context.time_remaining())
-            engine.check_admission()
-            call.tenant = tenant_of(call, context)
-            args = (request, deadline, engine.limits, engine.tokenizer, call.tenant, call.request_id)
-            if any(scoring.is_large(item) for item in request.requests):
-                items = await asyncio.to_thread(scoring.to_engine_scores, *args)
-            else:
-                items = scoring.to_engine_scores(*args)
-            results = await _run_all(engine, items, call, context)
+
+            def to_engine(deadline: float | None) -> list[GenerationRequest]:
+                args = (deadline, engine.limits, engine.tokenizer, call.tenant or "", call.request_id)
+                return scoring.to_engine_scores(request, *args)
+
+            large = any(scoring.is_large(item) for item in request.requests)
+            items, results = await self._run_batch(engine, len(request.requests), to_engine, large, call, context)
             call.items = [
                 FinishedRequest(item.request_id, _score_prompt_of(message), finished)
                 for item, message, (_, finished) in zip(items, request.requests, results, strict=True)
