@@ -155,7 +155,7 @@ def test_a_scored_token_costs_its_share_of_the_prefill_budget() -> None:
             eos_token_id=0, fixed_prefill_chunks=fixed, score_token_cost=4.0,
         )  # fmt: skip
         scheduler = Scheduler(config, token_text=str)
-        scheduled = _sequence(1, 200, score=True)
+        scheduled = _score_sequence(1, 200)
         scheduler.add(scheduled)
         sizes = []
         while scheduled.num_computed < 200:
@@ -174,19 +174,19 @@ def test_score_token_cost_weighs_the_lm_head_by_the_model_shape(tiny: LoadedMode
     assert 1.4 < score_token_cost(gpt2_small) < 1.5
 
 
-def _sequence(seq_id: int, length: int, score: bool) -> Sequence:
+def _score_sequence(seq_id: int, length: int) -> Sequence:
     request = GenerationRequest(
         request_id=f"r{seq_id}",
         prompt_token_ids=tuple(range(1, length + 1)),
         truncation=Truncation.REJECT,
-        score=ScoreSpec(first=1) if score else None,
+        score=ScoreSpec(first=1),
     )
     return Sequence(
         seq_id=seq_id,
         request=request,
         prompt_ids=list(range(1, length + 1)),
         seed=0,
-        max_new_tokens=0 if score else 8,
+        max_new_tokens=0,
         truncated_prompt_tokens=0,
         arrival_time=0.0,
         detokenizer=IncrementalDetokenizer(lambda i: b"x"),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt2_service.core.pieces import Pieces
+from gpt2_service.core.pieces import Pieces, advance
 from gpt2_service.engine.sampler import FilterParams, apply_filters, draw, next_uniforms
 from gpt2_service.introspection.results import (
     AttentionResult,
@@ -198,15 +198,11 @@ class _Away:
         self.seconds = 0.0
 
     def timed(self, pieces: Pieces[T]) -> Pieces[T]:
-        while True:
-            try:
-                next(pieces)
-            except StopIteration as end:
-                result: T = end.value
-                return result
+        while (finished := advance(pieces)) is None:
             suspended = time.perf_counter()
             yield
             self.seconds += time.perf_counter() - suspended
+        return finished.result
 
 
 class _StageLog(StageTimer):
