@@ -5,7 +5,8 @@ bound, tokenizes, and posts the new sequence to the engine thread (engine_loop.p
 ``schedule -> execute -> update_from_output`` and hands each step's outputs back to the loop in
 one ``call_soon_threadsafe``, where they are routed to their streams (engine_stream.py). Aborts
 and introspection jobs (``run_pieces``, a model stage per piece; ``run_exclusive``) go through the
-same inbox, so they are applied between steps and never race a forward pass. Observers get immutable events (engine_events.py).
+same inbox, so they are applied between steps and never race a forward pass. Observers get
+immutable events (engine_events.py).
 
 Contract of ``submit``: raises ``InvalidRequestError`` (nothing enqueued),
 ``EngineOverloadedError`` (queue full; raised before any tokenization or model work) or

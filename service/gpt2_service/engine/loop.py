@@ -132,9 +132,8 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._jobs: deque[Job] = deque()  # FIFO, taken off the inbox, waiting for their turn
         self._steps_per_job_second = (1.0 - job_share) / job_share
-        self._steps_owed = (
-            0.0  # seconds of steps to run (at least one) before the next piece, while generation has work
-        )
+        # seconds of steps to run (at least one) before the next piece, while generation has work
+        self._steps_owed = 0.0
         self._step_observers: list[StepObserver] = []
         self._finish_observers: list[FinishObserver] = []
         self._thread: threading.Thread | None = None
