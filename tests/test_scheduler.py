@@ -51,7 +51,7 @@ class FakeRunner:
 
     def execute(self, plan: StepPlan) -> dict[int, SampledToken]:
         self.plans.append(plan)
-        due = [c.seq for c in plan.prefill if c.samples] + plan.decode
+        due = [s for c in plan.prefill if c.samples for s in (c.seq, *c.forks)] + plan.decode
         return {s.seq_id: SampledToken(next(self.scripts[s.seq_id]), -1.0) for s in due}
 
 
@@ -217,3 +217,60 @@ def test_fixed_prefill_chunks_end_at_multiples_of_the_budget_whatever_shares_the
     assert alone == [(0, 16), (16, 16), (32, 8)]
     assert chunks_of(40, [5]) == alone  # budget 16 - 5 = 11 < 16: the first chunk waits whole
     assert chunks_of(40, [21, 3]) == alone
+
+
+def with_forks(parent: Sequence, n: int) -> list[Sequence]:
+    """Give ``parent`` n - 1 forks, as the engine's SequenceFactory does for a request's n."""
+    forks = [
+        dataclasses.replace(seq(parent.prompt_ids, max_new=parent.max_new_tokens), index=i, group_id=parent.seq_id, fork_of=parent)
+        for i in range(1, n)
+    ]
+    parent.forks = list(forks)
+    return forks
+
+
+def test_forks_compute_nothing_until_the_prompt_is_read_then_sample_in_its_last_step() -> None:
+    sched = Scheduler(config(max_prefill_tokens=16), TOK.id_to_text)
+    parent = seq(list(range(40)), max_new=3)
+    forks = with_forks(parent, 3)
+    sched.add(parent)
+    runner = FakeRunner({s.seq_id: [7, 8, 9] for s in (parent, *forks)})
+    outputs = drive(sched, runner)
+    prefills = [[(c.seq, c.num_tokens, c.forks) for c in p.prefill] for p in runner.plans if p.prefill]
+    assert prefills == [[(parent, 16, ())], [(parent, 16, ())], [(parent, 8, tuple(forks))]]
+    assert all(len(p.decode) == 3 for p in runner.plans[3:])  # then all three decode together
+    assert all(s.call_id == parent.call_id for s in forks)
+    for s in (parent, *forks):
+        assert [t.id for o in outputs[s.request_id] for t in o.tokens] == [7, 8, 9]
+        assert [o.index for o in outputs[s.request_id]] == [s.index] * 3
+    assert sched.slots.num_free == 4
+
+
+def test_preempting_choice_0_leaves_its_forks_to_read_the_prompt_themselves() -> None:
+    sched = Scheduler(config(max_prefill_tokens=16), TOK.id_to_text)
+    parent = seq(list(range(40)), max_new=2)
+    (fork,) = with_forks(parent, 2)
+    sched.add(parent)
+    runner = FakeRunner({parent.seq_id: [7, 8], fork.seq_id: [7, 8]})
+    plan, _ = sched.schedule()
+    sched.update_from_output(plan, runner.execute(plan))
+    sched._preempt(parent, "test", sched.schedule()[1])
+    assert fork.fork_of is None and parent.forks == []
+    drive(sched, runner)
+    read = [(c.seq, c.num_tokens) for p in runner.plans for c in p.prefill]
+    assert sum(n for s, n in read if s is fork) == 40 and sum(n for s, n in read if s is parent) == 56
+    assert sched.slots.num_free == 4
+
+
+def test_a_waiting_request_aborted_takes_its_forks_out_of_the_queue() -> None:
+    sched = Scheduler(config(max_batch_size=1, num_slots=1), TOK.id_to_text)
+    running = seq([1, 2], max_new=50)
+    sched.add(running)
+    sched.schedule()
+    parent = seq([3, 4])
+    forks = with_forks(parent, 3)
+    sched.add(parent)
+    sched.abort(parent.seq_id)
+    _, result = sched.schedule()
+    assert result.left_queue == [parent, *forks]  # each gives its place in the queue back
+    assert not sched.waiting

@@ -45,6 +45,10 @@ class EngineConfig:
     )
     max_new_tokens_limit: int = _opt(2048, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = _opt(64, "max_new_tokens of a request that does not set it")
+    max_choices: int = _opt(
+        16, "largest GenerateRequest.n (completions of one prompt); each completion holds a batch place and a "
+        "KV-cache slot, and counts against --max-queue-size"
+    )  # fmt: skip
     num_threads: int = _opt(0, "torch intra-op threads of the engine thread; 0 = torch's default (the cores)")
     batch_invariant: bool = _opt(
         True,

@@ -212,6 +212,7 @@ class EngineLimits(_message.Message):
     MAX_STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_CHOICES_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
     """Most sequences decoded together in one engine step."""
     max_queue_size: _builtins.int
@@ -234,6 +235,8 @@ class EngineLimits(_message.Message):
     """Largest GenerateRequest.top_logprobs."""
     max_batch_requests: _builtins.int
     """Most requests in one GenerateBatch call."""
+    max_choices: _builtins.int
+    """Largest GenerateRequest.n."""
     def __init__(
         self,
         *,
@@ -248,10 +251,11 @@ class EngineLimits(_message.Message):
         max_stop_token_ids: _builtins.int = ...,
         max_top_logprobs: _builtins.int = ...,
         max_batch_requests: _builtins.int = ...,
+        max_choices: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_new_tokens", b"default_max_new_tokens", "kv_cache_slots", b"kv_cache_slots", "max_batch_requests", b"max_batch_requests", "max_batch_size", b"max_batch_size", "max_new_tokens_limit", b"max_new_tokens_limit", "max_prefill_tokens", b"max_prefill_tokens", "max_queue_size", b"max_queue_size", "max_stop_string_chars", b"max_stop_string_chars", "max_stop_strings", b"max_stop_strings", "max_stop_token_ids", b"max_stop_token_ids", "max_top_logprobs", b"max_top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_new_tokens", b"default_max_new_tokens", "kv_cache_slots", b"kv_cache_slots", "max_batch_requests", b"max_batch_requests", "max_batch_size", b"max_batch_size", "max_choices", b"max_choices", "max_new_tokens_limit", b"max_new_tokens_limit", "max_prefill_tokens", b"max_prefill_tokens", "max_queue_size", b"max_queue_size", "max_stop_string_chars", b"max_stop_string_chars", "max_stop_strings", b"max_stop_strings", "max_stop_token_ids", b"max_stop_token_ids", "max_top_logprobs", b"max_top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

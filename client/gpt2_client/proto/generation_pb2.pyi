@@ -323,6 +323,8 @@ class GenerateRequest(_message.Message):
     OVERFLOW_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    ECHO_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Echoed in every response and in the server's logs. Default: a generated uuid4 hex.
     1 to 128 printable ASCII characters without spaces ([!-~]); anything else is INVALID_ARGUMENT.
@@ -340,6 +342,20 @@ class GenerateRequest(_message.Message):
     priority: Global___Priority.ValueType
     """Its class under contention. Default (UNSPECIFIED): PRIORITY_DEFAULT. An unknown value is
     INVALID_ARGUMENT.
+    """
+    echo: _builtins.bool
+    """Also return the prompt's log-probabilities (GenerateResponse.prompt_tokens), computed as
+    Score computes them, from the prompt's tokens as the model saw them (after truncation): every
+    prompt token but the first, which has no prediction. They are computed once, while the prompt
+    is read; a context shift or preemption later never scores it again. The prompt's rows also
+    go through the LM head, so an echoed prompt costs a little more to read. Default false.
+    """
+    n: _builtins.int
+    """Completions of the prompt, 0 or 1 = one, up to ModelInfo.limits.max_choices. The prompt is
+    read once; its keys and values are copied to n sequences, which then sample independently,
+    choice i with seed `seed + i` (mod 2^64). With n > 1, GenerateResponse.choices holds them all
+    and GenerateStreamResponse.choice_index tags each message. Each completion holds a batch place
+    and a KV-cache slot and counts as one request against the queue limits. Default 1.
     """
     @_builtins.property
     def prompt_token_ids(self) -> _common_pb2.TokenIds:
@@ -365,10 +381,12 @@ class GenerateRequest(_message.Message):
         overflow: Global___Overflow.ValueType = ...,
         top_logprobs: _builtins.int = ...,
         priority: Global___Priority.ValueType = ...,
+        echo: _builtins.bool = ...,
+        n: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "overflow", b"overflow", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping", "top_logprobs", b"top_logprobs", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "input", b"input", "n", b"n", "overflow", b"overflow", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping", "top_logprobs", b"top_logprobs", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "prompt_token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -454,6 +472,7 @@ class Usage(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TRUNCATED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_SHIFTS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Prompt tokens the model saw (after truncation)."""
     completion_tokens: _builtins.int
@@ -462,6 +481,11 @@ class Usage(_message.Message):
     """Prompt tokens dropped from the left to fit the context window (0 unless truncated)."""
     context_shifts: _builtins.int
     """Times the generation filled the context window and shifted it."""
+    cached_prompt_tokens: _builtins.int
+    """Prompt tokens whose keys and values were reused from the KV-cache (another request's, with
+    the same tokens at the same positions) instead of computed. Part of prompt_tokens. 0 when
+    the prefix cache is off or nothing matched.
+    """
     def __init__(
         self,
         *,
@@ -469,10 +493,11 @@ class Usage(_message.Message):
         completion_tokens: _builtins.int = ...,
         truncated_prompt_tokens: _builtins.int = ...,
         context_shifts: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "context_shifts", b"context_shifts", "prompt_tokens", b"prompt_tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "context_shifts", b"context_shifts", "prompt_tokens", b"prompt_tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -521,6 +546,8 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's request_id, or the one the server generated."""
     text: _builtins.str
@@ -549,6 +576,20 @@ class GenerateResponse(_message.Message):
     def timing(self) -> Global___Timing:
         """Queue time, time to first token and total time."""
 
+    @_builtins.property
+    def prompt_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredToken]:
+        """GenerateRequest.echo only: the prompt's tokens but the first, each with the log-probability
+        the model gave it (see GenerateRequest.echo). Empty otherwise.
+        """
+
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Choice]:
+        """GenerateRequest.n > 1 only: every completion, in index order; the fields above (text,
+        token_ids, tokens, finish_reason, stop_sequence, seed) describe choice 0, timing too.
+        usage covers the whole request: the prompt once, the completion tokens and context shifts of
+        every choice. Empty when n is 0 or 1.
+        """
+
     def __init__(
         self,
         *,
@@ -561,14 +602,62 @@ class GenerateResponse(_message.Message):
         usage: Global___Usage | None = ...,
         seed: _builtins.int = ...,
         timing: Global___Timing | None = ...,
+        prompt_tokens: _abc.Iterable[Global___ScoredToken] | None = ...,
+        choices: _abc.Iterable[Global___Choice] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "request_id", b"request_id", "seed", b"seed", "stop_sequence", b"stop_sequence", "text", b"text", "timing", b"timing", "token_ids", b"token_ids", "tokens", b"tokens", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "finish_reason", b"finish_reason", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "seed", b"seed", "stop_sequence", b"stop_sequence", "text", b"text", "timing", b"timing", "token_ids", b"token_ids", "tokens", b"tokens", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class Choice(_message.Message):
+    """One of the n completions of a GenerateRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """0 to n-1."""
+    text: _builtins.str
+    """Its generated text, as GenerateResponse.text."""
+    finish_reason: Global___FinishReason.ValueType
+    """Why it ended."""
+    stop_sequence: _builtins.str
+    """The stop string that matched; empty unless STOP_SEQUENCE."""
+    seed: _builtins.int
+    """Its seed: the request's seed + index (mod 2^64). A request with n = 1 and this seed gives
+    the same tokens (bitwise, where ModelInfo.batch_invariant).
+    """
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenInfo]:
+        """Its tokens with their log-probabilities (their ids in order are its token ids)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        text: _builtins.str = ...,
+        tokens: _abc.Iterable[Global___TokenInfo] | None = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
+        stop_sequence: _builtins.str = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "seed", b"seed", "stop_sequence", b"stop_sequence", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Choice: _TypeAlias = Choice  # noqa: Y015
 
 @_typing.final
 class GenerateStreamResponse(_message.Message):
@@ -586,6 +675,8 @@ class GenerateStreamResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    CHOICE_INDEX_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's request_id, or the one the server generated."""
     text: _builtins.str
@@ -599,6 +690,11 @@ class GenerateStreamResponse(_message.Message):
     """Last message only: the stop string that matched (empty unless STOP_SEQUENCE)."""
     seed: _builtins.int
     """Last message only: the seed used."""
+    choice_index: _builtins.int
+    """GenerateRequest.n > 1: the completion this message belongs to (0 to n-1). Messages of
+    different choices interleave; each choice has its own last message (finish_reason, usage
+    of that choice alone, seed, timing). 0 when n is 0 or 1.
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenInfo]:
         """The tokens this message covers (those generated since the previous message)."""
@@ -611,6 +707,10 @@ class GenerateStreamResponse(_message.Message):
     def timing(self) -> Global___Timing:
         """Last message only: queue time, time to first token and total time."""
 
+    @_builtins.property
+    def prompt_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredToken]:
+        """GenerateRequest.echo only, on choice 0's first message: the prompt's scored tokens."""
+
     def __init__(
         self,
         *,
@@ -622,10 +722,12 @@ class GenerateStreamResponse(_message.Message):
         usage: Global___Usage | None = ...,
         seed: _builtins.int | None = ...,
         timing: Global___Timing | None = ...,
+        choice_index: _builtins.int = ...,
+        prompt_tokens: _abc.Iterable[Global___ScoredToken] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "finish_reason", b"finish_reason", "request_id", b"request_id", "seed", b"seed", "stop_sequence", b"stop_sequence", "text", b"text", "timing", b"timing", "tokens", b"tokens", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "choice_index", b"choice_index", "finish_reason", b"finish_reason", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "seed", b"seed", "stop_sequence", b"stop_sequence", "text", b"text", "timing", b"timing", "tokens", b"tokens", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -786,7 +888,9 @@ class ScoredToken(_message.Message):
     """
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
-        """The ScoreRequest.top_logprobs most likely tokens at this position, most likely first."""
+        """The ScoreRequest.top_logprobs (GenerateRequest.top_logprobs, for an echoed prompt) most
+        likely tokens at this position, most likely first.
+        """
 
     def __init__(
         self,

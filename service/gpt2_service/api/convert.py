@@ -36,7 +36,7 @@ from gpt2_service.core.request import (
     scan_token_ids,
     token_id_violation,
 )
-from gpt2_service.core.sequence import Finished, GenerationOutput, TokenInfo
+from gpt2_service.core.sequence import Finished, GenerationOutput, ScoredToken, TokenInfo
 from gpt2_service.engine.frontend import LONG_PROMPT, Engine
 from gpt2_service.errors import DeadlineExceededError, FieldViolation, InvalidRequestError, Violations
 
@@ -172,6 +172,8 @@ def to_engine_request(
         priority=priority or Priority.DEFAULT,
         tenant=tenant,
         call_id=call_id,
+        echo=msg.echo,
+        n=max(msg.n, 1),
     )
     for v in find_violations(request, limits):
         bad.add(proto_field_path(v.field), v.description)
@@ -261,13 +263,26 @@ def to_token_info(token: TokenInfo) -> pb.TokenInfo:
     )
 
 
-def usage(finished: Finished) -> pb.Usage:
+def to_scored_token(t: ScoredToken) -> pb.ScoredToken:
+    return pb.ScoredToken(
+        id=t.id,
+        text=t.text,
+        logprob=t.logprob,
+        rank=t.rank,
+        top_logprobs=[pb.TopLogprob(id=a.id, text=a.text, logprob=a.logprob) for a in t.top_logprobs],
+    )
+
+
+def usage(finished: Finished, *others: Finished) -> pb.Usage:
+    """The usage of ``finished``, with the completion tokens and context shifts of ``others``
+    (the other choices of the same request, which share its prompt) added."""
     u = finished.usage
     return pb.Usage(
         prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
+        completion_tokens=u.completion_tokens + sum(o.usage.completion_tokens for o in others),
         truncated_prompt_tokens=u.truncated_prompt_tokens,
-        context_shifts=u.context_shifts,
+        context_shifts=u.context_shifts + sum(o.usage.context_shifts for o in others),
+        cached_prompt_tokens=u.cached_prompt_tokens,
     )
 
 
@@ -281,23 +296,48 @@ def timing(finished: Finished) -> pb.Timing:
 
 
 def to_response(request_id: str, outputs: Iterable[GenerationOutput], finished: Finished) -> pb.GenerateResponse:
-    return pb.GenerateResponse(
+    """The response of a request's outputs; ``finished`` is choice 0's. With several choices
+    (outputs of index > 0), each is a ``Choice`` too, and usage covers them all."""
+    tokens: dict[int, list[pb.TokenInfo]] = {}
+    ends: dict[int, Finished] = {}
+    for out in outputs:
+        tokens.setdefault(out.index, []).extend(to_token_info(t) for t in out.tokens)
+        if out.finished is not None:
+            ends[out.index] = out.finished
+    others = [end for index, end in ends.items() if index != 0]
+    response = pb.GenerateResponse(
         request_id=request_id,
         text=finished.text,
         token_ids=finished.token_ids,
-        tokens=[to_token_info(t) for out in outputs for t in out.tokens],
+        tokens=tokens.get(0, []),
         finish_reason=FINISH_REASON_TO_PROTO[finished.reason],
         stop_sequence=finished.stop_sequence or "",
-        usage=usage(finished),
+        usage=usage(finished, *others),
         seed=finished.seed,
         timing=timing(finished),
+        prompt_tokens=[to_scored_token(t) for t in finished.scored],
     )
+    if others:
+        response.choices.extend(
+            pb.Choice(
+                index=index,
+                text=end.text,
+                tokens=tokens.get(index, []),
+                finish_reason=FINISH_REASON_TO_PROTO[end.reason],
+                stop_sequence=end.stop_sequence or "",
+                seed=end.seed,
+            )
+            for index, end in sorted(ends.items())
+        )
+    return response
 
 
 def to_stream_response(
-    request_id: str, tokens: Iterable[TokenInfo], text: str, finished: Finished | None
+    request_id: str, tokens: Iterable[TokenInfo], text: str, finished: Finished | None, index: int = 0
 ) -> pb.GenerateStreamResponse:
-    response = pb.GenerateStreamResponse(request_id=request_id, text=text, tokens=[to_token_info(t) for t in tokens])
+    response = pb.GenerateStreamResponse(
+        request_id=request_id, text=text, tokens=[to_token_info(t) for t in tokens], choice_index=index
+    )
     if finished is not None:
         response.finish_reason = FINISH_REASON_TO_PROTO[finished.reason]
         response.stop_sequence = finished.stop_sequence or ""
@@ -310,14 +350,20 @@ def to_stream_response(
 async def to_stream_responses(
     request_id: str, outputs: AsyncIterator[GenerationOutput]
 ) -> AsyncIterator[pb.GenerateStreamResponse]:
-    """One message per non-empty text delta. Tokens whose text is held back (part of a character
-    or of a possible stop string) ride along with the next message that has text, or the last."""
-    pending: list[TokenInfo] = []
+    """One message per non-empty text delta of a choice. Tokens whose text is held back (part of
+    a character or of a possible stop string) ride along with the choice's next message that has
+    text, or its last. An echoed prompt's scores come with the first message of choice 0."""
+    pending: dict[int, list[TokenInfo]] = {}
+    prompt_scores: tuple[ScoredToken, ...] = ()
     async for out in outputs:
-        pending.extend(out.tokens)
-        if out.text or out.finished is not None:
-            yield to_stream_response(request_id, pending, out.text, out.finished)
-            pending = []
+        tokens = pending.setdefault(out.index, [])
+        tokens.extend(out.tokens)
+        prompt_scores += out.prompt_scores
+        if out.text or out.finished is not None or prompt_scores:
+            response = to_stream_response(request_id, tokens, out.text, out.finished, out.index)
+            response.prompt_tokens.extend(to_scored_token(t) for t in prompt_scores)
+            yield response
+            pending[out.index], prompt_scores = [], ()
 
 
 def to_model_info(engine: Engine, max_batch_requests: int) -> common_pb2.ModelInfo:
@@ -351,6 +397,7 @@ def to_model_info(engine: Engine, max_batch_requests: int) -> common_pb2.ModelIn
             max_stop_token_ids=MAX_STOP_TOKEN_IDS,
             max_top_logprobs=MAX_TOP_LOGPROBS,
             max_batch_requests=max_batch_requests,
+            max_choices=config.max_choices,
         ),
         eos_token_id=engine.tokenizer.eos_token_id,
     )

@@ -26,7 +26,7 @@ from gpt2_service.core.request import (
     scan_token_ids,
     token_id_violation,
 )
-from gpt2_service.core.sequence import Finished, ScoredToken
+from gpt2_service.core.sequence import Finished
 from gpt2_service.engine.frontend import LONG_PROMPT
 from gpt2_service.errors import FieldViolation, InvalidRequestError, Violations
 from gpt2_service.model.tokenizer import GPT2Tokenizer
@@ -157,22 +157,12 @@ def to_engine_scores(
     )
 
 
-def to_scored_token(t: ScoredToken) -> pb.ScoredToken:
-    return pb.ScoredToken(
-        id=t.id,
-        text=t.text,
-        logprob=t.logprob,
-        rank=t.rank,
-        top_logprobs=[pb.TopLogprob(id=a.id, text=a.text, logprob=a.logprob) for a in t.top_logprobs],
-    )
-
-
 def to_score_response(request_id: str, finished: Finished) -> pb.ScoreResponse:
     total = math.fsum(t.logprob for t in finished.scored)
     mean_nll = -total / len(finished.scored)
     return pb.ScoreResponse(
         request_id=request_id,
-        tokens=[to_scored_token(t) for t in finished.scored],
+        tokens=[convert.to_scored_token(t) for t in finished.scored],
         total_logprob=total,
         mean_nll=mean_nll,
         perplexity=math.exp(mean_nll) if mean_nll < 700 else math.inf,

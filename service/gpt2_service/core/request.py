@@ -120,6 +120,8 @@ class GenerationRequest:
     tenant: str = ""  # who is served: the authenticated identity, else the peer; "" = anonymous
     call_id: str = ""  # the call it came with (a GenerateBatch's items share one); "" = its own
     score: ScoreSpec | None = None  # a Score request: prompt_token_ids scored, nothing generated
+    echo: bool = False  # also score the prompt (from its second token), once, as a Score would
+    n: int = 1  # completions: the prompt is read once, then n sequences sample from it (seeds seed + i)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class RequestLimits:
     vocab_size: int
     max_new_tokens_limit: int
     context_window: int = 1024
+    max_choices: int = 16  # the most completions (``n``) of one request
 
 
 def _finite(value: float) -> bool:
@@ -261,6 +264,11 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violat
         0 <= request.top_logprobs <= MAX_TOP_LOGPROBS,
         "top_logprobs",
         f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}",
+    )
+    check(
+        1 <= request.n <= limits.max_choices,
+        "n",
+        f"must be in [1, {limits.max_choices}] (the server's limit; 0 means 1), got {request.n}",
     )
     if request.score is not None:
         num_ids = len(request.prompt_token_ids or ())

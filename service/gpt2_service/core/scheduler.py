@@ -21,7 +21,14 @@ Policy, each in a small helper below:
 - a Score request (``request.score``) is a prompt read in prefill chunks and never sampled: each
   chunk's scored tokens come back from the runner, and it finishes when its prompt is read; its
   tokens cost ``score_token_cost`` each of the prefill budget (their rows also go through the
-  LM head);
+  LM head). An echoed prompt (``request.echo``) is scored the same way the first time it is read,
+  at the same cost, in the chunks a plain prompt would have (so echo never changes the tokens);
+- n completions: choice 0 is queued and admitted like any request; its other choices (``forks``)
+  are admitted with it where there are places (those that do not fit wait as requests of their
+  own and read the prompt themselves), compute nothing until the chunk that completes choice 0's
+  prompt, and in that step get its keys and values (``PrefillChunk.forks``: the runner copies
+  them) and sample their first token from its last position. Preempting or releasing choice 0
+  first leaves its waiting forks to read the prompt themselves;
 - a finished, aborted or expired sequence frees its slot in the step it is seen.
 """
 
@@ -74,6 +81,9 @@ class PrefillChunk:
     start: int  # first cache position written
     num_tokens: int
     samples: bool  # this chunk completes the window: sample the next token from its last position
+    # choices waiting for this prompt: the runner copies the window's keys and values into their
+    # slots, and samples each from the same last position
+    forks: tuple[Sequence, ...] = ()
 
     @property
     def token_ids(self) -> list[int]:
@@ -159,7 +169,8 @@ class Scheduler:
         self._set_paused(seq_id, False)
 
     def _set_paused(self, seq_id: int, paused: bool) -> None:
-        for seq in itertools.chain(self.running, self.waiting):
+        waiting_forks = (f for s in self.waiting for f in s.forks)
+        for seq in itertools.chain(self.running, self.waiting, waiting_forks):
             if seq.seq_id == seq_id:
                 seq.paused = paused
                 return
@@ -170,10 +181,11 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        """Something to do at the next step (paused sequences alone are not)."""
+        """Something to do at the next step (paused sequences, and forks waiting for a prompt,
+        alone are not)."""
         if self._aborted:
             return True
-        return any(not s.paused for s in itertools.chain(self.running, self.waiting))
+        return any(not s.paused and s.fork_of is None for s in itertools.chain(self.running, self.waiting))
 
     # -- step ----------------------------------------------------------------------------------
 
@@ -197,20 +209,26 @@ class Scheduler:
         result = StepResult()
         now = self._clock()
         for chunk in plan.prefill:
+            scores = chunk.seq.scores_prompt  # (before its first token is appended)
             chunk.seq.num_computed += chunk.num_tokens
-            if chunk.seq.request.score is not None:
+            if scores:
                 self._add_scores(chunk.seq, (scored or {}).get(chunk.seq.seq_id, []), now, result)
+            for fork in chunk.forks:  # the runner copied the prompt's keys and values
+                fork.num_computed = chunk.seq.num_computed
+                fork.fork_of = None
+            chunk.seq.forks = [f for f in chunk.seq.forks if f not in chunk.forks]
         for seq in plan.decode:
             seq.num_computed += 1
         decoded = [s for s in plan.decode if s.seq_id not in plan.replay]
-        for seq in [c.seq for c in plan.prefill if c.samples] + decoded:
+        for seq in [s for c in plan.prefill if c.samples for s in (c.seq, *c.forks)] + decoded:
             self._append_token(seq, sampled[seq.seq_id], now, result)
         return result
 
     def fail(self, plan: StepPlan, error: EngineError) -> StepResult:
         """The runner raised: fail and free every sequence of the plan."""
         result = StepResult()
-        for seq in {id(s): s for s in [c.seq for c in plan.prefill] + plan.decode}.values():
+        planned = [s for c in plan.prefill for s in (c.seq, *c.forks)] + plan.decode
+        for seq in {id(s): s for s in planned}.values():
             self._release(seq, result)
             result.failed.append((seq, error))
         return result
@@ -222,7 +240,7 @@ class Scheduler:
             return
         aborted, self._aborted = self._aborted, set()
         for seq in self.waiting.remove_where(lambda s: s.seq_id in aborted):
-            self._leave_queue(seq, result)
+            self._leave_queue(seq, result)  # with its forks: a request's choices are aborted together
         for seq in [s for s in self.running if s.seq_id in aborted]:
             self._release(seq, result)
 
@@ -234,8 +252,8 @@ class Scheduler:
             return deadline is not None and now >= deadline
 
         for seq in self.waiting.remove_where(expired):
-            self._leave_queue(seq, result)
-            result.failed.append((seq, DeadlineExceededError("deadline passed while waiting")))
+            for left in self._leave_queue(seq, result):
+                result.failed.append((left, DeadlineExceededError("deadline passed while waiting")))
         for seq in [s for s in self.running if expired(s)]:
             self._release(seq, result)
             result.failed.append((seq, DeadlineExceededError("deadline passed while generating")))
@@ -254,12 +272,30 @@ class Scheduler:
                 preemptions_left -= 1
                 self._preempt(*victim, result)
             self.waiting.take(seq)
-            if seq.admitted_time is None:
-                result.left_queue.append(seq)
-            seq.slot = self.slots.allocate()
-            seq.status = SequenceStatus.RUNNING
-            seq.admitted_time = self._clock()
-            self.running.append(seq)
+            self._run(seq, result)
+            self._admit_forks(seq, result)
+
+    def _run(self, seq: Sequence, result: StepResult) -> None:
+        if seq.admitted_time is None:
+            result.left_queue.append(seq)
+        seq.slot = self.slots.allocate()
+        seq.status = SequenceStatus.RUNNING
+        seq.admitted_time = self._clock()
+        self.running.append(seq)
+
+    def _admit_forks(self, seq: Sequence, result: StepResult) -> None:
+        """Admit the forks of a choice 0 just admitted where there are places (never by
+        preemption); those that do not fit wait, first in their queue, as requests of their own."""
+        left: list[Sequence] = []
+        for fork in list(seq.forks):
+            if len(self.running) < self.config.max_batch_size and self.slots.num_free:
+                self._run(fork, result)
+            else:
+                seq.forks.remove(fork)
+                fork.fork_of = None
+                left.append(fork)
+        for fork in reversed(left):
+            self.waiting.appendleft(fork)
 
     def _preempt(self, seq: Sequence, reason: str, result: StepResult) -> None:
         """Free the sequence's slot and put it back at the head of its queue. Readmitted, it
@@ -269,21 +305,39 @@ class Scheduler:
         assert seq.slot is not None
         self.slots.free(seq.slot)
         self.running.remove(seq)
+        self._detach(seq)
         seq.slot = None
         seq.status = SequenceStatus.WAITING
         seq.num_computed = 0
         if not self.config.fixed_prefill_chunks:
             seq.prefill_end = seq.window_len  # recompute it all in prefill chunks: fast, not bitwise
         seq.num_preemptions += 1
-        seq.scored.clear()  # a Score recomputes its window, and scores it again
+        if seq.num_output == 0:
+            seq.scored.clear()  # a Score (or echo) not read to its end recomputes its window, and scores it again
         self.waiting.appendleft(seq)
         result.preempted.append((seq, reason))
 
-    def _leave_queue(self, seq: Sequence, result: StepResult) -> None:
-        """An aborted or expired waiting sequence; counted as leaving the queue if it never ran."""
-        if seq.admitted_time is None:
-            result.left_queue.append(seq)
-        seq.status = SequenceStatus.FINISHED
+    def _leave_queue(self, seq: Sequence, result: StepResult) -> list[Sequence]:
+        """An aborted or expired waiting sequence, and its forks (never admitted without it);
+        counted as leaving the queue if they never ran. The sequences that left."""
+        left = [seq, *seq.forks]
+        for s in left:
+            if s.admitted_time is None:
+                result.left_queue.append(s)
+            s.status = SequenceStatus.FINISHED
+        seq.forks = []
+        return left
+
+    @staticmethod
+    def _detach(seq: Sequence) -> None:
+        """A sequence leaves the running batch: if it is a fork waiting for a prompt, it no longer
+        waits; if it is a choice 0 whose forks wait, they read the prompt themselves."""
+        if seq.fork_of is not None:
+            seq.fork_of.forks.remove(seq)
+            seq.fork_of = None
+        for fork in seq.forks:
+            fork.fork_of = None
+        seq.forks = []
 
     def _prefill_order(self) -> list[Sequence]:
         """Running sequences with prompt to prefill: higher classes first, tenants taking turns
@@ -291,8 +345,8 @@ class Scheduler:
         turns: dict[str, int] = {}
         keyed: list[tuple[int, int, int, Sequence]] = []
         for seq in self.running:
-            if seq.paused or seq.num_computed >= seq.prefill_end:
-                continue  # paused, or a decode
+            if seq.paused or seq.num_computed >= seq.prefill_end or seq.fork_of is not None:
+                continue  # paused, a decode, or a fork waiting for its prompt
             turn = turns[seq.tenant] = turns.get(seq.tenant, -1) + 1
             keyed.append((seq.request.priority, turn, len(keyed), seq))
         return [seq for *_, seq in sorted(keyed, key=lambda k: k[:3])]
@@ -304,16 +358,20 @@ class Scheduler:
             if budget <= 0:
                 break
             remaining = seq.prefill_end - seq.num_computed
-            cost = self.config.score_token_cost if seq.request.score is not None else 1.0
+            cost = self.config.score_token_cost if seq.scores_prompt else 1.0
             if self.config.fixed_prefill_chunks:
-                size = max(1, int(self.config.max_prefill_tokens / cost))
+                # a Score's chunks are sized by their cost; an echoed prompt's are a plain prompt's
+                size = self.config.max_prefill_tokens
+                if seq.request.score is not None:
+                    size = max(1, int(size / cost))
                 n = min(remaining, size - seq.num_computed % size)
                 if math.ceil(n * cost) > budget and chunks:
                     break  # first come, first served: later sequences wait too (a step's first chunk always runs)
             else:
                 n = min(remaining, max(1, int(budget / cost)))
             samples = seq.num_computed + n == seq.window_len and seq.request.score is None
-            chunks.append(PrefillChunk(seq, seq.num_computed, n, samples=samples))
+            forks = tuple(seq.forks) if samples else ()
+            chunks.append(PrefillChunk(seq, seq.num_computed, n, samples=samples, forks=forks))
             budget -= math.ceil(n * cost)
         return chunks
 
@@ -322,8 +380,8 @@ class Scheduler:
         return sorted(ready, key=lambda s: s.slot if s.slot is not None else -1)
 
     def _add_scores(self, seq: Sequence, positions: list[ScoredPosition], now: float, result: StepResult) -> None:
-        """A Score's chunk was read: keep its tokens' scores; once the whole prompt is read, it
-        finishes (nothing is generated) and frees its slot."""
+        """A scored chunk was read: keep its tokens' scores. Once a Score's whole prompt is read,
+        it finishes (nothing is generated) and frees its slot."""
         text = self._token_text
         seq.scored.extend(
             ScoredToken(
@@ -335,7 +393,7 @@ class Scheduler:
             )
             for p in positions
         )
-        if seq.num_computed < seq.window_len:
+        if seq.request.score is None or seq.num_computed < seq.window_len:
             return
         seq.first_token_time = now
         finished = self._finished(seq, FinishReason.LENGTH, None, now)
@@ -385,7 +443,9 @@ class Scheduler:
                 delta += seq.detokenizer.flush()
             finished = self._finished(seq, reason, stop_sequence, now)
             self._release(seq, result)
-        result.outputs.append((seq, GenerationOutput(seq.request_id, (info,), delta, finished)))
+        prompt_scores = tuple(seq.scored) if n == 1 and seq.request.echo else ()
+        output = GenerationOutput(seq.request_id, (info,), delta, finished, seq.index, prompt_scores)
+        result.outputs.append((seq, output))
 
     def _shift(self, seq: Sequence, result: StepResult) -> None:
         """Forget the earliest tokens: keep the newest, to be re-encoded at positions 0..k-1.

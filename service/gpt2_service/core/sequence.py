@@ -6,6 +6,11 @@ shift moves ``window_start`` forward and resets ``num_computed`` to 0 (the kept 
 re-encoded at positions 0..k-1, since GPT-2's positions are learned absolute embeddings).
 Window positions below ``prefill_end`` are computed in prefill chunks, the others one per
 decode step; a preempted sequence recomputes its window the same way.
+
+A request for n completions is n sequences: the first reads the prompt, and the others (its
+``forks``, each ``fork_of`` it) wait with a KV-cache slot but compute nothing until the step that
+reads the prompt's last token; then the prompt's keys and values are copied into their slots and
+each samples its first token from the same position (scheduler.py, runner.py).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class Usage:
     completion_tokens: int
     truncated_prompt_tokens: int
     context_shifts: int
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class GenerationOutput:
     tokens: tuple[TokenInfo, ...]
     text: str  # valid UTF-8 delta, never part of a stop string; may be empty
     finished: Finished | None = None
+    index: int = 0  # the choice it belongs to (GenerationRequest.n > 1)
+    prompt_scores: tuple[ScoredToken, ...] = ()  # an echoed prompt's tokens, on the first output
 
 
 @dataclass(eq=False)
@@ -109,7 +117,12 @@ class Sequence:
     token_infos: list[TokenInfo] = field(default_factory=list)
     paused: bool = False  # its reader lags: it is not scheduled until resumed
     num_preemptions: int = 0  # times it lost its slot and was recomputed
-    scored: list[ScoredToken] = field(default_factory=list)  # a Score request's tokens so far
+    scored: list[ScoredToken] = field(default_factory=list)  # a Score's (or echoed prompt's) tokens so far
+    index: int = 0  # its choice of the request's n (its seed is the request's + index)
+    group_id: int = 0  # the seq id of choice 0; 0 = its own
+    forks: list[Sequence] = field(default_factory=list)  # choices waiting for this one's prompt
+    fork_of: Sequence | None = None  # the choice whose prompt this one waits for, until it forks
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -127,7 +140,20 @@ class Sequence:
 
     @property
     def call_id(self) -> str:
-        return self.request.call_id or f"seq-{self.seq_id}"
+        return self.request.call_id or f"seq-{self.group_id or self.seq_id}"
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt chunks are scored: a Score request's, or choice 0's echoed prompt the first
+        time it is read (not after a context shift, nor when a preempted sequence recomputes it)."""
+        if self.request.score is not None:
+            return True
+        return self.request.echo and self.index == 0 and self.num_output == 0 and self.window_start == 0
+
+    @property
+    def first_scored(self) -> int:
+        """The index of the first prompt token scored (token 0 has no prediction)."""
+        return self.request.score.first if self.request.score is not None else 1
 
     @property
     def num_output(self) -> int:
@@ -151,4 +177,5 @@ class Sequence:
             completion_tokens=self.num_output,
             truncated_prompt_tokens=self.truncated_prompt_tokens,
             context_shifts=self.context_shifts,
+            cached_prompt_tokens=self.cached_prompt_tokens,
         )

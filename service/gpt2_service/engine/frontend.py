@@ -12,7 +12,8 @@ Contract of ``submit``: raises ``InvalidRequestError`` (nothing enqueued),
 ``EngineOverloadedError`` (queue full; raised before any tokenization or model work) or
 ``EngineUnavailableError`` (not started, or draining). Otherwise it returns a
 ``GenerationStream``: an async iterator of ``GenerationOutput`` whose last item carries
-``finished``. Closing the stream early, or cancelling the task that iterates it, aborts the
+``finished`` (with ``request.n > 1``, the outputs of all choices interleaved, each tagged with its
+``index``, each choice's last carrying its ``finished``). Closing the stream early, or cancelling the task that iterates it, aborts the
 request; its KV-cache slot is freed at the next engine step.
 """
 
@@ -117,6 +118,7 @@ class Engine:
             vocab_size=self.tokenizer.vocab_size,
             max_new_tokens_limit=config.max_new_tokens_limit,
             context_window=self.context_window,
+            max_choices=config.max_choices,
         )
         self.stats = EngineStats(
             kv_cache_slots=num_slots,
@@ -234,7 +236,7 @@ class Engine:
         self.check_admission()
         if not validated:
             validate(request, self.limits)
-        self._queue.reserve(request.tenant)
+        self._queue.reserve(request.tenant, request.n)
         try:
             if len(request.prompt or request.prompt_token_ids or ()) > LONG_PROMPT:
                 seq = await asyncio.to_thread(self._sequences.make, request)
@@ -242,7 +244,7 @@ class Engine:
                 seq = self._sequences.make(request)
             self._check_deadline(seq)
         except BaseException:
-            self._queue.release([request.tenant])
+            self._queue.release([request.tenant] * request.n)
             raise
         stream = GenerationStream(seq, self.abort, self._flow if backpressure else None)
         self._streams.add(stream)

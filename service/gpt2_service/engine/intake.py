@@ -40,19 +40,19 @@ class QueueBound:
         with self._lock:
             return dict(self._by_tenant)
 
-    def reserve(self, tenant: str = "") -> None:
-        """Take a place, or raise ``EngineOverloadedError``."""
+    def reserve(self, tenant: str = "", count: int = 1) -> None:
+        """Take ``count`` places (a request's n choices), or none and raise ``EngineOverloadedError``."""
         with self._lock:
-            if self._num_queued >= self.max_size:
+            if self._num_queued + count > self.max_size:
                 raise self.overloaded()
-            if self._by_tenant.get(tenant, 0) >= self.max_per_tenant:
+            if self._by_tenant.get(tenant, 0) + count > self.max_per_tenant:
                 raise EngineOverloadedError(
                     f"this tenant already has {self.max_per_tenant} requests waiting "
                     "(--max-queued-per-tenant); retry later",
                     reason="TENANT_QUEUE_FULL",
                 )
-            self._num_queued += 1
-            self._by_tenant[tenant] = self._by_tenant.get(tenant, 0) + 1
+            self._num_queued += count
+            self._by_tenant[tenant] = self._by_tenant.get(tenant, 0) + count
 
     def release(self, tenants: Iterable[str]) -> None:
         """Give back one place per entry of ``tenants``."""
@@ -67,8 +67,9 @@ class QueueBound:
 
 
 class SequenceFactory:
-    """Builds the ``Sequence`` of a validated request; thread-safe (long prompts are prepared off
-    the event loop)."""
+    """Builds the ``Sequence`` of a validated request (choice 0, with the others as its
+    ``forks`` when ``request.n > 1``); thread-safe (long prompts are prepared off the event
+    loop)."""
 
     def __init__(self, tokenizer: GPT2Tokenizer, context_window: int, default_max_new_tokens: int) -> None:
         self.tokenizer = tokenizer
@@ -98,8 +99,25 @@ class SequenceFactory:
                 raise self._prompt_too_long(field_name, str(len(ids)))
             truncated += len(ids) - self.context_window
             ids = ids[-self.context_window :]
-        stopping = request.stopping
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        seq = self._sequence(request, ids, seed, truncated, time.monotonic())
+        seq.forks = [  # choices 1..n-1: the same prompt, seeds seed + i
+            self._sequence(request, list(ids), (seed + i) % 2**64, truncated, seq.arrival_time, seq, i)
+            for i in range(1, request.n)
+        ]
+        return seq
+
+    def _sequence(
+        self,
+        request: GenerationRequest,
+        ids: list[int],
+        seed: int,
+        truncated: int,
+        arrival: float,
+        fork_of: Sequence | None = None,
+        index: int = 0,
+    ) -> Sequence:
+        stopping = request.stopping
         return Sequence(
             seq_id=next(self._seq_ids),
             request=request,
@@ -107,13 +125,16 @@ class SequenceFactory:
             seed=seed,
             max_new_tokens=0 if request.score else stopping.max_new_tokens or self.default_max_new_tokens,
             truncated_prompt_tokens=truncated,
-            arrival_time=time.monotonic(),
+            arrival_time=arrival,
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer.token_bytes,
                 skip_ids=self.tokenizer.special_ids,
                 stop=stopping.stop,
                 include_stop_in_output=stopping.include_stop_in_output,
             ),
+            index=index,
+            group_id=fork_of.seq_id if fork_of is not None else 0,
+            fork_of=fork_of,
         )
 
     def _prompt_too_long(self, field_name: str, num_tokens: str) -> InvalidRequestError:

@@ -113,11 +113,16 @@ class ModelRunner:
             start = time.perf_counter()
             hidden = self._prefill(plan.prefill, timer)
             for i, chunk in enumerate(plan.prefill):
+                if chunk.forks:  # choices that wait for this prompt get its keys and values
+                    self.cache.copy_slot(
+                        self._slots([chunk.seq])[0], self._slots(list(chunk.forks)), chunk.seq.window_len
+                    )
                 if chunk.samples:
-                    hidden_rows.append(hidden[i, chunk.num_tokens - 1])
-                    sampled_seqs.append(chunk.seq)
+                    for seq in (chunk.seq, *chunk.forks):  # the forks sample from the same position
+                        hidden_rows.append(hidden[i, chunk.num_tokens - 1])
+                        sampled_seqs.append(seq)
             times.prefill = time.perf_counter() - start
-            if any(c.seq.request.score is not None for c in plan.prefill):
+            if any(c.seq.scores_prompt for c in plan.prefill):
                 start = time.perf_counter()
                 self.last_scored = self._score(plan.prefill, hidden, timer)
                 times.sampling += time.perf_counter() - start
@@ -234,18 +239,18 @@ class ModelRunner:
     def _score(
         self, chunks: list[PrefillChunk], hidden: Tensor, timer: StageTimer | None
     ) -> dict[int, list[ScoredPosition]]:
-        """The scored tokens of the Score requests' chunks: the LM head on the rows that predict
+        """The scored tokens of the Score requests' (and echoed prompts') chunks: the LM head on the rows that predict
         one (and on no other), the log-probability of the token that follows, its rank, and the
         most likely tokens. Rows are independent, so a token's numbers do not depend on its batch
         in batch-invariant mode."""
         rows: list[Tensor] = []
         spans: list[tuple[Sequence, list[int], int]] = []  # (seq, its scored token ids, top_logprobs)
         for i, chunk in enumerate(chunks):
-            seq, score = chunk.seq, chunk.seq.request.score
-            if score is None:
+            seq = chunk.seq
+            if not seq.scores_prompt:
                 continue
             # row j predicts the token at window position chunk.start + j + 1
-            lo = max(0, score.first - 1 - chunk.start)
+            lo = max(0, seq.first_scored - 1 - chunk.start)
             hi = min(chunk.num_tokens, len(seq.prompt_ids) - 1 - chunk.start)
             if lo >= hi:
                 spans.append((seq, [], 0))

@@ -35,7 +35,8 @@ class FlowControl:
 
 
 class GenerationStream:
-    """Async iterator over one request's outputs. Close it (or cancel its task) to abort."""
+    """Async iterator over one request's outputs (of all its choices, interleaved, when it asks
+    for n > 1: ``seq_ids`` lists their sequences). Close it (or cancel its task) to abort."""
 
     def __init__(self, seq: Sequence, abort: Callable[[int], None], flow: FlowControl | None = None) -> None:
         self._abort = abort
@@ -44,6 +45,8 @@ class GenerationStream:
         self._paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self.seq_id = seq.seq_id
+        self.seq_ids = (seq.seq_id, *(fork.seq_id for fork in seq.forks))
+        self._unfinished = len(self.seq_ids)
         self.request_id = seq.request_id
         self.seed = seq.seed
         self.prompt_tokens = len(seq.prompt_ids)
@@ -64,9 +67,12 @@ class GenerationStream:
             raise
         if isinstance(item, BaseException):
             self._done = True
+            if len(self.seq_ids) > 1:
+                self._abort_all()  # one choice failed: the request fails, and its other choices stop
             raise item
         if item.finished is not None:
-            self._done = True
+            self._unfinished -= 1
+            self._done = not self._unfinished
         self._read(len(item.tokens))
         return item
 
@@ -75,21 +81,24 @@ class GenerationStream:
         self._stop_idle_timer()
         if not self._done:
             self._done = True
-            self._abort(self.seq_id)
+            self._abort_all()
+
+    def _abort_all(self) -> None:
+        for seq_id in self.seq_ids:  # finished ones are ignored
+            self._abort(seq_id)
 
     async def aclose(self) -> None:
         self.close()
 
     async def collect(self) -> tuple[list[GenerationOutput], Finished]:
-        """Read the stream to its end: all outputs, and how it finished."""
+        """Read the stream to its end: all outputs, and how choice 0 finished."""
         outputs: list[GenerationOutput] = []
         try:
             async for out in self:
                 outputs.append(out)
         finally:
             self.close()
-        finished = outputs[-1].finished
-        assert finished is not None
+        finished = next(out.finished for out in outputs if out.finished is not None and out.index == 0)
         return outputs, finished
 
     def _put(self, item: GenerationOutput | BaseException) -> None:
@@ -100,7 +109,8 @@ class GenerationStream:
         self._unread += len(item.tokens)
         if not self._paused and item.finished is None and self._unread > flow.max_unread:
             self._paused = True
-            flow.pause(self.seq_id)
+            for seq_id in self.seq_ids:
+                flow.pause(seq_id)
             self._restart_idle_timer()
 
     # -- flow control ------------------------------------------------------------------------------
@@ -115,7 +125,8 @@ class GenerationStream:
         if self._unread <= flow.max_unread // 2:
             self._paused = False
             self._stop_idle_timer()
-            flow.resume(self.seq_id)
+            for seq_id in self.seq_ids:
+                flow.resume(seq_id)
         else:
             self._restart_idle_timer()  # the reader moves: idle counts from its last read
 
@@ -142,7 +153,7 @@ class GenerationStream:
         self._queue.put_nowait(
             StreamStalledError(f"the stream was not read for {self._flow.idle_timeout:g} s (--stream-idle-timeout)")
         )
-        self._abort(self.seq_id)  # the reader still gets the error if it comes back
+        self._abort_all()  # the reader still gets the error if it comes back
         self._flow.stalled()
 
 
@@ -182,7 +193,8 @@ class StreamRouter:
         return list(self._streams)
 
     def add(self, stream: GenerationStream) -> None:
-        self._streams[stream.seq_id] = stream
+        for seq_id in stream.seq_ids:
+            self._streams[seq_id] = stream
         self.wake()
 
     def remove(self, seq_id: int) -> bool:

@@ -142,3 +142,10 @@ class KVCache:
     def read_slot(self, layer: int, slot: int, num_keys: int) -> tuple[Tensor, Tensor]:
         """One slot's keys and values at positions 0..num_keys-1, (1, nh, num_keys, hs), a view."""
         return self.k[layer, slot : slot + 1, :, :num_keys], self.v[layer, slot : slot + 1, :, :num_keys]
+
+    def copy_slot(self, source: int, targets: list[int], num_positions: int) -> None:
+        """Copy positions 0..num_positions-1 of slot ``source`` into each of ``targets`` (every
+        layer): sequences that share a prompt start from its keys and values, bitwise."""
+        for cache in (self.k, self.v):  # (n_layer, S, nh, L, hs)
+            for target in targets:
+                cache[:, target, :, :num_positions] = cache[:, source, :, :num_positions]
