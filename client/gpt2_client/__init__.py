@@ -4,6 +4,8 @@
 
     with Client("localhost:50051", timeout=30) as client:
         print(client.generate("The cat sat on the", max_new_tokens=20, temperature=0.8, seed=1).text)
+        for choice in client.generate("The cat sat on the", max_new_tokens=20, n=3, seed=1).choices:
+            print(choice.index, choice.seed, choice.text)
         for chunk in client.stream("Once upon a time", max_new_tokens=40, stop=["\\n"]):
             print(chunk.text, end="", flush=True)
         print(client.score("The cat sat on the mat", add_bos=True).perplexity)
@@ -27,6 +29,7 @@ from gpt2_client.errors import (
 )
 from gpt2_client.params import BatchItem, GenerationParams, Prompt, ScoreItem, ScoreParams
 from gpt2_client.results import (
+    Choice,
     EngineLimits,
     FinishReason,
     Generation,
@@ -48,6 +51,7 @@ __all__ = [
     "AsyncClient",
     "BatchItem",
     "CancelledError",
+    "Choice",
     "Client",
     "DeadlineExceededError",
     "EngineLimits",

@@ -92,7 +92,9 @@ class AsyncClient:
     async def stream(
         self, prompt: Prompt = "", *, timeout: float | None = None, **params: Unpack[GenerationParams]
     ) -> AsyncIterator[StreamChunk]:
-        """Leaving the ``async for`` early (or cancelling the task) cancels the generation."""
+        """Leaving the ``async for`` early (or cancelling the task) cancels the generation. With
+        ``n`` > 1 the chunks of the choices interleave, tagged with ``choice_index`` (see
+        ``Client.stream``)."""
         request = build_request(prompt, params)
         call = self._stub.GenerateStream(request, timeout=self._timeout(timeout))
         try:

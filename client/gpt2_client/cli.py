@@ -2,6 +2,7 @@
 
     gpt2-client generate "The cat sat on the" --max-new-tokens 20 --temperature 0.8 --seed 1
     gpt2-client generate "Once upon a time" --stream --stop "." --json
+    gpt2-client generate "The cat sat on the" --n 3 --seed 7 --echo
     gpt2-client score " sat on the mat" --context "The cat" --top-logprobs 3
     gpt2-client info
     gpt2-client health --target gpt2.example:50051
@@ -24,14 +25,14 @@ import enum
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gpt2_client.cli_inspect import add_inspect_command
 from gpt2_client.client import Client
 from gpt2_client.errors import GPT2Error
-from gpt2_client.results import Generation, HealthStatus, ModelInfo, ScoreResult, StreamChunk
+from gpt2_client.results import FinishReason, Generation, HealthStatus, ModelInfo, ScoredToken, ScoreResult, StreamChunk
 
 TARGET_ENV = "GPT2_CLIENT_TARGET"
 TLS_CA_ENV = "GPT2_CLIENT_TLS_CA"
@@ -58,8 +59,9 @@ def _print_json(value: Any) -> None:
     print(json.dumps(to_json(value), ensure_ascii=False), flush=True)
 
 
-def _summary(reason: str, tokens: int, seed: int | None, seconds: float, request_id: str) -> str:
-    return f"[{reason}: {tokens} tokens in {seconds:.2f}s, seed {seed}, request {request_id}]"
+def _summary(reason: str, tokens: int, seed: int | None, seconds: float, request_id: str, cached: int = 0) -> str:
+    reused = f", {cached} prompt tokens cached" if cached else ""
+    return f"[{reason}: {tokens} tokens in {seconds:.2f}s, seed {seed}{reused}, request {request_id}]"
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -74,8 +76,36 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "stop": args.stop, "stop_token_ids": args.stop_token_id, "ignore_eos": args.ignore_eos or None,
         "include_stop_in_output": args.include_stop or None, "top_logprobs": args.top_logprobs,
         "truncation": args.truncation, "overflow": args.overflow, "request_id": args.request_id,
-        "priority": args.priority,
+        "priority": args.priority, "n": args.n, "echo": args.echo or None,
     }  # fmt: skip
+
+
+def describe_prompt(tokens: Sequence[ScoredToken]) -> str:
+    """An echoed prompt: a header, then one line per scored token as ``describe_score`` has them
+    (the first prompt token, which nothing precedes, is not scored: positions start at 1)."""
+    total = sum(t.logprob for t in tokens)
+    header = f"--- prompt: {len(tokens)} tokens scored (the first is not), total logprob {total:.4f} ---"
+    return "\n".join([header, *_token_rows(tokens, start=1)])
+
+
+def _choice_header(index: int, seed: int | None, reason: FinishReason | None) -> str:
+    return f"--- choice {index} (seed {seed}, {reason.value if reason is not None else '?'}) ---"
+
+
+def _print_generation(result: Generation, echo: bool) -> None:
+    """Text mode: the echoed prompt's table (``echo``), then the completion; with several choices,
+    each after its header line."""
+    if echo:
+        print(describe_prompt(result.prompt_tokens))
+    if len(result.choices) > 1:
+        for choice in result.choices:
+            print(_choice_header(choice.index, choice.seed, choice.finish_reason))
+            print(choice.text)
+    else:
+        if echo:
+            print("--- completion ---")
+        print(result.text)
+    sys.stdout.flush()
 
 
 def cmd_generate(client: Client, args: argparse.Namespace) -> int:
@@ -85,37 +115,79 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             _print_json(result)
         else:
-            print(result.text, flush=True)
-            print(_summary(result.finish_reason.name, result.usage.completion_tokens, result.seed,
-                           result.timing.total_seconds, result.request_id), file=sys.stderr)  # fmt: skip
+            _print_generation(result, args.echo)
+            reason = result.finish_reason.name if len(result.choices) == 1 else f"{len(result.choices)} choices"
+            print(_summary(reason, result.usage.completion_tokens, result.seed, result.timing.total_seconds,
+                           result.request_id, result.usage.cached_prompt_tokens), file=sys.stderr)  # fmt: skip
         return 0
-    last: StreamChunk | None = None
-    for chunk in client.stream(args.prompt, **params):
-        last = chunk
-        if args.json:
+    chunks = client.stream(args.prompt, **params)
+    if args.json:
+        for chunk in chunks:
             _print_json(chunk)
-        else:
-            print(chunk.text, end="", flush=True)
-    if not args.json and last is not None and last.usage is not None and last.timing is not None:
+        return 0
+    if (args.n or 1) > 1:
+        return _stream_choices(chunks, args.echo)
+    last: StreamChunk | None = None
+    for chunk in chunks:
+        if last is None and args.echo:
+            print(describe_prompt(chunk.prompt_tokens))
+            print("--- completion ---")
+        last = chunk
+        print(chunk.text, end="", flush=True)
+    if last is not None and last.usage is not None and last.timing is not None:
         print(flush=True)
         reason = last.finish_reason.name if last.finish_reason is not None else "?"
         print(_summary(reason, last.usage.completion_tokens, last.seed, last.timing.total_seconds,
-                       last.request_id), file=sys.stderr)  # fmt: skip
+                       last.request_id, last.usage.cached_prompt_tokens), file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _stream_choices(chunks: Iterable[StreamChunk], echo: bool) -> int:
+    """A text-mode stream of several choices, whose chunks interleave: each choice's text is
+    collected and every choice printed, in index order, once the stream ends (as ``generate``
+    without --stream prints them); the summary adds up the choices' tokens."""
+    texts: dict[int, list[str]] = {}
+    lasts: dict[int, StreamChunk] = {}
+    prompt_tokens: tuple[ScoredToken, ...] = ()
+    for chunk in chunks:
+        texts.setdefault(chunk.choice_index, []).append(chunk.text)
+        prompt_tokens += chunk.prompt_tokens
+        if chunk.finished:
+            lasts[chunk.choice_index] = chunk
+    if echo:
+        print(describe_prompt(prompt_tokens))
+    for index in sorted(texts):
+        last = lasts.get(index)
+        print(_choice_header(index, last.seed if last else None, last.finish_reason if last else None))
+        print("".join(texts[index]), flush=True)
+    if lasts:
+        first = lasts[min(lasts)]
+        tokens = sum(c.usage.completion_tokens for c in lasts.values() if c.usage is not None)
+        seconds = max((c.timing.total_seconds for c in lasts.values() if c.timing is not None), default=0.0)
+        cached = first.usage.cached_prompt_tokens if first.usage is not None else 0
+        print(_summary(f"{len(lasts)} choices", tokens, first.seed, seconds, first.request_id, cached),
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _token_rows(tokens: Sequence[ScoredToken], start: int) -> list[str]:
+    """One line per scored token (its position, from ``start``, its text repr'd so that
+    whitespace shows, its logprob, its rank), and one of its alternatives after it if any."""
+    texts = [repr(t.text) for t in tokens]
+    width = max((len(text) for text in texts), default=0)
+    lines = []
+    for position, (token, text) in enumerate(zip(tokens, texts, strict=True), start=start):
+        lines.append(f"{position:>5}  {text:<{width}}  {token.logprob:>10.4f}  rank {token.rank}")
+        if token.top_logprobs:
+            top = ", ".join(f"{x.text!r} {x.logprob:.4f}" for x in token.top_logprobs)
+            lines.append(f"{'':>5}  top: {top}")
+    return lines
 
 
 def describe_score(result: ScoreResult, first_token_scored: bool) -> str:
     """One line per scored token (its position in the input, its text repr'd so that whitespace
     shows, its logprob, its rank, then its alternatives if any), and a footer."""
-    offset = 0 if first_token_scored else 1
-    texts = [repr(t.text) for t in result.tokens]
-    width = max((len(text) for text in texts), default=0)
-    lines = []
-    for position, (token, text) in enumerate(zip(result.tokens, texts, strict=True), start=offset):
-        lines.append(f"{position:>5}  {text:<{width}}  {token.logprob:>10.4f}  rank {token.rank}")
-        if token.top_logprobs:
-            top = ", ".join(f"{x.text!r} {x.logprob:.4f}" for x in token.top_logprobs)
-            lines.append(f"{'':>5}  top: {top}")
+    lines = _token_rows(result.tokens, start=0 if first_token_scored else 1)
     lines.append(
         f"{len(result.tokens)} tokens scored: total logprob {result.total_logprob:.4f}, "
         f"mean NLL {result.mean_nll:.4f}, perplexity {result.perplexity:.4f}"
@@ -241,6 +313,9 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past <|endoftext|>")
     p.add_argument("--include-stop", action="store_true", help="keep the matched stop string in the output")
     p.add_argument("--top-logprobs", type=int, help="alternatives per token to report (0-20)")
+    p.add_argument("--n", type=int, help="completions of the prompt, each printed after a header (default 1; "
+                   "up to the server's max_choices); choice i samples with seed + i")  # fmt: skip
+    p.add_argument("--echo", action="store_true", help="also print the prompt's tokens with their logprobs and ranks")
     p.add_argument("--truncation", choices=["truncate_left", "reject"])
     p.add_argument("--overflow", choices=["shift", "stop"])
     p.add_argument("--priority", choices=["interactive", "default", "batch"], help="its class when the server is busy")

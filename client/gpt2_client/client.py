@@ -98,7 +98,11 @@ class Client:
     def generate(
         self, prompt: Prompt = "", *, timeout: float | None = None, **params: Unpack[GenerationParams]
     ) -> Generation:
-        """Generate one completion of ``prompt`` (text or token ids; "" = from <|endoftext|>)."""
+        """Generate one completion of ``prompt`` (text or token ids; "" = from <|endoftext|>), or
+        ``n`` of them (the prompt read once; choice i sampled with seed + i): ``choices`` holds
+        every completion (always at least one), the top-level fields describe choice 0.
+        ``echo=True`` also returns the prompt's tokens but the first, with their log-probabilities
+        and ranks, in ``prompt_tokens``."""
         request = build_request(prompt, params)
         try:
             response = self._stub.Generate(request, timeout=self._timeout(timeout))
@@ -110,7 +114,10 @@ class Client:
         self, prompt: Prompt = "", *, timeout: float | None = None, **params: Unpack[GenerationParams]
     ) -> Iterator[StreamChunk]:
         """Stream one completion: chunks of text as they are generated; the last one has
-        ``finish_reason``. Leaving the loop early cancels the generation on the server."""
+        ``finish_reason``. Leaving the loop early cancels the generation on the server. With
+        ``n`` > 1 the chunks of the choices interleave, each tagged with its ``choice_index``, and
+        each choice has its own last chunk; with ``echo=True`` choice 0's first chunk carries the
+        prompt's scored tokens (``prompt_tokens``)."""
         request = build_request(prompt, params)
         return _iterate(self._stub.GenerateStream(request, timeout=self._timeout(timeout)))
 
@@ -122,7 +129,8 @@ class Client:
         **params: Unpack[GenerationParams],
     ) -> list[Generation]:
         """Generate one completion per item, in order. An item is a prompt (it takes ``params``)
-        or a ``BatchItem`` dict with ``prompt`` and its own parameters (they override ``params``)."""
+        or a ``BatchItem`` dict with ``prompt`` and its own parameters (they override ``params``).
+        ``n`` and ``echo`` apply per item, as in ``generate``."""
         request = build_batch(prompts, params)
         try:
             response = self._stub.GenerateBatch(request, timeout=self._timeout(timeout))

@@ -3,7 +3,8 @@ Score, and the ScoreRequest they become).
 
 Every parameter is optional; one left out takes the server's default (documented in
 proto/gpt2/v1/generation.proto): temperature 1, no top-k/top-p/min-p/typical-p filtering, no
-penalties, a server-chosen seed, the server's default max_new_tokens, no stop strings.
+penalties, a server-chosen seed, the server's default max_new_tokens, no stop strings, one
+completion, no echo.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class GenerationParams(TypedDict, total=False):
     overflow: Literal["shift", "stop"]  # a generation that fills the context window
     priority: Literal["interactive", "default", "batch"]  # its class under contention
     top_logprobs: int  # 0-20 alternatives per token
+    n: int  # completions of the prompt, read once (1 to the server's max_choices); choice i has seed + i
+    echo: bool  # also return the prompt's tokens with their logprobs and ranks (Generation.prompt_tokens)
     request_id: str  # echoed back and logged by the server; generated if not given
 
 
@@ -71,7 +74,12 @@ def build_request(prompt: Prompt, params: Mapping[str, Any]) -> pb.GenerateReque
     if unknown:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in params.items() if v is not None}
-    request = pb.GenerateRequest(request_id=given.get("request_id", ""), top_logprobs=given.get("top_logprobs", 0))
+    request = pb.GenerateRequest(
+        request_id=given.get("request_id", ""),
+        top_logprobs=given.get("top_logprobs", 0),
+        n=given.get("n", 0),
+        echo=given.get("echo", False),
+    )
     if isinstance(prompt, str):
         request.prompt = prompt
     else:

@@ -1,8 +1,8 @@
 """What the client returns: frozen dataclasses and enums, converted from the gpt2.v1 messages.
 
-Callers never see protobuf: ``Generation`` (a whole completion), ``StreamChunk`` (one streamed
-text delta; the last one says how the generation finished), ``ScoreResult`` (the log-probability
-of each token of a text), ``ModelInfo``, ``HealthStatus``.
+Callers never see protobuf: ``Generation`` (a whole completion, or ``n`` of them as ``Choice``s),
+``StreamChunk`` (one streamed text delta; the last one of each choice says how it finished),
+``ScoreResult`` (the log-probability of each token of a text), ``ModelInfo``, ``HealthStatus``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class Usage:
     completion_tokens: int
     truncated_prompt_tokens: int
     context_shifts: int
+    cached_prompt_tokens: int = 0  # part of prompt_tokens: keys and values reused from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -69,40 +70,6 @@ class Timing:
     queue_seconds: float
     time_to_first_token_seconds: float
     total_seconds: float
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A whole completion (``text`` excludes the prompt)."""
-
-    request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    tokens: tuple[Token, ...]
-    finish_reason: FinishReason
-    stop_sequence: str | None  # the stop string that matched, if finish_reason is STOP_SEQUENCE
-    usage: Usage
-    seed: int  # pass it back as seed= to reproduce a sampled completion
-    timing: Timing
-
-
-@dataclass(frozen=True)
-class StreamChunk:
-    """One streamed text delta and the tokens it covers. The last chunk of a stream has
-    ``finish_reason`` (and usage, seed, timing) set; its text may be empty."""
-
-    request_id: str
-    text: str
-    tokens: tuple[Token, ...]
-    finish_reason: FinishReason | None = None
-    stop_sequence: str | None = None
-    usage: Usage | None = None
-    seed: int | None = None
-    timing: Timing | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass(frozen=True)
@@ -117,6 +84,74 @@ class ScoredToken:
     logprob: float
     rank: int
     top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the ``n`` completions of a request: its index (0 to n-1), its text (without the
+    prompt), its tokens, how it ended, and its seed (the request's seed + index; pass it back as
+    ``seed=`` with n=1 to reproduce this choice alone)."""
+
+    index: int
+    text: str
+    tokens: tuple[Token, ...]
+    finish_reason: FinishReason
+    stop_sequence: str | None  # the stop string that matched, if finish_reason is STOP_SEQUENCE
+    seed: int
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(t.id for t in self.tokens)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A whole completion (``text`` excludes the prompt).
+
+    ``choices``: every completion of the request, in index order, always at least one: with
+    ``n`` > 1 the server's, with n = 1 one built from the fields above, so that callers can
+    iterate uniformly. The fields above (text, tokens, finish_reason, seed, timing) describe
+    choice 0; ``usage`` covers every choice (the prompt once, the completion tokens of all).
+    ``prompt_tokens``: with ``echo=True``, the prompt's tokens but the first (nothing precedes
+    it), each with its log-probability and rank as ``score`` gives them; empty otherwise."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    tokens: tuple[Token, ...]
+    finish_reason: FinishReason
+    stop_sequence: str | None  # the stop string that matched, if finish_reason is STOP_SEQUENCE
+    usage: Usage
+    seed: int  # pass it back as seed= to reproduce a sampled completion
+    timing: Timing
+    choices: tuple[Choice, ...] = ()
+    prompt_tokens: tuple[ScoredToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed text delta and the tokens it covers. The last chunk of a stream has
+    ``finish_reason`` (and usage, seed, timing) set; its text may be empty.
+
+    With ``n`` > 1 the chunks of the choices interleave: ``choice_index`` says whose each is
+    (0 with n = 1), and each choice has its own last chunk (with the usage of that choice alone).
+    ``prompt_tokens``: with ``echo=True``, on choice 0's first chunk, the prompt's scored tokens
+    (as ``Generation.prompt_tokens``); empty on every other chunk."""
+
+    request_id: str
+    text: str
+    tokens: tuple[Token, ...]
+    finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+    usage: Usage | None = None
+    seed: int | None = None
+    timing: Timing | None = None
+    choice_index: int = 0
+    prompt_tokens: tuple[ScoredToken, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass(frozen=True)
@@ -160,6 +195,7 @@ class EngineLimits:
     max_stop_token_ids: int
     max_top_logprobs: int
     max_batch_requests: int
+    max_choices: int = 1  # the largest n of a generate
 
 
 @dataclass(frozen=True)
@@ -190,31 +226,51 @@ def token_from_proto(t: pb.TokenInfo) -> Token:
 
 
 def _usage(u: pb.Usage) -> Usage:
-    return Usage(u.prompt_tokens, u.completion_tokens, u.truncated_prompt_tokens, u.context_shifts)
+    return Usage(
+        u.prompt_tokens, u.completion_tokens, u.truncated_prompt_tokens, u.context_shifts, u.cached_prompt_tokens
+    )
 
 
 def _timing(t: pb.Timing) -> Timing:
     return Timing(t.queue_seconds, t.time_to_first_token_seconds, t.total_seconds)
 
 
+def _choice(c: pb.Choice) -> Choice:
+    return Choice(
+        index=c.index,
+        text=c.text,
+        tokens=tuple(token_from_proto(t) for t in c.tokens),
+        finish_reason=_FINISH_REASONS[c.finish_reason],
+        stop_sequence=c.stop_sequence or None,
+        seed=c.seed,
+    )
+
+
 def generation_from_proto(r: pb.GenerateResponse) -> Generation:
+    tokens = tuple(token_from_proto(t) for t in r.tokens)
+    finish_reason = _FINISH_REASONS[r.finish_reason]
+    stop_sequence = r.stop_sequence or None
+    choices = tuple(_choice(c) for c in r.choices) or (Choice(0, r.text, tokens, finish_reason, stop_sequence, r.seed),)
     return Generation(
         request_id=r.request_id,
         text=r.text,
         token_ids=tuple(r.token_ids),
-        tokens=tuple(token_from_proto(t) for t in r.tokens),
-        finish_reason=_FINISH_REASONS[r.finish_reason],
-        stop_sequence=r.stop_sequence or None,
+        tokens=tokens,
+        finish_reason=finish_reason,
+        stop_sequence=stop_sequence,
         usage=_usage(r.usage),
         seed=r.seed,
         timing=_timing(r.timing),
+        choices=choices,
+        prompt_tokens=tuple(scored_token_from_proto(t) for t in r.prompt_tokens),
     )
 
 
 def chunk_from_proto(r: pb.GenerateStreamResponse) -> StreamChunk:
     tokens = tuple(token_from_proto(t) for t in r.tokens)
+    prompt_tokens = tuple(scored_token_from_proto(t) for t in r.prompt_tokens)
     if r.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
-        return StreamChunk(r.request_id, r.text, tokens)
+        return StreamChunk(r.request_id, r.text, tokens, choice_index=r.choice_index, prompt_tokens=prompt_tokens)
     return StreamChunk(
         request_id=r.request_id,
         text=r.text,
@@ -224,6 +280,8 @@ def chunk_from_proto(r: pb.GenerateStreamResponse) -> StreamChunk:
         usage=_usage(r.usage),
         seed=r.seed if r.HasField("seed") else None,
         timing=_timing(r.timing),
+        choice_index=r.choice_index,
+        prompt_tokens=prompt_tokens,
     )
 
 
@@ -275,6 +333,7 @@ def model_info_from_proto(m: common_pb2.ModelInfo) -> ModelInfo:
             max_stop_token_ids=lim.max_stop_token_ids,
             max_top_logprobs=lim.max_top_logprobs,
             max_batch_requests=lim.max_batch_requests,
+            max_choices=lim.max_choices or 1,  # 0: a server from before n, which makes one completion
         ),
         weights=m.weights,
         batch_invariant=m.batch_invariant,
