@@ -222,7 +222,9 @@ def test_fixed_prefill_chunks_end_at_multiples_of_the_budget_whatever_shares_the
 def with_forks(parent: Sequence, n: int) -> list[Sequence]:
     """Give ``parent`` n - 1 forks, as the engine's SequenceFactory does for a request's n."""
     forks = [
-        dataclasses.replace(seq(parent.prompt_ids, max_new=parent.max_new_tokens), index=i, group_id=parent.seq_id, fork_of=parent)
+        dataclasses.replace(
+            seq(parent.prompt_ids, max_new=parent.max_new_tokens), index=i, group_id=parent.seq_id, fork_of=parent
+        )
         for i in range(1, n)
     ]
     parent.forks = list(forks)

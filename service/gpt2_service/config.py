@@ -45,6 +45,18 @@ class EngineConfig:
     )
     max_new_tokens_limit: int = _opt(2048, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = _opt(64, "max_new_tokens of a request that does not set it")
+    prefix_cache: bool = _opt(
+        True, "reuse the keys and values of a prompt prefix that a KV-cache slot already holds (another request's "
+        "same tokens) instead of computing them; --no-prefix-cache computes every prompt"
+    )  # fmt: skip
+    prefix_cache_across_tenants: bool = _opt(
+        True, "let a tenant's request reuse a prefix another tenant's request computed (the model is the same and "
+        "no data leaves the cache, but timing reveals that the prefix was seen); --no-prefix-cache-across-tenants "
+        "keeps each tenant's prefixes to itself"
+    )  # fmt: skip
+    prefix_block_tokens: int = _opt(
+        16, "prompt tokens per block of the prefix cache (prefixes are reused in whole blocks)"
+    )
     max_choices: int = _opt(
         16, "largest GenerateRequest.n (completions of one prompt); each completion holds a batch place and a "
         "KV-cache slot, and counts against --max-queue-size"

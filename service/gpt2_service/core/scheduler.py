@@ -29,6 +29,17 @@ Policy, each in a small helper below:
   prompt, and in that step get its keys and values (``PrefillChunk.forks``: the runner copies
   them) and sample their first token from its last position. Preempting or releasing choice 0
   first leaves its waiting forks to read the prompt themselves;
+- prefix reuse (``prefix_block_tokens`` > 0; core/prefix_cache.py): at admission, a request's
+  prompt is matched against the whole prompt blocks that KV-cache slots hold (free slots keep
+  theirs until given away, least recently used first). A match in a free slot takes that slot;
+  one in a running sequence's slot is copied (``StepPlan.copies``); one that a running sequence
+  is still computing is waited for (``Sequence.awaits``: admitted, it computes nothing until that
+  prefix is there, then copies it). The reused length leaves the prompt's last token to compute
+  (its position is sampled) and, with ``fixed_prefill_chunks``, is a whole number of chunks, so
+  every remaining chunk is the one the request would have computed anyway: results are bitwise
+  those without reuse. Score requests and echoed prompts (their rows are scored) reuse nothing;
+  Score requests feed nothing (their chunks are sized apart). A context shift empties its slot's
+  blocks;
 - a finished, aborted or expired sequence frees its slot in the step it is seen.
 """
 
@@ -41,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpt2_service.core.fairness import Waiting, choose_victim
+from gpt2_service.core.prefix_cache import PrefixCache
 from gpt2_service.core.request import FinishReason, Overflow
 from gpt2_service.core.sequence import (
     Finished,
@@ -73,6 +85,8 @@ class SchedulerConfig:
     # its row (the engine sets it from the model's shape), so that a Score's step takes about as
     # long as a prompt's
     score_token_cost: float = 1.0
+    prefix_block_tokens: int = 0  # prefix reuse in blocks of this many prompt tokens; 0 = off
+    prefix_across_tenants: bool = True  # may a tenant's request reuse another tenant's prefix
 
 
 @dataclass(frozen=True)
@@ -98,10 +112,23 @@ class StepPlan:
     # decodes that recompute a token already sampled (a preempted sequence replaying its output
     # as it first computed it, so its next token is bitwise the same): nothing is sampled for them
     replay: frozenset[int] = frozenset()
+    # reused prefixes: (source slot, target slot, positions) keys and values to copy before the
+    # forward pass
+    copies: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not self.prefill and not self.decode and not self.copies
+
+
+@dataclass
+class PrefixStats:
+    """Prefix reuse so far: admissions that looked for a prefix, those that reused one, and the
+    prompt tokens reused."""
+
+    lookups: int = 0
+    hits: int = 0
+    reused_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +177,11 @@ class Scheduler:
         self._token_text = token_text
         self._clock = clock
         self._aborted: set[int] = set()
+        self.prefix: PrefixCache | None = None
+        if config.prefix_block_tokens:
+            self.prefix = PrefixCache(config.num_slots, config.prefix_block_tokens, config.prefix_across_tenants)
+        self.prefix_stats = PrefixStats()
+        self._copies: list[tuple[int, int, int]] = []  # this step's, for the plan
 
     # -- intake --------------------------------------------------------------------------------
 
@@ -194,10 +226,13 @@ class Scheduler:
         result = StepResult()
         self._drop_aborted(result)
         self._expire_deadlines(result)
+        self._copies = []
         self._admit(result)
+        self._resolve_awaits()
         decode = self._plan_decode()
         replay = frozenset(s.seq_id for s in decode if s.num_uncomputed > 1)
-        return StepPlan(prefill=self._plan_prefill(), decode=decode, replay=replay), result
+        prefill = self._plan_prefill()
+        return StepPlan(prefill=prefill, decode=decode, replay=replay, copies=tuple(self._copies)), result
 
     def update_from_output(
         self,
@@ -217,6 +252,7 @@ class Scheduler:
                 fork.num_computed = chunk.seq.num_computed
                 fork.fork_of = None
             chunk.seq.forks = [f for f in chunk.seq.forks if f not in chunk.forks]
+            self._record_prefix(chunk)
         for seq in plan.decode:
             seq.num_computed += 1
         decoded = [s for s in plan.decode if s.seq_id not in plan.replay]
@@ -227,6 +263,9 @@ class Scheduler:
     def fail(self, plan: StepPlan, error: EngineError) -> StepResult:
         """The runner raised: fail and free every sequence of the plan."""
         result = StepResult()
+        if self.prefix is not None:  # what the failed step was to write is not there: forget it
+            for _, target, _ in plan.copies:
+                self.prefix.truncate(target, 0)
         planned = [s for c in plan.prefill for s in (c.seq, *c.forks)] + plan.decode
         for seq in {id(s): s for s in planned}.values():
             self._release(seq, result)
@@ -276,9 +315,13 @@ class Scheduler:
             self._admit_forks(seq, result)
 
     def _run(self, seq: Sequence, result: StepResult) -> None:
-        if seq.admitted_time is None:
+        first = seq.admitted_time is None
+        if first:
             result.left_queue.append(seq)
-        seq.slot = self.slots.allocate()
+        if self.prefix is None:
+            seq.slot = self.slots.allocate()
+        else:
+            self._reuse_prefix(seq, first)
         seq.status = SequenceStatus.RUNNING
         seq.admitted_time = self._clock()
         self.running.append(seq)
@@ -303,9 +346,10 @@ class Scheduler:
         then a replayed decode step per output token: ``StepPlan.replay``), else all in prefill
         chunks; either way its next token is sampled from the window's last position."""
         assert seq.slot is not None
-        self.slots.free(seq.slot)
+        self._free(seq.slot)
         self.running.remove(seq)
         self._detach(seq)
+        seq.awaits = None
         seq.slot = None
         seq.status = SequenceStatus.WAITING
         seq.num_computed = 0
@@ -345,8 +389,8 @@ class Scheduler:
         turns: dict[str, int] = {}
         keyed: list[tuple[int, int, int, Sequence]] = []
         for seq in self.running:
-            if seq.paused or seq.num_computed >= seq.prefill_end or seq.fork_of is not None:
-                continue  # paused, a decode, or a fork waiting for its prompt
+            if seq.paused or seq.num_computed >= seq.prefill_end or seq.fork_of is not None or seq.awaits is not None:
+                continue  # paused, a decode, or waiting for a prompt (a fork's) or a prefix (another's)
             turn = turns[seq.tenant] = turns.get(seq.tenant, -1) + 1
             keyed.append((seq.request.priority, turn, len(keyed), seq))
         return [seq for *_, seq in sorted(keyed, key=lambda k: k[:3])]
@@ -447,11 +491,152 @@ class Scheduler:
         output = GenerationOutput(seq.request_id, (info,), delta, finished, seq.index, prompt_scores)
         result.outputs.append((seq, output))
 
+    # -- prefix reuse --------------------------------------------------------------------------
+
+    def _reusable(self, seq: Sequence, num_tokens: int) -> int:
+        """How much of a matched prefix of ``num_tokens`` tokens the sequence may reuse: not its
+        prompt's last token, and with fixed chunks a whole number of chunks."""
+        n = min(num_tokens, len(seq.prompt_ids) - 1, seq.prefill_end - 1)
+        if self.config.fixed_prefill_chunks:
+            n -= n % self.config.max_prefill_tokens
+        return max(n, 0)
+
+    @staticmethod
+    def _may_reuse(seq: Sequence) -> bool:
+        return (
+            seq.request.score is None
+            and not seq.scores_prompt
+            and seq.fork_of is None
+            and seq.window_start == 0
+            and seq.num_computed == 0
+            and not seq.paused
+        )
+
+    @staticmethod
+    def _feeds(seq: Sequence) -> bool:
+        """Its slot's prompt blocks may be reused: computed as any prompt's, from position 0."""
+        return seq.request.score is None and seq.window_start == 0 and seq.fork_of is None
+
+    def _reuse_prefix(self, seq: Sequence, first: bool) -> None:
+        """Give an admitted sequence a slot, and the longest prefix of its prompt there is to
+        reuse: held by a free slot (take it), by a running sequence (copy it), or being computed
+        by one (wait for it)."""
+        cache = self.prefix
+        assert cache is not None
+        free = self.slots.free_slots()
+        if not self._may_reuse(seq):
+            seq.slot = self.slots.allocate(cache.choose_free(free))
+            cache.truncate(seq.slot, 0)  # (a fork's slot gets choice 0's prompt)
+            return
+        if seq.prompt_blocks is None:
+            seq.prompt_blocks = cache.blocks(seq.prompt_ids)
+        self.prefix_stats.lookups += 1
+        match = cache.match(seq.prompt_blocks, seq.tenant)
+        reuse = self._reusable(seq, match.num_blocks * cache.block_tokens)
+        source, planned = self._computing(seq)
+        if source is not None and self._reusable(seq, planned) > reuse:
+            seq.slot = self.slots.allocate(cache.choose_free(free))
+            cache.truncate(seq.slot, 0)
+            seq.awaits = (source, self._reusable(seq, planned))
+            return
+        held_free = sorted(match.slots.intersection(free))
+        if reuse and held_free:
+            seq.slot = self.slots.allocate(held_free[0])
+            cache.truncate(seq.slot, reuse // cache.block_tokens)
+        else:
+            seq.slot = self.slots.allocate(cache.choose_free(free))
+            cache.truncate(seq.slot, 0)
+            if reuse:
+                self._copy_prefix(min(match.slots), seq, reuse)
+        if reuse:
+            self._reused(seq, reuse, first)
+
+    def _computing(self, seq: Sequence) -> tuple[Sequence | None, int]:
+        """The running sequence whose prompt shares the longest prefix (whole blocks) with this
+        one's and has not computed all of it yet, and that prefix's length in tokens."""
+        assert self.prefix is not None and seq.prompt_blocks is not None
+        best: Sequence | None = None
+        best_len = 0
+        for other in self.running:
+            if other.prompt_blocks is None or not self._feeds(other) or other.paused:
+                continue
+            if not self.config.prefix_across_tenants and other.tenant != seq.tenant:
+                continue
+            common = 0
+            for mine, theirs in zip(seq.prompt_blocks, other.prompt_blocks, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+            tokens = common * self.prefix.block_tokens
+            if tokens > best_len and other.num_computed < tokens:
+                best, best_len = other, tokens
+        return best, best_len
+
+    def _resolve_awaits(self) -> None:
+        """Sequences waiting for a prefix another computes: copy it once it is there; if that
+        sequence left the batch or shifted, reuse what the cache holds instead."""
+        cache = self.prefix
+        for seq in self.running:
+            if seq.awaits is None or seq.paused:
+                continue
+            source, tokens = seq.awaits
+            if source in self.running and self._feeds(source) and not source.paused:
+                if source.num_computed < tokens:
+                    continue  # not there yet
+                seq.awaits = None
+                assert source.slot is not None
+                self._copy_prefix(source.slot, seq, tokens)
+                self._reused(seq, tokens, seq.num_preemptions == 0)
+                continue
+            seq.awaits = None
+            assert cache is not None and seq.prompt_blocks is not None
+            match = cache.match(seq.prompt_blocks, seq.tenant)
+            reuse = self._reusable(seq, match.num_blocks * cache.block_tokens)
+            if reuse:
+                self._copy_prefix(min(match.slots), seq, reuse)
+                self._reused(seq, reuse, seq.num_preemptions == 0)
+
+    def _copy_prefix(self, source: int, seq: Sequence, tokens: int) -> None:
+        assert self.prefix is not None and seq.slot is not None
+        self._copies.append((source, seq.slot, tokens))
+        self.prefix.copy(source, seq.slot, tokens // self.prefix.block_tokens)
+
+    def _reused(self, seq: Sequence, tokens: int, first: bool) -> None:
+        """The sequence starts with ``tokens`` of its prompt in its slot; ``first``: at its first
+        admission (what its usage reports)."""
+        seq.num_computed = tokens
+        self.prefix_stats.hits += 1
+        self.prefix_stats.reused_tokens += tokens
+        if first:
+            seq.cached_prompt_tokens = tokens
+
+    def _record_prefix(self, chunk: PrefillChunk) -> None:
+        """The prompt blocks a chunk completed are now held by its slot (and its forks')."""
+        seq, cache = chunk.seq, self.prefix
+        if cache is None or not self._feeds(seq) or seq.slot is None:
+            return
+        if seq.prompt_blocks is None:
+            seq.prompt_blocks = cache.blocks(seq.prompt_ids)
+        num_blocks = min(seq.num_computed, len(seq.prompt_ids)) // cache.block_tokens
+        if num_blocks > cache.num_blocks(seq.slot):
+            cache.extend(seq.slot, seq.prompt_blocks, num_blocks, seq.tenant)
+        for fork in chunk.forks:
+            assert fork.slot is not None
+            cache.copy(seq.slot, fork.slot, num_blocks)
+
+    def _free(self, slot: int) -> None:
+        """The slot is free again; the prompt blocks it holds stay reusable until it is given away."""
+        self.slots.free(slot)
+        if self.prefix is not None:
+            self.prefix.touch(slot)
+
     def _shift(self, seq: Sequence, result: StepResult) -> None:
         """Forget the earliest tokens: keep the newest, to be re-encoded at positions 0..k-1.
         The one place a context shift happens: counted in the sequence (its usage) and in the
         step's result (the engine's events, hence the metrics)."""
         keep = min(self.config.context_shift_keep, self.config.context_window)
+        if self.prefix is not None and seq.slot is not None:
+            self.prefix.truncate(seq.slot, 0)  # its positions are about to hold other tokens
         seq.window_start = len(seq.tokens) - keep
         seq.num_computed = 0
         seq.prefill_end = keep
@@ -478,7 +663,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence, result: StepResult) -> None:
         if seq.status is SequenceStatus.RUNNING and seq.slot is not None:
-            self.slots.free(seq.slot)
+            self._free(seq.slot)
             self.running.remove(seq)
             result.released.append(seq)
         seq.slot = None

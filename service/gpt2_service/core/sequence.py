@@ -123,6 +123,9 @@ class Sequence:
     forks: list[Sequence] = field(default_factory=list)  # choices waiting for this one's prompt
     fork_of: Sequence | None = None  # the choice whose prompt this one waits for, until it forks
     cached_prompt_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
+    prompt_blocks: list[tuple[int, ...]] | None = None  # its prompt's whole blocks, for prefix reuse
+    # admitted to reuse a prefix another running sequence is computing: (that sequence, tokens)
+    awaits: tuple[Sequence, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -27,10 +27,18 @@ class SlotAllocator:
     def num_used(self) -> int:
         return len(self._used)
 
-    def allocate(self) -> int:
+    def free_slots(self) -> list[int]:
+        return list(self._free)
+
+    def allocate(self, slot: int | None = None) -> int:
+        """The lowest free slot, or ``slot`` (which must be free)."""
         if not self._free:
             raise RuntimeError("no free KV-cache slot")
-        slot = heapq.heappop(self._free)
+        if slot is None:
+            slot = heapq.heappop(self._free)
+        else:
+            self._free.remove(slot)  # ValueError if it is not free
+            heapq.heapify(self._free)
         self._used.add(slot)
         return slot
 

@@ -82,6 +82,10 @@ class EngineStats:
     num_paused: int = 0  # sequences whose stream's reader lags
     num_preempted: dict[str, int] = field(default_factory=dict)  # by fairness.PREEMPTION_REASONS
     num_stalled: int = 0  # streams cancelled because their reader stayed idle past the limit
+    prefix_lookups: int = 0  # admissions that looked for a reusable prompt prefix
+    prefix_hits: int = 0  # ... that reused one
+    prefix_reused_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
+    prefix_cached_tokens: int = 0  # prompt tokens (whole blocks) the KV-cache slots hold for reuse
 
     @property
     def kv_cache_slots_free(self) -> int:

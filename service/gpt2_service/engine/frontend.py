@@ -65,6 +65,8 @@ class Engine:
         self.context_window = min(config.context_window or model_config.n_positions, model_config.n_positions)
         _check_contention_flags(config)
         num_slots = config.resolved_slots()
+        if config.prefix_block_tokens < 1:
+            raise ValueError(f"prefix_block_tokens must be >= 1, got {config.prefix_block_tokens}")
         if num_slots < config.max_batch_size:
             raise ValueError(f"kv_cache_slots ({num_slots}) must be >= max_batch_size ({config.max_batch_size})")
         parameter = next(loaded.model.parameters())
@@ -103,6 +105,8 @@ class Engine:
                 call_cap=max(1, int(config.max_call_share * config.max_batch_size)),
                 preemption=config.preemption,
                 score_token_cost=score_token_cost(loaded.model.config),
+                prefix_block_tokens=config.prefix_block_tokens if config.prefix_cache else 0,
+                prefix_across_tenants=config.prefix_cache_across_tenants,
             ),
             token_text=self.tokenizer.id_to_text,
         )

@@ -260,6 +260,9 @@ class EngineLoop:
         s.num_waiting = len(self.scheduler.waiting)
         s.kv_cache_slots_used = self.scheduler.slots.num_used
         s.num_paused = self.scheduler.num_paused
+        prefix, cache = self.scheduler.prefix_stats, self.scheduler.prefix
+        s.prefix_lookups, s.prefix_hits, s.prefix_reused_tokens = prefix.lookups, prefix.hits, prefix.reused_tokens
+        s.prefix_cached_tokens = cache.occupancy * cache.block_tokens if cache is not None else 0
         for _, reason in early.preempted:
             s.num_preempted[reason] = s.num_preempted.get(reason, 0) + 1
         if plan.decode:

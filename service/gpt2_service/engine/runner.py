@@ -109,6 +109,8 @@ class ModelRunner:
         sampled_seqs: list[Sequence] = []
 
         self.last_scored = {}
+        for source, target, num_positions in plan.copies:  # reused prefixes, before anything reads them
+            self.cache.copy_slot(source, [target], num_positions)
         if plan.prefill:
             start = time.perf_counter()
             hidden = self._prefill(plan.prefill, timer)

@@ -246,6 +246,26 @@ def engine_gauges(stats: EngineStats, queued: dict[str, int]) -> Iterator[Metric
         "reason",
         preempted,
     )
+    for name, documentation, count in (
+        (
+            "gpt2_prefix_cache_lookups_total",
+            "Admissions that looked for a reusable prompt prefix.",
+            stats.prefix_lookups,
+        ),
+        ("gpt2_prefix_cache_hits_total", "Admissions that reused a prompt prefix.", stats.prefix_hits),
+        (
+            "gpt2_prefix_cache_reused_tokens_total",
+            "Prompt tokens whose keys and values were reused from the KV cache instead of computed.",
+            stats.prefix_reused_tokens,
+        ),
+    ):
+        yield _counter(name, documentation, count)
+    yield GaugeMetricFamily(
+        "gpt2_prefix_cache_tokens",
+        "Prompt tokens (whole blocks) that KV-cache slots hold for reuse, running and free slots together "
+        "(a prefix held by two slots counts twice).",
+        value=float(stats.prefix_cached_tokens),
+    )
     yield _counter(
         "gpt2_streams_stalled_total",
         "Streams ended because their reader left them unread past --stream-idle-timeout.",
