@@ -4,6 +4,7 @@ them with results bitwise those without reuse (deterministic mode), within 1e-5 
 from __future__ import annotations
 
 import asyncio
+import random
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -199,3 +200,27 @@ async def test_results_of_finished_requests_are_unaffected_by_what_reuses_their_
         _, reused_first = await run(engine, sampled(prompt(2)))
     assert reused_other.usage.cached_prompt_tokens == 256
     assert reused_first.usage.cached_prompt_tokens == 0
+
+
+async def test_random_arrivals_of_shared_prefixes_give_the_results_of_no_reuse(tiny: LoadedModel) -> None:
+    """24 requests over 3 prefixes of different lengths, some sharing only part of another's,
+    arriving in random bursts into a 4-place batch (so some wait, some preempt nothing, slots get
+    reused): every result is bitwise the one without the prefix cache."""
+    rng = random.Random(14)
+    stems = [SHARED[:200], SHARED[:140] + [11] * 90, [(j * 53) % 2000 + 30 for j in range(150)]]
+    prompts = [rng.choice(stems) + [rng.randrange(30, 4000) for _ in range(rng.randrange(1, 40))] for _ in range(24)]
+    requests = [sampled(p, seed=i) for i, p in enumerate(prompts)]
+    async with started(tiny, max_batch_size=4, max_prefill_tokens=32) as cached:
+        pending = []
+        for req in requests:
+            pending.append(asyncio.ensure_future(run(cached, req)))
+            if rng.random() < 0.4:
+                await asyncio.sleep(rng.random() * 0.02)
+        results = await asyncio.gather(*pending)
+        hits = cached.stats.prefix_hits
+    async with started(tiny, max_batch_size=4, max_prefill_tokens=32, prefix_cache=False) as plain:
+        expected = [await run(plain, req) for req in requests]
+    assert hits >= 12
+    assert sum(finished.usage.cached_prompt_tokens for _, finished in results) >= 12 * 128
+    for (outputs, _), (want, _) in zip(results, expected, strict=True):
+        assert numbers(outputs) == numbers(want)

@@ -276,3 +276,27 @@ def test_a_waiting_request_aborted_takes_its_forks_out_of_the_queue() -> None:
     _, result = sched.schedule()
     assert result.left_queue == [parent, *forks]  # each gives its place in the queue back
     assert not sched.waiting
+
+
+def test_a_request_waits_for_the_prefix_another_computes_and_never_for_a_waiter() -> None:
+    sched = Scheduler(config(max_prefill_tokens=16, prefix_block_tokens=4), TOK.id_to_text)
+    shared = list(range(100, 140))
+    a, b = seq([*shared, 1, 2], max_new=2), seq([*shared, 3], max_new=2)
+    sched.add(a)
+    sched.add(b)
+    runner = FakeRunner({a.seq_id: [7, 8], b.seq_id: [7, 8]})
+    plan, _ = sched.schedule()
+    assert b.awaits == (a, 40) and [c.seq for c in plan.prefill] == [a]  # b computes nothing yet
+    sched.update_from_output(plan, runner.execute(plan))
+    slot = a.slot
+    sched._preempt(a, "test", sched.schedule()[1])
+    plan, _ = sched.schedule()
+    # a is readmitted into its old slot, reusing its 16 tokens there; it does not wait for b,
+    # which waits for it (waits never form a cycle)
+    assert a.slot == slot and a.awaits is None and a.num_computed == 16 and b.awaits == (a, 40)
+    sched.update_from_output(plan, runner.execute(plan))
+    drive(sched, runner)
+    assert [c for p in runner.plans for c in p.copies] == [(slot, 1, 40)]  # b (slot 1) copies a's 40
+    assert b.cached_prompt_tokens == 40 and a.cached_prompt_tokens == 0  # a reused only when readmitted
+    assert sched.prefix_stats.hits == 2 and sched.prefix_stats.reused_tokens == 56
+    assert sched.slots.num_free == 4 and not sched.running

@@ -558,7 +558,8 @@ class Scheduler:
         best: Sequence | None = None
         best_len = 0
         for other in self.running:
-            if other.prompt_blocks is None or not self._feeds(other) or other.paused:
+            # only one that computes (not one waiting in turn: waits never form a cycle)
+            if other.prompt_blocks is None or not self._feeds(other) or other.paused or other.awaits is not None:
                 continue
             if not self.config.prefix_across_tenants and other.tenant != seq.tenant:
                 continue
