@@ -4,8 +4,8 @@ them with results bitwise those without reuse (deterministic mode), within 1e-5 
 from __future__ import annotations
 
 import asyncio
-import random
 import dataclasses
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
