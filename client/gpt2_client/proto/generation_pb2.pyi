@@ -131,6 +131,15 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """One of stop_token_ids was produced."""
     CONTEXT_WINDOW: _FinishReason.ValueType  # 5
     """The context window is full and overflow is STOP."""
+    CONSTRAINT_COMPLETE: _FinishReason.ValueType  # 6
+    """The output matches GenerateRequest.constraint and nothing can follow it (or the model chose
+    <|endoftext|> where the match may end).
+    """
+    CONSTRAINT_UNSATISFIED: _FinishReason.ValueType  # 7
+    """The generation had to end (max_new_tokens, the context window with overflow STOP, or no
+    token could continue the match) before the output matched GenerateRequest.constraint: the
+    text is the beginning of a match, not a match.
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a generation ended."""
@@ -147,6 +156,15 @@ STOP_TOKEN: FinishReason.ValueType  # 4
 """One of stop_token_ids was produced."""
 CONTEXT_WINDOW: FinishReason.ValueType  # 5
 """The context window is full and overflow is STOP."""
+CONSTRAINT_COMPLETE: FinishReason.ValueType  # 6
+"""The output matches GenerateRequest.constraint and nothing can follow it (or the model chose
+<|endoftext|> where the match may end).
+"""
+CONSTRAINT_UNSATISFIED: FinishReason.ValueType  # 7
+"""The generation had to end (max_new_tokens, the context window with overflow STOP, or no
+token could continue the match) before the output matched GenerateRequest.constraint: the
+text is the beginning of a match, not a match.
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
@@ -154,6 +172,26 @@ class SamplingParams(_message.Message):
     """How the next token is chosen. Unset fields leave the model's distribution untouched."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LogitBiasEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
@@ -164,6 +202,9 @@ class SamplingParams(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
+    ALLOWED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    BANNED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """Softmax temperature, >= 0. Default 1.0. 0 = greedy (argmax; the filters below then do not
     matter).
@@ -198,6 +239,21 @@ class SamplingParams(_message.Message):
     float rounding otherwise (README, "Kernels and batch invariance"). Default: the server picks
     one and reports it in the response's `seed`.
     """
+    @_builtins.property
+    def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """Added to the logits of these token ids before every other processor, each bias in
+        [-100, 100] (OpenAI semantics: -100 in effect bans a token, +100 in effect forces it). At
+        most 1024 entries, each key a vocabulary id. Default: none.
+        """
+
+    @_builtins.property
+    def allowed_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Only these token ids may be generated (at most 4096, each a vocabulary id). Default: all."""
+
+    @_builtins.property
+    def banned_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """These token ids are never generated (at most 4096). Default: none."""
+
     def __init__(
         self,
         *,
@@ -210,10 +266,13 @@ class SamplingParams(_message.Message):
         presence_penalty: _builtins.float | None = ...,
         frequency_penalty: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
+        logit_bias: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
+        allowed_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        banned_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_min_p", b"_min_p", "_presence_penalty", b"_presence_penalty", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "_typical_p", b"_typical_p", "frequency_penalty", b"frequency_penalty", "min_p", b"min_p", "presence_penalty", b"presence_penalty", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "typical_p", b"typical_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_min_p", b"_min_p", "_presence_penalty", b"_presence_penalty", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "_typical_p", b"_typical_p", "frequency_penalty", b"frequency_penalty", "min_p", b"min_p", "presence_penalty", b"presence_penalty", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "typical_p", b"typical_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_min_p", b"_min_p", "_presence_penalty", b"_presence_penalty", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "_typical_p", b"_typical_p", "allowed_token_ids", b"allowed_token_ids", "banned_token_ids", b"banned_token_ids", "frequency_penalty", b"frequency_penalty", "logit_bias", b"logit_bias", "min_p", b"min_p", "presence_penalty", b"presence_penalty", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "typical_p", b"typical_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015
@@ -266,6 +325,7 @@ class StoppingCriteria(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     INCLUDE_STOP_IN_OUTPUT_FIELD_NUMBER: _builtins.int
+    BAD_WORDS_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
     """Most tokens to generate, in [1, ModelInfo.limits.max_new_tokens_limit]. Default: the
     server's default_max_new_tokens (64 unless configured).
@@ -290,6 +350,14 @@ class StoppingCriteria(_message.Message):
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids that end the generation (at most 64, each a vocabulary id). Default: none."""
 
+    @_builtins.property
+    def bad_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Strings whose tokens must never be completed in the output (at most 64, each 1 to 256
+        characters): each is tokenized as given and, unless it starts with a space, with a space
+        before it too (GPT-2 tokenizes " word" apart from "word"); whenever the text's last tokens are
+        all of one such sequence but its last token, that token is banned. Default: none.
+        """
+
     def __init__(
         self,
         *,
@@ -299,16 +367,88 @@ class StoppingCriteria(_message.Message):
         stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         ignore_eos: _builtins.bool = ...,
         include_stop_in_output: _builtins.bool = ...,
+        bad_words: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "max_new_tokens", b"max_new_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "ignore_eos", b"ignore_eos", "include_stop_in_output", b"include_stop_in_output", "max_new_tokens", b"max_new_tokens", "min_new_tokens", b"min_new_tokens", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "bad_words", b"bad_words", "ignore_eos", b"ignore_eos", "include_stop_in_output", b"include_stop_in_output", "max_new_tokens", b"max_new_tokens", "min_new_tokens", b"min_new_tokens", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_tokens) -> _WhichOneofReturnType__max_new_tokens | None: ...
 
 Global___StoppingCriteria: _TypeAlias = StoppingCriteria  # noqa: Y015
+
+@_typing.final
+class Constraint(_message.Message):
+    """What the output must match. The tokens that cannot continue a match are masked at every
+    step; once the output matches and nothing can follow, the generation ends with
+    CONSTRAINT_COMPLETE. Compiled constraints are cached by their text (the first request with a
+    new one pays its compilation in its time to first token). A pattern, schema or grammar the
+    library refuses is INVALID_ARGUMENT with its message, naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGEX_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    GRAMMAR_FIELD_NUMBER: _builtins.int
+    regex: _builtins.str
+    """A regular expression the whole output must match (Rust regex syntax, anchored at both
+    ends; at most 4096 characters).
+    """
+    json_schema: _builtins.str
+    """A JSON Schema document (draft 2020-12 subset, as a JSON string; at most 65536 characters):
+    the output is one JSON value valid under it.
+    """
+    grammar: _builtins.str
+    """A Lark grammar (llguidance's dialect, at most 65536 characters): the output is a sentence
+    of its `start` rule.
+    """
+    @_builtins.property
+    def choice(self) -> Global___ChoiceList:
+        """The output is exactly one of these strings."""
+
+    def __init__(
+        self,
+        *,
+        regex: _builtins.str = ...,
+        json_schema: _builtins.str = ...,
+        choice: Global___ChoiceList | None = ...,
+        grammar: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["regex", "json_schema", "choice", "grammar"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Constraint: _TypeAlias = Constraint  # noqa: Y015
+
+@_typing.final
+class ChoiceList(_message.Message):
+    """Options of Constraint.choice: 1 to 256 distinct non-empty strings, each at most 256 characters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        options: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChoiceList: _TypeAlias = ChoiceList  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
@@ -325,6 +465,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     ECHO_FIELD_NUMBER: _builtins.int
     N_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Echoed in every response and in the server's logs. Default: a generated uuid4 hex.
     1 to 128 printable ASCII characters without spaces ([!-~]); anything else is INVALID_ARGUMENT.
@@ -369,6 +510,12 @@ class GenerateRequest(_message.Message):
     def stopping(self) -> Global___StoppingCriteria:
         """When to stop. Default: after default_max_new_tokens tokens or at <|endoftext|>."""
 
+    @_builtins.property
+    def constraint(self) -> Global___Constraint:
+        """What the output must match (a regex, a JSON schema, one of several strings, a grammar).
+        Default: nothing.
+        """
+
     def __init__(
         self,
         *,
@@ -383,10 +530,11 @@ class GenerateRequest(_message.Message):
         priority: Global___Priority.ValueType = ...,
         echo: _builtins.bool = ...,
         n: _builtins.int = ...,
+        constraint: Global___Constraint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraint", b"constraint", "input", b"input", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "input", b"input", "n", b"n", "overflow", b"overflow", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping", "top_logprobs", b"top_logprobs", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint", b"constraint", "echo", b"echo", "input", b"input", "n", b"n", "overflow", b"overflow", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping", "top_logprobs", b"top_logprobs", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "prompt_token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -408,7 +556,10 @@ class TopLogprob(_message.Message):
     text: _builtins.str
     """The token on its own (U+FFFD where it holds part of a multi-byte character)."""
     logprob: _builtins.float
-    """Natural log of its probability under the model's raw distribution (before sampling filters)."""
+    """Natural log of its probability under the model's distribution before penalties and sampling
+    filters: the raw one, or, where logit_bias, allowed/banned_token_ids, bad_words or a
+    constraint apply, the one they leave (biased; tokens they exclude have probability 0).
+    """
     def __init__(
         self,
         *,
@@ -439,7 +590,10 @@ class TokenInfo(_message.Message):
     text: _builtins.str
     """The token on its own (U+FFFD where it holds part of a multi-byte character)."""
     logprob: _builtins.float
-    """Natural log of its probability under the model's raw distribution (before sampling filters)."""
+    """Natural log of its probability under the model's distribution before penalties and sampling
+    filters: the raw one, or, where logit_bias, allowed/banned_token_ids, bad_words or a
+    constraint apply, the one they leave (biased; tokens they exclude have probability 0).
+    """
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
         """The GenerateRequest.top_logprobs most likely tokens at this step, most likely first.

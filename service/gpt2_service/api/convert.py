@@ -9,6 +9,7 @@ Field paths are protobuf paths: ``sampling.top_p``, ``prompt_token_ids.ids[3]``,
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -19,10 +20,15 @@ from gpt2_client.proto import generation_pb2 as pb
 
 from gpt2_service.api.logs import new_request_id
 from gpt2_service.core.request import (
+    MAX_BAD_WORDS,
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS_ENTRIES,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
+    MAX_TOKEN_ID_SET,
     MAX_TOP_LOGPROBS,
+    ConstraintSpec,
     FinishReason,
     GenerationRequest,
     Overflow,
@@ -71,6 +77,8 @@ FINISH_REASON_TO_PROTO = {
     FinishReason.STOP_SEQUENCE: pb.STOP_SEQUENCE,
     FinishReason.STOP_TOKEN: pb.STOP_TOKEN,
     FinishReason.CONTEXT_WINDOW: pb.CONTEXT_WINDOW,
+    FinishReason.CONSTRAINT_COMPLETE: pb.CONSTRAINT_COMPLETE,
+    FinishReason.CONSTRAINT_UNSATISFIED: pb.CONSTRAINT_UNSATISFIED,
 }
 
 _ENGINE_TOKEN_ID_PATH = re.compile(r"(^|\.)prompt_token_ids\[")
@@ -163,7 +171,7 @@ def to_engine_request(
         prompt=msg.prompt if which != "prompt_token_ids" else None,
         prompt_token_ids=prompt_ids,
         num_dropped_prompt_ids=num_dropped,
-        sampling=to_sampling_params(msg.sampling),
+        sampling=to_sampling_params(msg.sampling, bad),
         stopping=to_stopping_criteria(msg.stopping, bad),
         truncation=truncation or Truncation.TRUNCATE_LEFT,
         overflow=overflow or Overflow.SHIFT,
@@ -174,6 +182,7 @@ def to_engine_request(
         call_id=call_id,
         echo=msg.echo,
         n=max(msg.n, 1),
+        constraint=to_constraint(msg.constraint) if msg.HasField("constraint") else None,
     )
     for v in find_violations(request, limits):
         bad.add(proto_field_path(v.field), v.description)
@@ -181,9 +190,19 @@ def to_engine_request(
     return request
 
 
-def to_sampling_params(s: pb.SamplingParams) -> SamplingParams:
+def to_sampling_params(s: pb.SamplingParams, bad: Violations) -> SamplingParams:
+    """The sampling parameters of ``s``; a list or map over its count limit is reported to
+    ``bad`` (from its length, O(1)) and left unconverted."""
     d = SamplingParams()
+    bias_fits = check_count(bad, "sampling.logit_bias", len(s.logit_bias), MAX_LOGIT_BIAS_ENTRIES, "entries")
+    allowed_fits = check_count(
+        bad, "sampling.allowed_token_ids", len(s.allowed_token_ids), MAX_TOKEN_ID_SET, "token ids"
+    )
+    banned_fits = check_count(bad, "sampling.banned_token_ids", len(s.banned_token_ids), MAX_TOKEN_ID_SET, "token ids")
     return SamplingParams(
+        logit_bias=tuple(sorted(s.logit_bias.items())) if bias_fits else (),
+        allowed_token_ids=tuple(s.allowed_token_ids) if allowed_fits else (),
+        banned_token_ids=tuple(s.banned_token_ids) if banned_fits else (),
         temperature=s.temperature if s.HasField("temperature") else d.temperature,
         top_k=s.top_k if s.HasField("top_k") else d.top_k,
         top_p=s.top_p if s.HasField("top_p") else d.top_p,
@@ -201,6 +220,7 @@ def to_stopping_criteria(s: pb.StoppingCriteria, bad: Violations) -> StoppingCri
     its length, O(1)) and left unconverted."""
     stop_fits = check_count(bad, "stopping.stop", len(s.stop), MAX_STOP_STRINGS, "stop strings")
     ids_fit = check_count(bad, "stopping.stop_token_ids", len(s.stop_token_ids), MAX_STOP_TOKEN_IDS, "stop token ids")
+    words_fit = check_count(bad, "stopping.bad_words", len(s.bad_words), MAX_BAD_WORDS, "bad words")
     return StoppingCriteria(
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else None,
         min_new_tokens=s.min_new_tokens,
@@ -208,7 +228,20 @@ def to_stopping_criteria(s: pb.StoppingCriteria, bad: Violations) -> StoppingCri
         stop_token_ids=tuple(s.stop_token_ids) if ids_fit else (),
         ignore_eos=s.ignore_eos,
         include_stop_in_output=s.include_stop_in_output,
+        bad_words=tuple(s.bad_words) if words_fit else (),
     )
+
+
+def to_constraint(c: pb.Constraint) -> ConstraintSpec | None:
+    """The constraint of ``c``; None when no kind is set. Sizes are checked by the engine's
+    validation before anything compiles it (a choice's options are converted only up to their
+    limit plus one, so that an oversized list costs O(1))."""
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "choice":
+        return ConstraintSpec("choice", options=tuple(itertools.islice(c.choice.options, MAX_CHOICES + 1)))
+    return ConstraintSpec(kind, text=getattr(c, kind))
 
 
 def to_engine_batch(

@@ -23,6 +23,14 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**64 - 1
 MAX_ABS_PRESENCE_FREQUENCY_PENALTY = 2.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_ABS_LOGIT_BIAS = 100.0
+MAX_TOKEN_ID_SET = 4096  # allowed_token_ids, banned_token_ids
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_CHARS = 256
+MAX_CONSTRAINT_CHARS = {"regex": 4096, "json_schema": 65536, "grammar": 65536}
+MAX_CHOICES = 256  # options of a choice constraint
+MAX_CHOICE_CHARS = 256
 
 
 class Truncation(enum.Enum):
@@ -54,6 +62,8 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"  # one of the stop strings appeared in the text
     STOP_TOKEN = "stop_token"  # one of the stop token ids was produced
     CONTEXT_WINDOW = "context_window"  # the window is full and overflow is STOP
+    CONSTRAINT_COMPLETE = "constraint_complete"  # the output matches the constraint; nothing can follow
+    CONSTRAINT_UNSATISFIED = "constraint_unsatisfied"  # it had to end before the output matched
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI semantics, over output tokens; 0 = off
     frequency_penalty: float = 0.0  # OpenAI semantics, over output tokens; 0 = off
     seed: int | None = None  # None: the engine picks one and reports it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added before anything else
+    allowed_token_ids: tuple[int, ...] = ()  # only these may be generated; () = all
+    banned_token_ids: tuple[int, ...] = ()  # never generated
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +102,21 @@ class StoppingCriteria:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     include_stop_in_output: bool = False
+    bad_words: tuple[str, ...] = ()  # strings whose token sequences are never completed
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What the output must match: ``kind`` is "regex", "json_schema", "choice" (``options``) or
+    "grammar" (``text``). Compiled by engine/constraints.py."""
+
+    kind: str
+    text: str = ""
+    options: tuple[str, ...] = ()
+
+    @property
+    def field(self) -> str:
+        return f"constraint.{self.kind}"
 
 
 @dataclass(frozen=True)
@@ -120,6 +148,7 @@ class GenerationRequest:
     tenant: str = ""  # who is served: the authenticated identity, else the peer; "" = anonymous
     call_id: str = ""  # the call it came with (a GenerateBatch's items share one); "" = its own
     score: ScoreSpec | None = None  # a Score request: prompt_token_ids scored, nothing generated
+    constraint: ConstraintSpec | None = None  # what the output must match
     echo: bool = False  # also score the prompt (from its second token), once, as a Score would
     n: int = 1  # completions: the prompt is read once, then n sequences sample from it (seeds seed + i)
 
@@ -183,6 +212,55 @@ def check_sampling(bad: Violations, s: SamplingParams, prefix: str) -> None:
         )
     if s.seed is not None:
         check(0 <= s.seed <= MAX_SEED, f"{prefix}seed", f"must be in [0, 2^64-1], got {s.seed}")
+
+
+def check_token_constraints(bad: Violations, s: SamplingParams, vocab_size: int) -> None:
+    """logit_bias, allowed_token_ids and banned_token_ids: counts first, then their elements."""
+    check = bad.check
+    if check_count(bad, "sampling.logit_bias", len(s.logit_bias), MAX_LOGIT_BIAS_ENTRIES, "entries"):
+        for token_id, bias in s.logit_bias:
+            check(
+                0 <= token_id < vocab_size,
+                "sampling.logit_bias",
+                f"keys must be token ids in [0, {vocab_size}), got {token_id}",
+            )
+            check(
+                _finite(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS,
+                f"sampling.logit_bias[{token_id}]",
+                f"must be in [-100, 100], got {bias}",
+            )
+    for name, ids in (("allowed_token_ids", s.allowed_token_ids), ("banned_token_ids", s.banned_token_ids)):
+        if check_count(bad, f"sampling.{name}", len(ids), MAX_TOKEN_ID_SET, "token ids"):
+            first_bad = first_bad_token_id(ids, vocab_size)
+            if first_bad is not None:
+                bad.add(*token_id_violation(f"sampling.{name}[{first_bad}]", ids[first_bad], vocab_size))
+    if s.allowed_token_ids and len(s.banned_token_ids) <= MAX_TOKEN_ID_SET:
+        check(
+            not set(s.allowed_token_ids) <= set(s.banned_token_ids),
+            "sampling.banned_token_ids",
+            "bans every one of allowed_token_ids: no token could be generated",
+        )
+
+
+def check_constraint(bad: Violations, c: ConstraintSpec) -> None:
+    """The constraint's size (its compilation, which finds what else is wrong, comes later)."""
+    check = bad.check
+    if c.kind == "choice":
+        if check_count(bad, "constraint.choice.options", len(c.options), MAX_CHOICES, "options"):
+            check(bool(c.options), "constraint.choice.options", "must hold at least one option")
+            for i, option in enumerate(c.options):
+                check(
+                    0 < len(option) <= MAX_CHOICE_CHARS,
+                    f"constraint.choice.options[{i}]",
+                    f"must be 1 to {MAX_CHOICE_CHARS} characters, got {len(option)}",
+                )
+            check(len(set(c.options)) == len(c.options), "constraint.choice.options", "must be distinct")
+        return
+    limit = MAX_CONSTRAINT_CHARS.get(c.kind)
+    if limit is None:
+        bad.add("constraint", f"unknown constraint kind {c.kind!r}")
+        return
+    check(0 < len(c.text) <= limit, c.field, f"must be 1 to {limit} characters, got {len(c.text)}")
 
 
 TOKEN_ID_CHUNK = 65536  # ids read per C call: a huge list never holds the GIL for long
@@ -260,6 +338,16 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violat
                     f"prompt_token_ids[{first_bad}]", request.prompt_token_ids[first_bad], limits.vocab_size
                 )
             )
+    check_token_constraints(bad, request.sampling, limits.vocab_size)
+    if check_count(bad, "stopping.bad_words", len(t.bad_words), MAX_BAD_WORDS, "bad words"):
+        for i, word in enumerate(t.bad_words):
+            check(
+                0 < len(word) <= MAX_BAD_WORD_CHARS,
+                f"stopping.bad_words[{i}]",
+                f"must be 1 to {MAX_BAD_WORD_CHARS} characters, got {len(word)}",
+            )
+    if request.constraint is not None:
+        check_constraint(bad, request.constraint)
     check(
         0 <= request.top_logprobs <= MAX_TOP_LOGPROBS,
         "top_logprobs",

@@ -149,6 +149,8 @@ class SampledToken:
     token_id: int
     logprob: float
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    complete: bool = False  # with this token the output matches its constraint, and nothing can follow
+    dead: bool = False  # no token could continue its constraint: none was chosen (token_id means nothing)
 
 
 @dataclass
@@ -445,6 +447,15 @@ class Scheduler:
         result.outputs.append((seq, GenerationOutput(seq.request_id, (), "", finished)))
 
     def _append_token(self, seq: Sequence, sampled: SampledToken, now: float, result: StepResult) -> None:
+        if sampled.dead:  # nothing could follow: the output is the beginning of a match
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            finished = self._finished(seq, FinishReason.CONSTRAINT_UNSATISFIED, None, now)
+            self._release(seq, result)
+            result.outputs.append(
+                (seq, GenerationOutput(seq.request_id, (), seq.detokenizer.flush(), finished, seq.index))
+            )
+            return
         token_id = sampled.token_id
         seq.tokens.append(token_id)
         if seq.first_token_time is None:
@@ -475,11 +486,15 @@ class Scheduler:
                 reason, stop_sequence = FinishReason.STOP_SEQUENCE, update.stop
         if reason is None and n >= seq.max_new_tokens:
             reason = FinishReason.LENGTH
+        if sampled.complete and reason not in (FinishReason.STOP_SEQUENCE, FinishReason.STOP_TOKEN):
+            reason = FinishReason.CONSTRAINT_COMPLETE  # (with EOS or not: EOS adds no text)
         if reason is None and seq.window_len > self.config.context_window:
             if seq.request.overflow is Overflow.STOP:
                 reason = FinishReason.CONTEXT_WINDOW
             else:
                 self._shift(seq, result)
+        if reason in (FinishReason.LENGTH, FinishReason.CONTEXT_WINDOW) and seq.request.constraint is not None:
+            reason = FinishReason.CONSTRAINT_UNSATISFIED  # it had to end before the output matched
 
         finished = None
         if reason is not None:

@@ -126,6 +126,18 @@ class Sequence:
     prompt_blocks: list[tuple[int, ...]] | None = None  # its prompt's whole blocks, for prefix reuse
     # admitted to reuse a prefix another running sequence is computing: (that sequence, tokens)
     awaits: tuple[Sequence, int] | None = None
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()  # its bad words' token sequences
+    matcher: object | None = None  # its constraint's state (engine/constraints.py), if it has one
+
+    def excluded_ids(self) -> list[int]:
+        """The tokens that would complete one of its bad words now."""
+        tokens = self.tokens
+        return [
+            word[-1]
+            for word in self.bad_word_ids
+            if len(word) == 1
+            or (len(tokens) >= len(word) - 1 and tokens[len(tokens) - len(word) + 1 :] == list(word[:-1]))
+        ]
 
     def __post_init__(self) -> None:
         if not self.tokens:

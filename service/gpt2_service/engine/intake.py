@@ -101,11 +101,19 @@ class SequenceFactory:
             ids = ids[-self.context_window :]
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         seq = self._sequence(request, ids, seed, truncated, time.monotonic())
+        seq.bad_word_ids = self._bad_word_ids(request.stopping.bad_words)
         seq.forks = [  # choices 1..n-1: the same prompt, seeds seed + i
             self._sequence(request, list(ids), (seed + i) % 2**64, truncated, seq.arrival_time, seq, i)
             for i in range(1, request.n)
         ]
+        for fork in seq.forks:
+            fork.bad_word_ids = seq.bad_word_ids
         return seq
+
+    def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's tokens, as given and (unless it starts with a space) after a space."""
+        variants = {v for word in words for v in (word, word if word.startswith(" ") else " " + word)}
+        return tuple(sorted({ids for v in variants if (ids := tuple(self.tokenizer.encode(v)))}))
 
     def _sequence(
         self,

@@ -144,7 +144,9 @@ class ModelRunner:
             sample_start = time.perf_counter()
             out = self.sampler.sample(logits, [self._row_state(s) for s in sampled_seqs])
             for i, seq in enumerate(sampled_seqs):
-                result[seq.seq_id] = SampledToken(out.token_ids[i], out.logprobs[i], tuple(out.top_logprobs[i]))
+                result[seq.seq_id] = SampledToken(
+                    out.token_ids[i], out.logprobs[i], tuple(out.top_logprobs[i]), dead=out.dead[i]
+                )
             end = time.perf_counter()
             times.sampling += end - start  # LM head + sampling
             if timer is not None:
@@ -302,4 +304,5 @@ class ModelRunner:
             output_ids=seq.output_ids if params.presence_penalty or params.frequency_penalty else (),
             banned_ids=banned,
             top_logprobs=seq.request.top_logprobs,
+            excluded_ids=seq.excluded_ids() if seq.bad_word_ids else (),
         )

@@ -1,6 +1,8 @@
 """Choose the next token for every row of a batch, each row with its own parameters.
 
-Order of operations (Hugging Face's logits-processor order): repetition penalty, presence and
+Order of operations: the token constraints first (logit bias added; tokens outside
+``allowed_token_ids``, in ``banned_token_ids``, completing a bad word, or outside a constraint's
+mask at -inf), then Hugging Face's logits-processor order: repetition penalty, presence and
 frequency penalties, min-new-tokens masking, then greedy argmax, or temperature -> top-k ->
 top-p -> min-p -> typical-p and a draw. Each filter runs once over the whole batch, with neutral
 values for rows that do not use it, and is skipped when no row does.
@@ -9,7 +11,9 @@ A draw uses one uniform number from the row's own ``torch.Generator`` and the in
 row's distribution, so a seeded request's draws do not depend on what else shares its batch, and
 each row's arithmetic is its own (stable sorts; no one-row reductions that threads would split):
 given the same logits, a row gets the same tokens alone or batched, bit for bit.
-Log-probabilities are those of the model's raw distribution (before penalties and filters).
+Log-probabilities are those of the model's distribution after the token constraints, before
+penalties and filters: the raw one for a row without constraints. A row whose constraints leave
+no token is ``dead``: nothing is drawn for it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ class RowState:
     output_ids: Sequence[int] = ()  # output only (presence / frequency penalties)
     banned_ids: Sequence[int] = ()  # masked this step (EOS and stop ids before min_new_tokens)
     top_logprobs: int = 0
+    excluded_ids: Sequence[int] = ()  # this step's tokens that would complete a bad word
+    allowed: Tensor | None = None  # (V,) bool: the tokens a constraint allows this step
+
+    @property
+    def constrained(self) -> bool:
+        p = self.params
+        return bool(
+            p.logit_bias or p.allowed_token_ids or p.banned_token_ids or self.excluded_ids or self.allowed is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]  # per row, best first
+    dead: list[bool]  # per row: its constraints left no token (its token id is meaningless)
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,13 @@ class Sampler:
 
     def sample(self, logits: Tensor, rows: Sequence[RowState]) -> SampleResult:
         logits = logits.float()
+        dead = [False] * len(rows)
+        if any(r.constrained for r in rows):
+            logits = apply_token_constraints(logits.clone(), rows)
+            alive = torch.isfinite(logits).any(dim=-1)
+            if not bool(alive.all()):
+                dead = (~alive).tolist()
+                logits[~alive] = 0.0  # something to sample from; the caller drops the token
         raw_logprobs = logits.log_softmax(dim=-1)
         processed = logits
         if any(r.params.needs_penalties for r in rows):
@@ -148,7 +169,11 @@ class Sampler:
             processed = processed.clone() if processed is logits else processed
             for i, row in enumerate(rows):
                 if row.banned_ids:
-                    processed[i, list(row.banned_ids)] = NEG_INF
+                    ids = list(row.banned_ids)
+                    kept = processed[i, ids].clone()
+                    processed[i, ids] = NEG_INF
+                    if row.constrained and not bool(torch.isfinite(processed[i]).any()):
+                        processed[i, ids] = kept  # min_new_tokens gives way to the constraint
 
         chosen = processed.max(dim=-1).indices  # argmax's first maximum, in a third of its time
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -168,7 +193,33 @@ class Sampler:
             for i, row in enumerate(rows):
                 n = row.top_logprobs
                 top[i] = list(zip(ids_l[i][:n], values_l[i][:n], strict=True))
-        return SampleResult(token_ids, logprobs, top)
+        return SampleResult(token_ids, logprobs, top, dead)
+
+
+def apply_token_constraints(logits: Tensor, rows: Sequence[RowState]) -> Tensor:
+    """Logit bias, then allowed / banned / bad-word / constraint masks, in place: one masked fill
+    for the batch's allowed sets, a scatter per row for the rest."""
+    allowed: Tensor | None = None
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=logits.device)
+            logits[i].index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=logits.device))
+        if p.allowed_token_ids or row.allowed is not None:
+            if allowed is None:
+                allowed = torch.ones_like(logits, dtype=torch.bool)
+            if row.allowed is not None:
+                allowed[i] = row.allowed
+            if p.allowed_token_ids:
+                only = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                only[list(p.allowed_token_ids)] = True
+                allowed[i] &= only
+        banned = [*p.banned_token_ids, *row.excluded_ids]
+        if banned:
+            logits[i, banned] = NEG_INF
+    if allowed is not None:
+        logits.masked_fill_(~allowed, NEG_INF)
+    return logits
 
 
 def next_uniforms(generators: Sequence[torch.Generator | None]) -> Tensor:
