@@ -182,6 +182,16 @@ def check_count(bad: Violations, field: str, count: int, limit: int, what: str) 
     return count <= limit
 
 
+def check_strings(bad: Violations, field: str, strings: Sequence[str], limit: int, max_chars: int, what: str) -> bool:
+    """At most ``limit`` strings, each 1 to ``max_chars`` characters (``field[i]`` names a bad
+    one); True when the count is within the limit."""
+    if not check_count(bad, field, len(strings), limit, what):
+        return False
+    for i, text in enumerate(strings):
+        bad.check(0 < len(text) <= max_chars, f"{field}[{i}]", f"must be 1 to {max_chars} characters, got {len(text)}")
+    return True
+
+
 def token_id_violation(field: str, token_id: int, vocab_size: int) -> tuple[str, str]:
     return field, f"must be a token id in [0, {vocab_size}), got {token_id}"
 
@@ -246,15 +256,10 @@ def check_constraint(bad: Violations, c: ConstraintSpec) -> None:
     """The constraint's size (its compilation, which finds what else is wrong, comes later)."""
     check = bad.check
     if c.kind == "choice":
-        if check_count(bad, "constraint.choice.options", len(c.options), MAX_CHOICES, "options"):
-            check(bool(c.options), "constraint.choice.options", "must hold at least one option")
-            for i, option in enumerate(c.options):
-                check(
-                    0 < len(option) <= MAX_CHOICE_CHARS,
-                    f"constraint.choice.options[{i}]",
-                    f"must be 1 to {MAX_CHOICE_CHARS} characters, got {len(option)}",
-                )
-            check(len(set(c.options)) == len(c.options), "constraint.choice.options", "must be distinct")
+        field = "constraint.choice.options"
+        if check_strings(bad, field, c.options, MAX_CHOICES, MAX_CHOICE_CHARS, "options"):
+            check(bool(c.options), field, "must hold at least one option")
+            check(len(set(c.options)) == len(c.options), field, "must be distinct")
         return
     limit = MAX_CONSTRAINT_CHARS.get(c.kind)
     if limit is None:
@@ -314,13 +319,7 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violat
         "stopping.min_new_tokens",
         f"must be in [0, max_new_tokens={max_new}], got {t.min_new_tokens}",
     )
-    if check_count(bad, "stopping.stop", len(t.stop), MAX_STOP_STRINGS, "stop strings"):
-        for i, text in enumerate(t.stop):
-            check(
-                0 < len(text) <= MAX_STOP_STRING_CHARS,
-                f"stopping.stop[{i}]",
-                f"must be 1 to {MAX_STOP_STRING_CHARS} characters, got {len(text)}",
-            )
+    check_strings(bad, "stopping.stop", t.stop, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, "stop strings")
     if check_count(bad, "stopping.stop_token_ids", len(t.stop_token_ids), MAX_STOP_TOKEN_IDS, "stop token ids"):
         for i, token_id in enumerate(t.stop_token_ids):
             check(
@@ -339,13 +338,7 @@ def find_violations(request: GenerationRequest, limits: RequestLimits) -> Violat
                 )
             )
     check_token_constraints(bad, request.sampling, limits.vocab_size)
-    if check_count(bad, "stopping.bad_words", len(t.bad_words), MAX_BAD_WORDS, "bad words"):
-        for i, word in enumerate(t.bad_words):
-            check(
-                0 < len(word) <= MAX_BAD_WORD_CHARS,
-                f"stopping.bad_words[{i}]",
-                f"must be 1 to {MAX_BAD_WORD_CHARS} characters, got {len(word)}",
-            )
+    check_strings(bad, "stopping.bad_words", t.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_CHARS, "bad words")
     if request.constraint is not None:
         check_constraint(bad, request.constraint)
     check(
