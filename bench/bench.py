@@ -17,7 +17,11 @@ On ``random:gpt2`` (one copy of the weights in one process), greedy, prompt 16 r
 6. per-step overhead at batch 1 and 32: an engine step's wall time (between two step events)
    less the forward pass and LM head the runner's stage timer measured in it;
 7. each reduced format's deviation from float32 (bench/deviation.py), on random:gpt2 and on
-   ``--checkpoint DIR``.
+   ``--checkpoint DIR``;
+8. prefix reuse and n completions (bench/reuse_bench.py): time to first token of 32 requests
+   sharing a 512-token prefix with the prefix cache on and off (cold, and with the prefix left in
+   a free slot by an earlier request), and one request with n=8 vs 8 separate requests; the tokens
+   must be the same either way (a mismatch makes the run exit 1). ``--no-reuse`` skips it.
 
 Systems alternate in rounds (the order rotates each round) after a warm-up; throughputs are
 medians over rounds, ratios medians of per-round ratios (a pair shares the machine's speed of the
@@ -25,8 +29,8 @@ moment). Only one system runs at a time. Writes ``bench/results/bench.json`` (``
 ``throughput.png`` and ``latency.png`` (``-quick`` with --quick), prints a markdown report and,
 on a full run, puts it in bench/README.md.
 
-    make bench                            # full run, ~30 minutes on 2 cores
-    make bench BENCH_ARGS=--quick         # concurrency 1, 8, 32, fewer rounds and tokens, < 5 minutes
+    make bench                            # full run, ~35 minutes on 2 cores
+    make bench BENCH_ARGS=--quick         # concurrency 1, 8, 32, fewer rounds and tokens, about 5 minutes
     LLAMA_CPP_DIR=/work/llama make bench  # with llama.cpp (bench/build_llama_cpp.sh builds it)
 """
 
@@ -58,6 +62,7 @@ import deviation
 import grpc
 import llama_cpp
 import machine
+import reuse_bench
 from engine_bench import SystemResult, _quiet_transformers, paired_ratio
 from engine_driver import run_batch
 from gpt2_client.proto import generation_pb2_grpc
@@ -459,6 +464,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     loaded = load_model(MODEL)
     bench = Bench(plan, loaded)
     results = Results()
+    reuse: dict[str, Any] | None = None
     t = time.perf_counter()
     await bench.start(with_hf=not args.no_hf)
     try:
@@ -470,6 +476,9 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         t = phase("ceilings", t)
         await bench.measure(results, build, llama_errors)
         t = phase("rounds", t)
+        if not args.no_reuse:  # its own engines, one at a time, none of the systems' running
+            reuse = await reuse_bench.measure(loaded, reuse_bench.make_plan(plan.quick, args.rounds))
+            t = phase("reuse", t)
         if not plan.quick:  # the machine's speed drifts: keep the better of two measurements
             again = await in_fresh_thread(lambda: machine.ceilings(loaded.model, repeats=5))
             ceilings = _best_ceilings(ceilings, again)
@@ -511,6 +520,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "ceilings": ceilings,
         **summary,
         "deviation": dev,
+        **({"reuse": reuse} if reuse is not None else {}),
         "targets": bench_report.TARGETS_DOC,
         "phases_s": phases,
         "seconds": round(time.perf_counter() - started, 1),
@@ -541,12 +551,16 @@ def main() -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="rounds at every concurrency (default: 5 at 1, 3 at 8 and 32, 1 above; quick: 2 at 1, 1 above)",
+        help="rounds at every concurrency, and of prefix reuse and n completions (default: 5 at 1, 3 at 8 and 32, "
+        "1 above, 4 of reuse; quick: 2 at 1, 1 above, 1 of reuse)",
     )
     parser.add_argument("--checkpoint", type=Path, help="also measure the formats' deviation on this checkpoint")
     parser.add_argument("--llama-cpp-dir", help="llama.cpp build (default: env LLAMA_CPP_DIR; see bench/llama_cpp.py)")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp even when a build is found")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    parser.add_argument(
+        "--no-reuse", action="store_true", help="skip prefix reuse and n completions (bench/reuse_bench.py)"
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/bench.json, bench-quick.json)")
     parser.add_argument(
         "--readme", action=argparse.BooleanOptionalAction, default=None,
@@ -572,6 +586,9 @@ def main() -> None:
         bench_report.update_readme(report, payload, plots)
     print(f"\nwrote {out}, {', '.join(str(p) for p in plots)}{' and bench/README.md' if readme else ''} "
           f"in {payload['seconds']:.0f}s")  # fmt: skip
+    mismatches = payload.get("reuse", {}).get("mismatches")
+    if mismatches:
+        sys.exit(f"prefix reuse / n completions: token mismatches: {mismatches}")
 
 
 if __name__ == "__main__":

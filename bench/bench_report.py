@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import reuse_bench
 from engine_bench import README
 from engine_bench import update_readme as _update_between
 
@@ -41,6 +42,9 @@ TARGETS_DOC = {
     "llama": "ours float32 >= llama f32 at 32 and 64, >= 0.8x at 1 and 8; float16 >= f16 and int8 >= q8_0 at every concurrency (generated tokens/s over the whole run)",
     "step_overhead": "step wall time - forward and LM head < 3 ms at batch 1, < 10% of the step at batch 32",
     "grpc": "gRPC streaming >= 0.90 of the in-process engine at concurrency 32",
+    "prefix_reuse": f"mean time to first token of 32 requests sharing a 512-token prefix, prefix cache off / on "
+    f">= {reuse_bench.TTFT_MIN_RATIO:.0f}, cold and warm",
+    "n_completions": f"wall time of 8 separate requests / one with n=8 >= {reuse_bench.N_MIN_RATIO} (clearly above 1)",
 }
 
 
@@ -93,6 +97,8 @@ def targets(p: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             if r is not None:
                 rows.append((f"gRPC / in-process engine, {w}, concurrency {c}", _f(r * 100, ".0f", "%"), f">= {need:.0%}",
                              _verdict(r >= need)))  # fmt: skip
+    if p.get("reuse"):
+        rows += reuse_bench.targets(p["reuse"])
     return rows
 
 
@@ -273,6 +279,11 @@ def markdown(p: dict[str, Any]) -> str:
     ]
     if llama["found"] and llama["rows"]:
         parts += ["**llama.cpp** (`llama-batched-bench`, median over rounds):", llama_table(p)]
+    if p.get("reuse"):
+        parts += [
+            "**Prefix reuse and n completions** ([reuse_bench.py](reuse_bench.py); targets in the table above):",
+            reuse_bench.report(p["reuse"], with_targets=False),
+        ]
     notes = [
         f"HF generate's tokens differ from ours at concurrency {c}"
         for c, same in p["same_tokens_as_hf"].items()
@@ -297,6 +308,10 @@ def summary_cell(p: dict[str, Any]) -> str:
     if p["llama_cpp"]["found"]:
         l32 = [_get(ratios, f"ours_over_llama/{w}", "32") for w in FORMATS]
         bits.append("vs llama.cpp at 32: " + ", ".join(f"{_f(x, '.2f')}x" for x in l32))
+    reuse = p.get("reuse")
+    if reuse:
+        cold, n = _get(reuse, "ratios", "cold_ttft_mean_off_over_on"), _get(reuse, "ratios", "separate_over_n_seconds")
+        bits.append(f"prefix reuse: TTFT {_f(cold, '.1f')}x shorter; n=8 {_f(n, '.2f')}x faster than 8 requests")
     rows = targets(p)
     met = sum(r[3] == "met" for r in rows)
     known = sum(r[3] != "n/a" for r in rows)
