@@ -3,6 +3,8 @@
     gpt2-client generate "The cat sat on the" --max-new-tokens 20 --temperature 0.8 --seed 1
     gpt2-client generate "Once upon a time" --stream --stop "." --json
     gpt2-client generate "The cat sat on the" --n 3 --seed 7 --echo
+    gpt2-client generate "Date:" --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}'
+    gpt2-client generate "Is it? " --choice yes --choice no --logit-bias 1000=-100 --bad-word maybe
     gpt2-client score " sat on the mat" --context "The cat" --top-logprobs 3
     gpt2-client info
     gpt2-client health --target gpt2.example:50051
@@ -77,7 +79,20 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "include_stop_in_output": args.include_stop or None, "top_logprobs": args.top_logprobs,
         "truncation": args.truncation, "overflow": args.overflow, "request_id": args.request_id,
         "priority": args.priority, "n": args.n, "echo": args.echo or None,
+        "logit_bias": dict(args.logit_bias) or None, "allowed_token_ids": args.allowed_token_ids,
+        "banned_token_ids": args.banned_token_ids, "bad_words": args.bad_word or None,
+        "regex": args.regex, "json_schema": args.json_schema, "choice": args.choice, "grammar": args.grammar,
     }  # fmt: skip
+
+
+UNSATISFIED_NOTE = "[the output does not match the constraint: it is only the beginning of a match]"
+
+
+def _print_summary(summary: str, reason: FinishReason | None) -> None:
+    """The summary line on stderr, and under it what CONSTRAINT_UNSATISFIED means."""
+    print(summary, file=sys.stderr)
+    if reason is FinishReason.CONSTRAINT_UNSATISFIED:
+        print(UNSATISFIED_NOTE, file=sys.stderr)
 
 
 def describe_prompt(tokens: Sequence[ScoredToken]) -> str:
@@ -117,8 +132,9 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
         else:
             _print_generation(result, args.echo)
             reason = result.finish_reason.name if len(result.choices) == 1 else f"{len(result.choices)} choices"
-            print(_summary(reason, result.usage.completion_tokens, result.seed, result.timing.total_seconds,
-                           result.request_id, result.usage.cached_prompt_tokens), file=sys.stderr)  # fmt: skip
+            _print_summary(_summary(reason, result.usage.completion_tokens, result.seed, result.timing.total_seconds,
+                                    result.request_id, result.usage.cached_prompt_tokens),
+                           result.finish_reason if len(result.choices) == 1 else None)  # fmt: skip
         return 0
     chunks = client.stream(args.prompt, **params)
     if args.json:
@@ -137,8 +153,8 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
     if last is not None and last.usage is not None and last.timing is not None:
         print(flush=True)
         reason = last.finish_reason.name if last.finish_reason is not None else "?"
-        print(_summary(reason, last.usage.completion_tokens, last.seed, last.timing.total_seconds,
-                       last.request_id, last.usage.cached_prompt_tokens), file=sys.stderr)  # fmt: skip
+        _print_summary(_summary(reason, last.usage.completion_tokens, last.seed, last.timing.total_seconds,
+                                last.request_id, last.usage.cached_prompt_tokens), last.finish_reason)  # fmt: skip
     return 0
 
 
@@ -293,6 +309,52 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
 
 
+def _logit_bias(value: str) -> tuple[int, float]:
+    """ID=BIAS, as --logit-bias takes it."""
+    token, sep, bias = value.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        pair = int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS (a token id and a number), got {value!r}") from None
+    if pair[0] < 0:
+        raise argparse.ArgumentTypeError(f"a token id is >= 0, got {value!r}")
+    return pair
+
+
+def _id_list(value: str) -> list[int]:
+    """Comma-separated token ids (1,2,3)."""
+    try:
+        ids = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {value!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids are >= 0, got {value!r}")
+    return ids
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read the {what} file {path!r}: {exc}") from None
+
+
+def _json_schema(value: str) -> str:
+    """Inline JSON (it starts with "{"), else the path of a file holding the schema."""
+    return value if value.lstrip().startswith("{") else _read(value, "JSON schema")
+
+
+def _grammar(value: str) -> str:
+    """The path of an existing file holding the grammar, else the grammar itself."""
+    try:
+        is_file = "\n" not in value and Path(value).is_file()
+    except (OSError, ValueError):  # too long a name, a NUL: not a path
+        is_file = False
+    return _read(value, "grammar") if is_file else value
+
+
 def _add_generate(commands: Any) -> None:
     p = commands.add_parser("generate", help="generate a completion", description="Generate a completion.")
     p.add_argument("prompt", nargs="?", default="", help="the text to continue (default: empty = <|endoftext|>)")
@@ -320,6 +382,29 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--overflow", choices=["shift", "stop"])
     p.add_argument("--priority", choices=["interactive", "default", "batch"], help="its class when the server is busy")
     p.add_argument("--request-id")
+    tokens = p.add_argument_group("token constraints")
+    tokens.add_argument("--logit-bias", metavar="ID=BIAS", type=_logit_bias, action="append", default=[],
+                        help="add BIAS (-100 to 100) to the logit of token ID; -100 in effect bans it, "
+                             "100 in effect forces it (repeatable)")  # fmt: skip
+    tokens.add_argument("--allowed-token-ids", metavar="IDS", type=_id_list, action="extend",
+                        help="only these comma-separated token ids may be generated, e.g. 11,13,262")  # fmt: skip
+    tokens.add_argument("--banned-token-ids", metavar="IDS", type=_id_list, action="extend",
+                        help="these comma-separated token ids are never generated")  # fmt: skip
+    tokens.add_argument("--bad-word", metavar="WORD", action="append", default=[],
+                        help="a string never completed in the output, with or without a space before it "
+                             "(repeatable)")  # fmt: skip
+    group = p.add_argument_group("constraint (at most one): what the whole output must match")
+    kinds = group.add_mutually_exclusive_group()
+    kinds.add_argument("--regex", metavar="PATTERN",
+                       help="a regular expression (Rust syntax, anchored at both ends)")  # fmt: skip
+    kinds.add_argument("--json-schema", metavar="FILE_OR_JSON", type=_json_schema,
+                       help="a JSON Schema: inline JSON if it starts with {, else a file holding it; "
+                            "the output is one JSON value valid under it")  # fmt: skip
+    kinds.add_argument("--choice", metavar="OPTION", action="append",
+                       help="the output is exactly one of the options (repeat it for each)")  # fmt: skip
+    kinds.add_argument("--grammar", metavar="FILE_OR_TEXT", type=_grammar,
+                       help="a Lark grammar (llguidance's dialect): a file holding it, else the grammar "
+                            "itself; the output is a sentence of its start rule")  # fmt: skip
     _add_common(p, suppress=True)
     p.set_defaults(run=cmd_generate)
 

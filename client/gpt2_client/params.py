@@ -3,13 +3,18 @@ Score, and the ScoreRequest they become).
 
 Every parameter is optional; one left out takes the server's default (documented in
 proto/gpt2/v1/generation.proto): temperature 1, no top-k/top-p/min-p/typical-p filtering, no
-penalties, a server-chosen seed, the server's default max_new_tokens, no stop strings, one
-completion, no echo.
+penalties, no logit bias, every token allowed, a server-chosen seed, the server's default
+max_new_tokens, no stop strings or bad words, no constraint, one completion, no echo.
+
+A constraint is at most one of ``regex``, ``json_schema``, ``choice`` and ``grammar`` (the
+server masks the tokens that cannot continue a match, and ends with CONSTRAINT_COMPLETE once
+the output matches and nothing can follow); giving two is a ValueError, before any call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
 from gpt2_client.proto import common_pb2
@@ -30,12 +35,21 @@ class GenerationParams(TypedDict, total=False):
     presence_penalty: float
     frequency_penalty: float
     seed: int
+    logit_bias: Mapping[int, float]  # token id -> bias in [-100, 100] added to its logit (at most 1024)
+    allowed_token_ids: Sequence[int]  # only these tokens may be generated (at most 4096)
+    banned_token_ids: Sequence[int]  # these tokens are never generated (at most 4096)
     max_new_tokens: int
     min_new_tokens: int
     stop: str | Sequence[str]
     stop_token_ids: Sequence[int]
     ignore_eos: bool
     include_stop_in_output: bool
+    bad_words: str | Sequence[str]  # strings never completed in the output (at most 64, 1-256 chars each)
+    # The constraint, at most one of the four: what the whole output must match.
+    regex: str  # a regular expression (Rust syntax, anchored at both ends; at most 4096 chars)
+    json_schema: str | Mapping[str, Any]  # a JSON Schema (text, or a dict sent as json.dumps of it)
+    choice: Sequence[str]  # the output is exactly one of these strings (1-256 distinct, non-empty)
+    grammar: str  # a Lark grammar (llguidance's dialect): the output is a sentence of its start rule
     truncation: Literal["truncate_left", "reject"]  # a prompt longer than the context window
     overflow: Literal["shift", "stop"]  # a generation that fills the context window
     priority: Literal["interactive", "default", "batch"]  # its class under contention
@@ -60,6 +74,7 @@ KNOWN_KEYS = frozenset(GenerationParams.__optional_keys__)
 TRUNCATION = {"truncate_left": pb.TRUNCATE_LEFT, "reject": pb.REJECT}
 OVERFLOW = {"shift": pb.SHIFT, "stop": pb.STOP}
 PRIORITY = {"interactive": pb.PRIORITY_INTERACTIVE, "default": pb.PRIORITY_DEFAULT, "batch": pb.PRIORITY_BATCH}
+CONSTRAINT_KEYS = ("regex", "json_schema", "choice", "grammar")  # the kinds of Constraint, at most one
 
 
 def _choice(table: Mapping[str, int], name: str, value: str) -> Any:
@@ -68,12 +83,58 @@ def _choice(table: Mapping[str, int], name: str, value: str) -> Any:
     return table[value]
 
 
+def _ids(name: str, value: Any) -> list[int]:
+    """Token ids given as a sequence (or set) of ints; a str, bytes or mapping is a TypeError."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(value).__name__}")
+    return list(value)
+
+
+def _strings(name: str, value: Any) -> list[str]:
+    """A sequence of strings; a lone str is one string (as ``stop`` takes it)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, bytes | Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of strings, got {type(value).__name__}")
+    return list(value)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+def build_constraint(given: Mapping[str, Any]) -> pb.Constraint | None:
+    """The Constraint of the one constraint keyword in ``given`` (None-valued keys already
+    dropped); None when there is none; two or more is a ValueError."""
+    kinds = [key for key in CONSTRAINT_KEYS if key in given]
+    if len(kinds) > 1:
+        raise ValueError(f"at most one constraint (regex, json_schema, choice, grammar), got {', '.join(kinds)}")
+    if not kinds:
+        return None
+    kind, value = kinds[0], given[kinds[0]]
+    if kind == "choice":
+        if isinstance(value, str):
+            raise TypeError("choice must be a sequence of strings (the options), not one str")
+        return pb.Constraint(choice=pb.ChoiceList(options=_strings("choice", value)))
+    if kind == "json_schema" and isinstance(value, Mapping):
+        return pb.Constraint(json_schema=json.dumps(dict(value)))
+    if kind == "json_schema" and not isinstance(value, str):
+        raise TypeError(f"json_schema must be a str or a dict, got {type(value).__name__}")
+    constraint = pb.Constraint()
+    setattr(constraint, kind, _text(kind, value))  # regex, json_schema or grammar
+    return constraint
+
+
 def build_request(prompt: Prompt, params: Mapping[str, Any]) -> pb.GenerateRequest:
-    """A GenerateRequest; parameters that are None or absent are left unset (server default)."""
+    """A GenerateRequest; parameters that are None or absent are left unset (server default).
+    Unknown names are a TypeError, two constraints a ValueError, before anything is sent."""
     unknown = set(params) - KNOWN_KEYS
     if unknown:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in params.items() if v is not None}
+    constraint = build_constraint(given)
     request = pb.GenerateRequest(
         request_id=given.get("request_id", ""),
         top_logprobs=given.get("top_logprobs", 0),
@@ -93,6 +154,16 @@ def build_request(prompt: Prompt, params: Mapping[str, Any]) -> pb.GenerateReque
     stop = given.get("stop", ())
     request.stopping.stop.extend([stop] if isinstance(stop, str) else stop)
     request.stopping.stop_token_ids.extend(given.get("stop_token_ids", ()))
+    request.stopping.bad_words.extend(_strings("bad_words", given.get("bad_words", ())))
+    if "logit_bias" in given:
+        bias = given["logit_bias"]
+        if not isinstance(bias, Mapping):
+            raise TypeError(f"logit_bias must be a mapping of token id to bias, got {type(bias).__name__}")
+        request.sampling.logit_bias.update(bias)
+    request.sampling.allowed_token_ids.extend(_ids("allowed_token_ids", given.get("allowed_token_ids", ())))
+    request.sampling.banned_token_ids.extend(_ids("banned_token_ids", given.get("banned_token_ids", ())))
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
     if "truncation" in given:
         request.truncation = _choice(TRUNCATION, "truncation", given["truncation"])
     if "overflow" in given:
@@ -103,11 +174,14 @@ def build_request(prompt: Prompt, params: Mapping[str, Any]) -> pb.GenerateReque
 
 
 def build_batch(items: Sequence[Prompt | BatchItem], params: Mapping[str, Any]) -> pb.GenerateBatchRequest:
-    """Each item is a prompt (taking ``params``) or a BatchItem (its keys override ``params``)."""
+    """Each item is a prompt (taking ``params``) or a BatchItem (its keys override ``params``; an
+    item that names a constraint, not None, replaces the shared one, whichever kind either is)."""
     requests = []
     for item in items:
         if isinstance(item, Mapping):
-            merged: dict[str, Any] = {**params, **item}
+            own_constraint = any(item.get(key) is not None for key in CONSTRAINT_KEYS)
+            shared = {k: v for k, v in params.items() if not (own_constraint and k in CONSTRAINT_KEYS)}
+            merged: dict[str, Any] = {**shared, **item}
             requests.append(build_request(merged.pop("prompt", ""), merged))
         else:
             requests.append(build_request(item, params))

@@ -20,6 +20,10 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"  # a stop string appeared (see stop_sequence)
     STOP_TOKEN = "stop_token"  # one of stop_token_ids was produced
     CONTEXT_WINDOW = "context_window"  # the window filled up and overflow is "stop"
+    CONSTRAINT_COMPLETE = "constraint_complete"  # the output matches the constraint and nothing can follow
+    # It had to end (max_new_tokens, the window, no token could go on) before the output matched the
+    # constraint: the text is the beginning of a match, not a match.
+    CONSTRAINT_UNSATISFIED = "constraint_unsatisfied"
 
 
 class HealthStatus(enum.Enum):
@@ -35,6 +39,8 @@ _FINISH_REASONS = {
     pb.STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
     pb.STOP_TOKEN: FinishReason.STOP_TOKEN,
     pb.CONTEXT_WINDOW: FinishReason.CONTEXT_WINDOW,
+    pb.CONSTRAINT_COMPLETE: FinishReason.CONSTRAINT_COMPLETE,
+    pb.CONSTRAINT_UNSATISFIED: FinishReason.CONSTRAINT_UNSATISFIED,
 }
 
 
