@@ -44,9 +44,21 @@ def test_the_contract_names_are_there() -> None:
     assert service.methods_by_name["GenerateStream"].server_streaming
     assert [v.name for v in pb.FinishReason.DESCRIPTOR.values] == [
         "FINISH_REASON_UNSPECIFIED", "LENGTH", "EOS", "STOP_SEQUENCE", "STOP_TOKEN", "CONTEXT_WINDOW",
+        "CONSTRAINT_COMPLETE", "CONSTRAINT_UNSATISFIED",
     ]  # fmt: skip
     request = pb.GenerateRequest.DESCRIPTOR
     assert [f.name for f in request.oneofs_by_name["input"].fields] == ["prompt", "prompt_token_ids"]
+    assert [f.name for f in pb.Constraint.DESCRIPTOR.oneofs_by_name["kind"].fields] == [
+        "regex", "json_schema", "choice", "grammar",
+    ]  # fmt: skip
+    assert {"n", "echo", "constraint"} <= set(request.fields_by_name)
+    assert {"logit_bias", "allowed_token_ids", "banned_token_ids"} <= set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+    assert "bad_words" in pb.StoppingCriteria.DESCRIPTOR.fields_by_name
+    assert [f.name for f in pb.Choice.DESCRIPTOR.fields] == [
+        "index", "text", "tokens", "finish_reason", "stop_sequence", "seed",
+    ]  # fmt: skip
+    assert "cached_prompt_tokens" in pb.Usage.DESCRIPTOR.fields_by_name
+    assert "choice_index" in pb.GenerateStreamResponse.DESCRIPTOR.fields_by_name
     score = pb.ScoreRequest.DESCRIPTOR  # DESIGN.md section 8
     assert [f.name for f in score.oneofs_by_name["input"].fields] == ["text", "token_ids"]
     assert [f.name for f in score.oneofs_by_name["context"].fields] == ["context_text", "context_token_ids"]

@@ -450,10 +450,10 @@ class Scheduler:
         if sampled.dead:  # nothing could follow: the output is the beginning of a match
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            finished = self._finished(seq, FinishReason.CONSTRAINT_UNSATISFIED, None, now)
+            ended = self._finished(seq, FinishReason.CONSTRAINT_UNSATISFIED, None, now)
             self._release(seq, result)
             result.outputs.append(
-                (seq, GenerationOutput(seq.request_id, (), seq.detokenizer.flush(), finished, seq.index))
+                (seq, GenerationOutput(seq.request_id, (), seq.detokenizer.flush(), ended, seq.index))
             )
             return
         token_id = sampled.token_id

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpt2_service.core.detokenizer import IncrementalDetokenizer
 from gpt2_service.core.request import FinishReason, GenerationRequest
@@ -127,7 +128,7 @@ class Sequence:
     # admitted to reuse a prefix another running sequence is computing: (that sequence, tokens)
     awaits: tuple[Sequence, int] | None = None
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # its bad words' token sequences
-    matcher: object | None = None  # its constraint's state (engine/constraints.py), if it has one
+    matcher: Any = None  # its constraint's state (engine/constraints.py: an llguidance matcher), if any
 
     def excluded_ids(self) -> list[int]:
         """The tokens that would complete one of its bad words now."""

@@ -30,9 +30,10 @@ import torch
 from gpt2_service.config import EngineConfig
 from gpt2_service.core.estimate import FirstTokenEstimator, shortfall
 from gpt2_service.core.pieces import Pieces, one_piece
-from gpt2_service.core.request import GenerationRequest, RequestLimits, validate
+from gpt2_service.core.request import ConstraintSpec, GenerationRequest, RequestLimits, validate
 from gpt2_service.core.scheduler import Scheduler, SchedulerConfig
 from gpt2_service.core.sequence import GenerationOutput, Sequence
+from gpt2_service.engine.constraints import Constraints
 from gpt2_service.engine.events import EngineStats, FinishObserver, StepObserver
 from gpt2_service.engine.intake import QueueBound, SequenceFactory
 from gpt2_service.engine.loop import Abort, Add, EngineLoop, Job, Pause, Resume, Stop
@@ -136,6 +137,7 @@ class Engine:
             else None
         )
         self._sequences = SequenceFactory(self.tokenizer, self.context_window, config.default_max_new_tokens)
+        self.constraints = Constraints(self.tokenizer)
         self._streams = StreamRouter()
         self._flow = FlowControl(
             max_unread=config.stream_buffer_tokens,
@@ -188,6 +190,7 @@ class Engine:
             self.abort(seq_id)
         self._thread.post(Stop())
         await asyncio.to_thread(self._thread.join)
+        self.runner.masks.close()
         self._streams.end_all(EngineUnavailableError("engine shut down"))
         self._streams.cancel_waiters(EngineUnavailableError("engine shut down"))
 
@@ -246,6 +249,8 @@ class Engine:
                 seq = await asyncio.to_thread(self._sequences.make, request)
             else:
                 seq = self._sequences.make(request)
+            if request.constraint is not None:
+                await self._constrain(seq, request.constraint)
             self._check_deadline(seq)
         except BaseException:
             self._queue.release([request.tenant] * request.n)
@@ -263,6 +268,16 @@ class Engine:
                 yield out
         finally:
             stream.close()
+
+    async def _constrain(self, seq: Sequence, spec: ConstraintSpec) -> None:
+        """Give each choice of ``seq`` a matcher for ``spec``: from the cache at once, or compiled
+        on a worker thread (InvalidRequestError when the library refuses it)."""
+        if self.constraints.is_cached(spec):
+            seq.matcher = self.constraints.matcher(spec)
+        else:
+            seq.matcher = await asyncio.to_thread(self.constraints.matcher, spec)
+        for fork in seq.forks:
+            fork.matcher = self.constraints.matcher(spec)
 
     def _check_deadline(self, seq: Sequence) -> None:
         """Refuse a request whose deadline the engine estimates it cannot meet (core/estimate.py)."""
@@ -316,6 +331,7 @@ class Engine:
 
     def _warm_up(self) -> None:  # on the engine thread, whose cores pack the weights faster
         self.model.prepare_weights(self.config.weights)
+        self.constraints.prepare()  # the vocabulary's index for constrained generation (0.25 s)
         ids = torch.tensor([[self.tokenizer.eos_token_id]], device=self.runner.device)
         self.model.logits(self.model(ids, torch.zeros_like(ids)))
 

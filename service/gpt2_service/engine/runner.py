@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from gpt2_service.core.scheduler import PrefillChunk, SampledToken, ScoredPosition, StepPlan
 from gpt2_service.core.sequence import Sequence
+from gpt2_service.engine.constraints import Masks, advance, is_dead
 from gpt2_service.engine.sampler import RowState, Sampler
 from gpt2_service.engine.threads import ENGINE_THREADS
 from gpt2_service.model.gpt2 import GPT2, StageTimer
@@ -81,6 +84,7 @@ class ModelRunner:
         # batch-invariant decode over padded keys where this machine's attention kernel allows it
         self.padded_decode = self.batch_invariant and padded_decode_attention_is_invariant()
         self.sampler = Sampler()
+        self.masks = Masks(model.config.vocab_size)  # constrained rows' next-token masks
         self._generators: dict[int, torch.Generator] = {}
         self.last_times = StepTimes()
         self.last_scored: dict[int, list[ScoredPosition]] = {}  # the last step's scored prompt tokens
@@ -109,6 +113,7 @@ class ModelRunner:
         sampled_seqs: list[Sequence] = []
 
         self.last_scored = {}
+        masks = self._start_masks(plan)  # a constrained row's mask is computed beside the forward pass
         for source, target, num_positions in plan.copies:  # reused prefixes, before anything reads them
             self.cache.copy_slot(source, [target], num_positions)
         if plan.prefill:
@@ -142,10 +147,15 @@ class ModelRunner:
             start = time.perf_counter()
             logits = self.model.logits(torch.stack(hidden_rows), timer)  # (B, V)
             sample_start = time.perf_counter()
-            out = self.sampler.sample(logits, [self._row_state(s) for s in sampled_seqs])
+            rows = [self._row_state(s) for s in sampled_seqs]
+            if masks is not None:
+                self._apply_masks(masks, rows, sampled_seqs)
+            out = self.sampler.sample(logits, rows)
             for i, seq in enumerate(sampled_seqs):
+                dead = out.dead[i]
+                complete = not dead and seq.matcher is not None and advance(seq.matcher, out.token_ids[i])
                 result[seq.seq_id] = SampledToken(
-                    out.token_ids[i], out.logprobs[i], tuple(out.top_logprobs[i]), dead=out.dead[i]
+                    out.token_ids[i], out.logprobs[i], tuple(out.top_logprobs[i]), complete=complete, dead=dead
                 )
             end = time.perf_counter()
             times.sampling += end - start  # LM head + sampling
@@ -282,6 +292,30 @@ class ModelRunner:
                 scored[seq.seq_id].append(ScoredPosition(token_id, chosen_l[row], ranks[row], alternatives))
                 row += 1
         return scored
+
+    # -- constraints ---------------------------------------------------------------------------
+
+    def _start_masks(self, plan: StepPlan) -> tuple[list[Sequence], Future[np.ndarray]] | None:
+        """The sequences this step samples that have a constraint, and their masks being computed
+        on the masks' worker thread (None when there are none)."""
+        due = [s for c in plan.prefill if c.samples for s in (c.seq, *c.forks)]
+        due += [s for s in plan.decode if s.seq_id not in plan.replay]
+        constrained = [s for s in due if s.matcher is not None]
+        if not constrained:
+            return None
+        return constrained, self.masks.start([s.matcher for s in constrained])
+
+    def _apply_masks(
+        self, masks: tuple[list[Sequence], Future[np.ndarray]], rows: list[RowState], seqs: list[Sequence]
+    ) -> None:
+        constrained, future = masks
+        allowed = self.masks.result(future)
+        index = {seq.seq_id: i for i, seq in enumerate(constrained)}
+        for row, seq in zip(rows, seqs, strict=True):
+            i = index.get(seq.seq_id)
+            if i is not None:
+                # a matcher in error admits nothing (its mask would be end-of-text alone): the row is dead
+                row.allowed = allowed[i] if not is_dead(seq.matcher) else torch.zeros_like(allowed[i])
 
     # -- sampling ------------------------------------------------------------------------------
 

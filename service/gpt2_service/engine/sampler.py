@@ -169,11 +169,11 @@ class Sampler:
             processed = processed.clone() if processed is logits else processed
             for i, row in enumerate(rows):
                 if row.banned_ids:
-                    ids = list(row.banned_ids)
-                    kept = processed[i, ids].clone()
-                    processed[i, ids] = NEG_INF
+                    banned = list(row.banned_ids)
+                    kept = processed[i, banned].clone()
+                    processed[i, banned] = NEG_INF
                     if row.constrained and not bool(torch.isfinite(processed[i]).any()):
-                        processed[i, ids] = kept  # min_new_tokens gives way to the constraint
+                        processed[i, banned] = kept  # min_new_tokens gives way to the constraint
 
         chosen = processed.max(dim=-1).indices  # argmax's first maximum, in a third of its time
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -123,6 +123,10 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text).ids)
 
+    def to_json(self) -> str:
+        """The whole tokenizer as Hugging Face ``tokenizers`` JSON (what constraint libraries read)."""
+        return str(self._tok.to_str())
+
     def encode_pieces(self, text: str) -> list[TokenPiece]:
         enc = self._encode(text)
         return [
