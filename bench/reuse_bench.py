@@ -1,6 +1,6 @@
 """Prefix reuse and n completions (issue 14), measured in-process on ``random:gpt2``.
 
-A. Prefix reuse: N requests (32; --quick 16) submitted at once through ``Engine.submit``, each
+A. Prefix reuse: N requests (32; --quick 8) submitted at once through ``Engine.submit``, each
    prompt the same 512 random token ids followed by 16 distinct random ones, greedy, 8 new tokens,
    EOS ignored; ``max_batch_size`` and ``kv_cache_slots`` 32, the default ``max_prefill_tokens``
    (256) and deterministic mode (``batch_invariant=True``). Two engines: the default
@@ -26,7 +26,7 @@ compare back to back; times are medians over rounds, ratios medians of per-round
 mismatch is logged as an error, written to the JSON (``mismatches``) and makes the script exit 1.
 
     .venv/bin/python bench/reuse_bench.py              # 4 rounds of 32 requests, ~6 minutes on 2 cores
-    .venv/bin/python bench/reuse_bench.py --quick      # 1 round of 16 requests, under a minute
+    .venv/bin/python bench/reuse_bench.py --quick      # 1 round of 8 requests, about half a minute
     .venv/bin/python bench/reuse_bench.py --rounds 5
 
 Writes ``bench/results/reuse.json`` (``reuse-quick.json``) and prints a markdown table; a full run
@@ -104,8 +104,8 @@ class ReusePlan:
 
 def make_plan(quick: bool, rounds: int | None = None, requests: int | None = None) -> ReusePlan:
     """Full: every system warmed up with 8 requests, then 4 rounds of 32 requests (~6 minutes on 2
-    cores); quick: two systems warmed up with 2 requests, then 1 round of 16 (under a minute)."""
-    requests = requests or (16 if quick else SLOTS)
+    cores); quick: two systems warmed up with 2 requests, then 1 round of 8 (about half a minute)."""
+    requests = requests or (8 if quick else SLOTS)
     warm_up = ("cold/on", "n") if quick else (*REUSE_KEYS, *N_KEYS)
     return ReusePlan(requests, rounds or (1 if quick else 4), min(2 if quick else 8, requests), warm_up, quick)
 
@@ -552,9 +552,9 @@ async def _standalone(plan: ReusePlan) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 round, 16 requests in part A, a shorter warm-up")
+    parser.add_argument("--quick", action="store_true", help="1 round, 8 requests in part A, a shorter warm-up")
     parser.add_argument("--rounds", type=int, help="rounds after the warm-up (default 4; quick: 1)")
-    parser.add_argument("--requests", type=int, help=f"concurrent requests of part A (default {SLOTS}; quick: 16)")
+    parser.add_argument("--requests", type=int, help=f"concurrent requests of part A (default {SLOTS}; quick: 8)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/reuse.json, reuse-quick.json)")
     parser.add_argument(
         "--readme", action=argparse.BooleanOptionalAction, default=None,
