@@ -11,13 +11,21 @@ in each case before any work) are retried on the next address, up to ``max_attem
 Streams are not retried: the retry policy names the unary methods only. A stream that has
 delivered tokens cannot be replayed, and one refused at its start (e.g. by a draining server)
 raises ``UnavailableError`` so the caller decides.
+
+Every call carries the caller's OpenTelemetry trace context (W3C ``traceparent``/``tracestate``,
+or whatever the global propagator writes) when OpenTelemetry's API is installed, so that a server
+continuing the trace puts its spans under the caller's span. OpenTelemetry is optional: without
+it, or without an active span, calls go out as before.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import ipaddress
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,90 +212,140 @@ class ChannelConfig:
             return tls
         return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(self.token))
 
+    def _call_headers(self) -> tuple[tuple[str, str], ...]:
+        """Metadata added to every call by an interceptor: the token on a plaintext channel (over
+        TLS it goes as call credentials)."""
+        return () if self.secure or self.token is None else (_authorization(self.token),)
+
     def open(self) -> grpc.Channel:
         if self.secure:
-            return grpc.secure_channel(self.grpc_target, self.credentials(), options=self.channel_options())
-        channel = grpc.insecure_channel(self.grpc_target, options=self.channel_options())
-        if self.token is None:
+            channel = grpc.secure_channel(self.grpc_target, self.credentials(), options=self.channel_options())
+        else:
+            channel = grpc.insecure_channel(self.grpc_target, options=self.channel_options())
+        headers, trace = self._call_headers(), _tracing_available()
+        if not headers and not trace:
             return channel
-        return grpc.intercept_channel(channel, _BearerMetadata(self.token))
+        return grpc.intercept_channel(channel, _CallMetadata(headers, trace))
 
     def open_aio(self) -> grpc.aio.Channel:
+        headers, trace = self._call_headers(), _tracing_available()
+        interceptors = _aio_interceptors(headers, trace) if headers or trace else None
         if self.secure:
-            return grpc.aio.secure_channel(self.grpc_target, self.credentials(), options=self.channel_options())
-        interceptors = _aio_bearer_interceptors(self.token) if self.token is not None else None
+            return grpc.aio.secure_channel(
+                self.grpc_target, self.credentials(), options=self.channel_options(), interceptors=interceptors
+            )
         return grpc.aio.insecure_channel(self.grpc_target, options=self.channel_options(), interceptors=interceptors)
 
 
-# -- the token on plaintext channels ---------------------------------------------------------------
+# -- metadata on every call ------------------------------------------------------------------------
 # gRPC refuses call credentials on an insecure channel, so there the token goes in as metadata
 # added to every call by an interceptor (handy on loopback and in tests; in production use TLS).
+# The same interceptor adds the caller's trace context, on every channel, when OpenTelemetry's
+# API is installed.
 
 
 def _authorization(token: str) -> tuple[str, str]:
     return ("authorization", f"Bearer {token}")
 
 
+@functools.cache
+def _tracing_available() -> bool:
+    """Whether OpenTelemetry's API is installed (found, not imported: the client does not need it)."""
+    try:
+        return importlib.util.find_spec("opentelemetry.propagate") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _trace_context(metadata: Any) -> tuple[tuple[str, str], ...]:
+    """The current OpenTelemetry context as metadata, by the global propagator (W3C
+    ``traceparent``/``tracestate`` by default); none without an active span (or baggage), and
+    none whose key the call's metadata already has (e.g. from OpenTelemetry's gRPC
+    instrumentation, whose client span is then the parent)."""
+    if "opentelemetry.context" not in sys.modules:
+        return ()  # nothing in this process uses OpenTelemetry yet, so there is no span to pass on
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if not carrier:
+        return ()
+    present = {key for key, _ in metadata or ()}
+    return tuple((key.lower(), value) for key, value in carrier.items() if key.lower() not in present)
+
+
+def _headers(details: Any, headers: tuple[tuple[str, str], ...], trace: bool) -> tuple[tuple[str, str], ...]:
+    return headers + _trace_context(details.metadata) if trace else headers
+
+
 class _CallDetails(grpc.ClientCallDetails):
-    def __init__(self, details: grpc.ClientCallDetails, header: tuple[str, str]) -> None:
+    def __init__(self, details: grpc.ClientCallDetails, headers: tuple[tuple[str, str], ...]) -> None:
         self.method = details.method
         self.timeout = details.timeout
-        self.metadata = (*(details.metadata or ()), header)
+        self.metadata = (*(details.metadata or ()), *headers)
         self.credentials = details.credentials
         self.wait_for_ready = details.wait_for_ready
         self.compression = details.compression
 
 
-class _BearerMetadata(
+class _CallMetadata(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Adds ``authorization: Bearer <token>`` to every call of a sync channel."""
+    """Adds ``headers`` (``authorization: Bearer <token>``) and, with ``trace``, the caller's
+    trace context to every call of a sync channel (it runs in the calling thread, in its context)."""
 
-    def __init__(self, token: str) -> None:
-        self._header = _authorization(token)
+    def __init__(self, headers: tuple[tuple[str, str], ...], trace: bool) -> None:
+        self._headers = headers
+        self._trace = trace
+
+    def _details(self, details: Any) -> Any:
+        headers = _headers(details, self._headers, self._trace)
+        return _CallDetails(details, headers) if headers else details
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(_CallDetails(details, self._header), request)
+        return continuation(self._details(details), request)
 
     def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(_CallDetails(details, self._header), request)
+        return continuation(self._details(details), request)
 
     def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(_CallDetails(details, self._header), requests)
+        return continuation(self._details(details), requests)
 
     def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(_CallDetails(details, self._header), requests)
+        return continuation(self._details(details), requests)
 
 
-def _aio_details(details: Any, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), header)
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
+def _aio_interceptors(headers: tuple[tuple[str, str], ...], trace: bool) -> list[Any]:
+    """Interceptors that add ``headers`` and, with ``trace``, the caller's trace context to every
+    call of an asyncio channel (grpc.aio takes one interceptor per call kind). grpc.aio runs them
+    in a task made when the call is, which copies the caller's context (and so its span)."""
 
-
-def _aio_bearer_interceptors(token: str) -> list[Any]:
-    """Interceptors that add ``authorization: Bearer <token>`` to every call of an asyncio
-    channel (grpc.aio takes one interceptor per call kind)."""
-    header = _authorization(token)
+    def with_headers(details: Any) -> Any:
+        extra = _headers(details, headers, trace)
+        if not extra:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *extra)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
 
     class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
         async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-            return await continuation(_aio_details(details, header), request)
+            return await continuation(with_headers(details), request)
 
     class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
         async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-            return await continuation(_aio_details(details, header), request)
+            return await continuation(with_headers(details), request)
 
     class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
         async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-            return await continuation(_aio_details(details, header), requests)
+            return await continuation(with_headers(details), requests)
 
     class StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
         async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-            return await continuation(_aio_details(details, header), requests)
+            return await continuation(with_headers(details), requests)
 
     return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]

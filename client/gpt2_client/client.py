@@ -59,6 +59,8 @@ class Client:
     ``tls_cert=`` and ``tls_key=`` (the client's certificate chain and key). Each is PEM
     ``bytes`` or the path of a PEM file. ``token``: sent as ``authorization: Bearer <token>`` on
     every call (as call credentials over TLS; as plain metadata on a plaintext channel).
+    Where OpenTelemetry's API is installed, every call also carries the caller's trace context
+    (W3C ``traceparent``), so that the server's spans join the caller's trace.
 
     Unary calls that fail with UNAVAILABLE are retried, on the next server of a balanced
     target, up to ``max_attempts`` attempts in all (1 = no retries); streams are not retried.
