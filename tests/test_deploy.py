@@ -1,7 +1,8 @@
 """Deploy checks: the kustomize overlays render and validate against Kubernetes' own schemas
 (offline), keep the restricted security profile, and agree with the server's real flags, ports
 and health service names; the Dockerfile passes hadolint and keeps its promises; the Grafana
-dashboard and the custom-metric autoscaler name the same metrics.
+dashboard and the custom-metric autoscaler name the same metrics; the tracing component wires the
+server to its OpenTelemetry Collector, and the dashboard's exemplars lead to the traces.
 
 Nothing here needs a cluster or a Docker engine. Rendering needs ``kubectl`` (skipped without
 it); checkov runs only where it is on PATH (see deploy/.checkov.yaml for why it is not a
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -42,6 +44,7 @@ K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DASHBOARD = DEPLOY / "monitoring" / "grafana-dashboard.json"
 ADAPTER_RULES = DEPLOY / "monitoring" / "prometheus-adapter-rules.yaml"
+PROMETHEUS_STACK_VALUES = DEPLOY / "monitoring" / "kube-prometheus-stack-values.yaml"
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomizations)")
@@ -61,6 +64,7 @@ DEPLOY_FLAGS = (
     "tls_client_ca",  # mutual TLS
     "auth_token_file",  # bearer-token auth
     "health_port",  # plaintext port serving only grpc.health.v1.Health, for probes under TLS
+    "trace",  # OpenTelemetry tracing (the otel-collector component)
 )
 DEFAULT_METRICS_PORT = 9090
 WAITING_METRIC = "gpt2_sequences_waiting"
@@ -69,9 +73,40 @@ SHUTDOWN_MARGIN_S = 5  # after the grace period: stop the engine, flush logs, ex
 # What kubectl kustomize renders: each overlay, the bare base, and production with every optional
 # component on top (written to a temporary kustomization by the `rendered` fixture).
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
-OPTIONAL_COMPONENTS = ("mtls", "model-volume", "hpa-custom-metric")
+OPTIONAL_COMPONENTS = ("mtls", "model-volume", "hpa-custom-metric", "otel-collector")
 VARIANTS = ("base", *OVERLAYS, "production+options")
 STRICT_MODEL_VARIANTS = ("base", "production", "production+options")
+SERVER_SERVICES = {"gpt2", "gpt2-clusterip"}
+
+# Tracing (components/otel-collector): the variants that render it, the name of the collector's
+# Deployment, Service and ServiceAccount, and the latency histograms whose buckets carry the trace
+# id of a traced request as an exemplar (label trace_id).
+TRACED_VARIANTS = ("production+options",)
+COLLECTOR = "otel-collector"
+COLLECTOR_IMAGE = re.compile(r"^otel/opentelemetry-collector-contrib:\d+\.\d+\.\d+$")
+EXEMPLAR_HISTOGRAMS = (
+    "gpt2_time_to_first_token_seconds",
+    "gpt2_inter_token_latency_seconds",
+    "gpt2_e2e_request_latency_seconds",
+)
+TRACE_ID_LABEL = "trace_id"
+OTEL_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+DNS_EGRESS = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
 
 Obj = dict[str, Any]
 
@@ -126,8 +161,12 @@ def one(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
     return found[0]
 
 
+def server_deployment(objs: list[Obj]) -> Obj:
+    return one(objs, "Deployment", "gpt2-serve")
+
+
 def server_container(objs: list[Obj]) -> Obj:
-    containers: list[Obj] = one(objs, "Deployment", "gpt2-serve")["spec"]["template"]["spec"]["containers"]
+    containers: list[Obj] = server_deployment(objs)["spec"]["template"]["spec"]["containers"]
     (container,) = [c for c in containers if c["name"] == "gpt2-serve"]
     return container
 
@@ -207,7 +246,9 @@ def test_variant_renders_the_whole_service(rendered: dict[str, list[Obj]], varia
     kinds = sorted(o["kind"] for o in objs)
     for kind in ("ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount"):
         assert kind in kinds, f"{variant} renders no {kind}"
-    assert {s["metadata"]["name"] for s in by_kind(objs, "Service")} == {"gpt2", "gpt2-clusterip"}
+    collector = {COLLECTOR} if variant in TRACED_VARIANTS else set()
+    assert {s["metadata"]["name"] for s in by_kind(objs, "Service")} == SERVER_SERVICES | collector
+    assert {d["metadata"]["name"] for d in by_kind(objs, "Deployment")} == {"gpt2-serve"} | collector
     assert len(by_kind(objs, "HorizontalPodAutoscaler")) == (0 if variant == "dev" else 1)
 
 
@@ -280,6 +321,8 @@ def test_servicemonitor_scrapes_the_metrics_port_of_a_service(rendered: dict[str
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in service_ports
         assert endpoint["path"] == "/metrics"
+    # Exemplars (trace ids on the latency histograms) exist only in the OpenMetrics exposition.
+    assert monitor["spec"]["scrapeProtocols"][0].startswith("OpenMetricsText")
 
 
 # ---- security -------------------------------------------------------------------------------
@@ -338,7 +381,8 @@ def test_network_policy_admits_only_clients_and_monitoring(rendered: dict[str, l
     pod_labels = one(objs, "Deployment", "gpt2-serve")["spec"]["template"]["metadata"]["labels"]
     assert label_match(policy["podSelector"]["matchLabels"], pod_labels)
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
-    assert policy.get("egress", []) == [], "the server opens no connections"
+    if variant not in TRACED_VARIANTS:  # tracing opens two ways out: see test_tracing_network_policies
+        assert policy.get("egress", []) == [], "the server opens no connections"
     ports = ports_by_name(server_container(objs))
     rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
     assert set(rules) == {ports["grpc"], ports["metrics"]}
@@ -366,7 +410,7 @@ def test_production_serves_tls_and_token_auth_from_secrets(rendered: dict[str, l
     env = serve_env(objs)
     container = server_container(objs)
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in server_deployment(objs)["spec"]["template"]["spec"]["volumes"]}
     for var, secret in (
         ("GPT2_SERVE_TLS_CERT", "gpt2-serve-tls"),
         ("GPT2_SERVE_TLS_KEY", "gpt2-serve-tls"),
@@ -433,11 +477,11 @@ def test_ports_and_probes_match_the_server(rendered: dict[str, list[Obj]], varia
         assert grpc.get("service", "") in (OVERALL_HEALTH, TEXT_GENERATION_SERVICE), probe
     assert container["readinessProbe"]["grpc"]["service"] == TEXT_GENERATION_SERVICE
 
-    annotations = one(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    annotations = server_deployment(objs)["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == metrics_port
 
-    pod_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    for service in by_kind(objs, "Service"):
+    pod_labels = server_deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    for service in (one(objs, "Service", name) for name in sorted(SERVER_SERVICES)):
         assert label_match(service["spec"]["selector"], pod_labels), service["metadata"]["name"]
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, f"{service['metadata']['name']}: no container port {port['targetPort']}"
@@ -457,7 +501,7 @@ def test_headless_service_answers_the_clients_dns_target(rendered: dict[str, lis
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_shutdown_fits_in_the_termination_grace_period(rendered: dict[str, list[Obj]], variant: str) -> None:
     objs = rendered[variant]
-    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    pod = server_deployment(objs)["spec"]["template"]["spec"]
     container = server_container(objs)
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = parse_server_env(serve_env(objs)).grace_period
@@ -469,7 +513,7 @@ def test_shutdown_fits_in_the_termination_grace_period(rendered: dict[str, list[
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_autoscaler_and_disruption_budget_target_the_server(rendered: dict[str, list[Obj]], variant: str) -> None:
     objs = rendered[variant]
-    deployment = one(objs, "Deployment")
+    deployment = server_deployment(objs)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert label_match(one(objs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
     for hpa in by_kind(objs, "HorizontalPodAutoscaler"):
@@ -487,6 +531,175 @@ def test_custom_metric_autoscaler_scales_on_waiting_requests(rendered: dict[str,
     assert metrics["Pods"]["pods"]["metric"]["name"] == WAITING_METRIC
     rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
     assert [r["name"]["as"] for r in rules] == [WAITING_METRIC]
+
+
+# ---- tracing --------------------------------------------------------------------------------
+
+
+def collector_deployment(objs: list[Obj]) -> Obj:
+    return one(objs, "Deployment", COLLECTOR)
+
+
+def collector_container(objs: list[Obj]) -> Obj:
+    (container,) = collector_deployment(objs)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def collector_config(objs: list[Obj]) -> Obj:
+    """The collector's configuration, from the ConfigMap its pod really mounts (the generated name
+    carries a hash)."""
+    pod = collector_deployment(objs)["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in collector_container(objs)["volumeMounts"]}
+    (arg,) = [a for a in collector_container(objs)["args"] if a.startswith("--config=")]
+    path = Path(arg.removeprefix("--config="))
+    (volume,) = [v for v in pod["volumes"] if v["name"] in mounts and Path(mounts[v["name"]]) == path.parent]
+    data = one(objs, "ConfigMap", volume["configMap"]["name"])["data"]
+    config: Obj = yaml.safe_load(data[path.name])
+    return config
+
+
+def port_of(endpoint: str) -> int:
+    """The port of a collector endpoint (``host:port``, the host possibly ``${env:...}``)."""
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def service_target(objs: list[Obj], service: Obj, port: int) -> int:
+    """The container port a Service port of ``service`` leads to (by name or number)."""
+    (entry,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    target = entry.get("targetPort", port)
+    return ports_by_name(collector_container(objs))[target] if isinstance(target, str) else int(target)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("variant", TRACED_VARIANTS)
+def test_collector_runs_non_root_with_a_read_only_root(rendered: dict[str, list[Obj]], variant: str) -> None:
+    """Also covered by the restricted-profile test for every pod; spelled out here for the third-party image."""
+    objs = rendered[variant]
+    pod = collector_deployment(objs)["spec"]["template"]["spec"]
+    container = collector_container(objs)
+    sc = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] > 0 and pod["securityContext"]["runAsUser"] > 0
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert all(m.get("readOnly") for m in container["volumeMounts"]), "the collector writes nothing"
+    assert COLLECTOR_IMAGE.match(container["image"]), f"pin the collector to a release: {container['image']}"
+    assert pod["serviceAccountName"] == COLLECTOR and pod["automountServiceAccountToken"] is False
+    # The pod and its Service are the collector's alone: none of the server's Services or policies
+    # selects them, and the collector's Service selects no server pod.
+    labels = collector_deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    assert not label_match(server_deployment(objs)["spec"]["selector"]["matchLabels"], labels)
+    for name in SERVER_SERVICES:
+        assert not label_match(one(objs, "Service", name)["spec"]["selector"], labels), name
+    server_labels = server_deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    assert not label_match(one(objs, "Service", COLLECTOR)["spec"]["selector"], server_labels)
+    assert label_match(one(objs, "Service", COLLECTOR)["spec"]["selector"], labels)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("variant", TRACED_VARIANTS)
+def test_server_sends_its_spans_to_the_collector_service(rendered: dict[str, list[Obj]], variant: str) -> None:
+    objs = rendered[variant]
+    env = container_env(objs, server_container(objs))  # the OTEL_* variables come with envFrom
+    assert env["GPT2_SERVE_TRACE"] == "true"
+    assert parse_server_env(serve_env(objs)).trace is True
+
+    endpoint = urllib.parse.urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    namespace = collector_deployment(objs)["metadata"]["namespace"]
+    assert endpoint.scheme == "http", "plaintext OTLP/gRPC inside the namespace (https would expect TLS)"
+    assert endpoint.hostname in (
+        COLLECTOR,
+        f"{COLLECTOR}.{namespace}.svc",
+        f"{COLLECTOR}.{namespace}.svc.cluster.local",
+    )
+    assert endpoint.port is not None and endpoint.path in ("", "/")
+    service = one(objs, "Service", endpoint.hostname.split(".")[0])
+    container_port = service_target(objs, service, endpoint.port)
+    grpc = collector_config(objs)["receivers"]["otlp"]["protocols"]["grpc"]
+    assert port_of(grpc["endpoint"]) == container_port, "the Service's port leads to the OTLP/gRPC receiver"
+    assert container_port in ports_by_name(collector_container(objs)).values()
+
+    assert env["OTEL_SERVICE_NAME"] == "gpt2-serve"
+    assert env["OTEL_TRACES_SAMPLER"] in OTEL_SAMPLERS
+    if env["OTEL_TRACES_SAMPLER"].endswith("traceidratio"):
+        assert 0.0 < float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1.0
+
+
+@needs_kubectl
+@pytest.mark.parametrize("variant", TRACED_VARIANTS)
+def test_collector_pipeline_takes_otlp_and_exports_traces(rendered: dict[str, list[Obj]], variant: str) -> None:
+    objs = rendered[variant]
+    config = collector_config(objs)
+    traces = config["service"]["pipelines"]["traces"]
+    assert "otlp" in traces["receivers"]
+    assert traces["processors"][0] == "memory_limiter", "the memory limiter goes first"
+    assert "batch" in traces["processors"]
+    assert "otlp" in traces["exporters"]
+    for kind in ("receivers", "processors", "exporters"):
+        for pipeline in config["service"]["pipelines"].values():
+            assert set(pipeline[kind]) <= set(config[kind]), f"{kind} used but not configured"
+    assert set(config["service"].get("extensions", [])) <= set(config.get("extensions", {}))
+
+    # Every listener binds a port the container declares, and the probes ask the health check.
+    container = collector_container(objs)
+    ports = ports_by_name(container)
+    otlp = config["receivers"]["otlp"]["protocols"]
+    assert port_of(otlp["grpc"]["endpoint"]) == ports["otlp-grpc"]
+    assert port_of(otlp["http"]["endpoint"]) == ports["otlp-http"]
+    service = one(objs, "Service", COLLECTOR)
+    assert {service_target(objs, service, p["port"]) for p in service["spec"]["ports"]} == {
+        ports["otlp-grpc"],
+        ports["otlp-http"],
+    }
+    assert "health_check" in config["service"]["extensions"]
+    health = port_of(config["extensions"]["health_check"]["endpoint"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        port = container[probe]["httpGet"]["port"]
+        assert (ports[port] if isinstance(port, str) else port) == health, probe
+    for listener in (
+        otlp["grpc"]["endpoint"],
+        otlp["http"]["endpoint"],
+        config["extensions"]["health_check"]["endpoint"],
+    ):
+        assert listener.startswith("${env:MY_POD_IP}:"), f"{listener}: bind the pod's IP"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MY_POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("variant", TRACED_VARIANTS)
+def test_tracing_network_policies(rendered: dict[str, list[Obj]], variant: str) -> None:
+    """The server may open exactly two kinds of connection, DNS and OTLP to the collector's pods;
+    the collector takes OTLP from the server's pods only and sends only to its exporter's backend."""
+    objs = rendered[variant]
+    server_labels = server_deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    collector_labels = collector_deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    otlp_port = ports_by_name(collector_container(objs))["otlp-grpc"]
+
+    server_policy = one(objs, "NetworkPolicy", "gpt2-serve")["spec"]
+    to_collector = {
+        "to": [{"podSelector": {"matchLabels": collector_labels}}],
+        "ports": [{"protocol": "TCP", "port": otlp_port}],
+    }
+    assert server_policy["egress"] == [to_collector, DNS_EGRESS]
+
+    policy = one(objs, "NetworkPolicy", COLLECTOR)["spec"]
+    assert label_match(policy["podSelector"]["matchLabels"], collector_labels)
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = policy["ingress"]
+    (source,) = ingress["from"]
+    assert set(source) == {"podSelector"}, "the server's pods in the collector's namespace, nothing else"
+    assert label_match(source["podSelector"]["matchLabels"], server_labels)
+    assert otlp_port in {p["port"] for p in ingress["ports"]}
+
+    exporter = collector_config(objs)["exporters"]["otlp"]["endpoint"]
+    host = exporter.rsplit(":", 1)[0]
+    backend_namespace = host.split(".")[1]  # <service>.<namespace>.svc
+    to_backend = {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": backend_namespace}}}],
+        "ports": [{"protocol": "TCP", "port": port_of(exporter)}],
+    }
+    assert policy["egress"] == [to_backend, DNS_EGRESS]
 
 
 # ---- the image ------------------------------------------------------------------------------
@@ -555,7 +768,7 @@ def test_image_runs_as_a_numeric_non_root_user() -> None:
 @needs_kubectl
 def test_image_user_matches_the_pod_security_context(rendered: dict[str, list[Obj]]) -> None:
     uid = int([i.args for i in final_stage() if i.keyword == "USER"][-1].partition(":")[0])
-    assert one(rendered["production"], "Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
+    assert server_deployment(rendered["production"])["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
 
 
 def test_image_pins_torch_as_the_project_does() -> None:
@@ -717,6 +930,35 @@ def test_dashboard_metric_names_are_exported_by_the_server(tiny: LoadedModel) ->
 
 def test_custom_metric_is_exported_by_the_server(tiny: LoadedModel) -> None:
     assert WAITING_METRIC in exported_metric_names(tiny)
+
+
+def test_dashboard_latency_panels_show_exemplars() -> None:
+    """Each panel of a histogram that carries trace ids asks for its exemplars once (each target
+    with ``exemplar`` runs its own exemplar query, and they would all draw the same points); no
+    target asks for exemplars of a metric that has none."""
+    for family in EXEMPLAR_HISTOGRAMS:
+        panels = [p for p in dashboard_panels() if any(family in metric_families(t["expr"]) for t in p["targets"])]
+        assert panels, f"no panel shows {family}"
+        for panel in panels:
+            assert [t.get("exemplar", False) for t in panel["targets"]].count(True) == 1, panel["title"]
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            if target.get("exemplar"):
+                assert metric_families(target["expr"]) <= set(EXEMPLAR_HISTOGRAMS), panel["title"]
+                assert "_bucket{" in target["expr"], "exemplars are attached to the buckets"
+
+
+def test_prometheus_keeps_exemplars_and_grafana_links_them_to_traces() -> None:
+    values = yaml.safe_load(PROMETHEUS_STACK_VALUES.read_text())
+    assert "exemplar-storage" in values["prometheus"]["prometheusSpec"]["enableFeatures"]
+    destination = values["grafana"]["sidecar"]["datasources"]["exemplarTraceIdDestinations"]
+    assert destination["traceIdLabelName"] == TRACE_ID_LABEL
+    (tempo,) = [d for d in values["grafana"]["additionalDataSources"] if d["uid"] == destination["datasourceUid"]]
+    assert tempo["type"] == "tempo"
+    # The data source reads the backend the collector exports to.
+    collector = yaml.safe_load((K8S / "components" / COLLECTOR / "collector-config.yaml").read_text())
+    backend_host = collector["exporters"]["otlp"]["endpoint"].rsplit(":", 1)[0]
+    assert urllib.parse.urlsplit(tempo["url"]).hostname == backend_host
 
 
 @needs_kubectl
