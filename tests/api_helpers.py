@@ -58,10 +58,11 @@ async def serve(
     server_config: ServerConfig = API_SERVER_CONFIG,
     attach: bool = True,
     metrics: Metrics | None = None,
+    tracer_provider: object = None,
 ) -> AsyncIterator[Served]:
     """A started server with a started engine (attached unless ``attach=False``), counting into
-    ``metrics`` if given."""
-    server = GenerationServer(server_config, metrics=metrics)
+    ``metrics`` and tracing with ``tracer_provider`` if given."""
+    server = GenerationServer(server_config, metrics=metrics, tracer_provider=tracer_provider)
     port = await server.start()
     engine = Engine(loaded, engine_config)
     if metrics is not None:

@@ -147,6 +147,13 @@ class ServerConfig:
     log_format: str = _opt("text", "log format: text or json (one JSON object per line)")
     log_level: str = _opt("info", "log level: debug, info, warning or error")
     log_prompts: bool = _opt(False, "put each request's prompt in its log line (prompts may hold private data)")
+    trace: bool = _opt(
+        False, "export OpenTelemetry traces of every RPC (OTLP; configured by the standard OTEL_* variables, "
+        "e.g. OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER; see docs/tracing.md)"
+    )  # fmt: skip
+    trace_text: bool = _opt(
+        False, "with --trace: put the prompt and the output text in span attributes (they may hold private data)"
+    )
 
 
 # -- flags ---------------------------------------------------------------------------------------

@@ -65,7 +65,16 @@ async def _serve_until(
     stop: asyncio.Event, force: asyncio.Event, engine_config: EngineConfig, server_config: ServerConfig
 ) -> int:
     metrics = Metrics() if server_config.metrics_port >= 0 else None
-    server = GenerationServer(server_config, metrics=metrics)
+    provider = None
+    if server_config.trace:
+        from gpt2_service.api.tracing import tracer_provider_from_env
+
+        try:
+            provider = tracer_provider_from_env()
+        except ValueError as exc:
+            log.error("cannot trace: %s", exc)
+            return 1
+    server = GenerationServer(server_config, metrics=metrics, tracer_provider=provider)
     port = await server.start()
     log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", server_config.host, port)
     try:
@@ -106,6 +115,8 @@ async def _serve_until(
     await server.drain(server_config.grace_period, force)
     await engine.shutdown()
     _stop_metrics_http(metrics_http)
+    if provider is not None:
+        await asyncio.to_thread(provider.shutdown)  # export the spans still buffered
     log.info("stopped")
     return 0
 

@@ -40,7 +40,14 @@ def log_access(call: CallRecord, code: grpc.StatusCode, error: str | None, log_p
         fields.update(rpc=call.rpc, code=grpc.StatusCode.OK.name, batch_id=call.request_id)
         if log_prompts:
             fields["prompt"] = item.prompt
-        log_fields(log, logging.INFO, "batch item finished", _ordered(fields), request_id=item.request_id)
+        log_fields(
+            log,
+            logging.INFO,
+            "batch item finished",
+            _ordered(fields),
+            request_id=item.request_id,
+            trace_ids=call.trace_ids,
+        )
     if call.finished is not None:
         fields = _finished_fields(call.finished, total_ms)
     else:
@@ -64,7 +71,7 @@ def log_access(call: CallRecord, code: grpc.StatusCode, error: str | None, log_p
     if log_prompts and call.prompt is not None:
         fields["prompt"] = call.prompt
     level = _LOG_LEVEL_BY_CODE.get(code, logging.INFO)
-    log_fields(log, level, "request finished", _ordered(fields), request_id=call.request_id)
+    log_fields(log, level, "request finished", _ordered(fields), request_id=call.request_id, trace_ids=call.trace_ids)
 
 
 ACCESS_FIELDS = (

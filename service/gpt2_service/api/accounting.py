@@ -17,6 +17,7 @@ rejection with ``note_rejected``.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import inspect
 import logging
@@ -32,7 +33,8 @@ from gpt2_service.api.access_log import log_access
 from gpt2_service.api.handlers import Context, Handler, MalformedRequest, tolerant
 from gpt2_service.api.logs import NO_REQUEST, new_request_id
 from gpt2_service.api.status import MALFORMED_REQUEST, rich_status
-from gpt2_service.core.sequence import Finished
+from gpt2_service.core.request import GenerationRequest
+from gpt2_service.core.sequence import Finished, Sequence
 from gpt2_service.metrics import REJECT_REASONS, Metrics
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ DEADLINE_SLACK_SECONDS = 0.25
 Prompt: TypeAlias = "str | list[int] | None"
 
 if TYPE_CHECKING:
+    from gpt2_service.api.tracing import RpcTracing
+
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]  # generic only in grpc-stubs
 else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
@@ -75,6 +79,7 @@ class CallRecord:
     what it learns; the accounting sets ``outcome`` and ``code``."""
 
     rpc: str  # the method's name, e.g. "Generate"
+    method: str = ""  # its full name, e.g. "/gpt2.v1.TextGeneration/Generate"
     started: float = field(default_factory=time.monotonic)
     request_id: str = NO_REQUEST
     prompt: Prompt = None  # logged only with --log-prompts
@@ -87,6 +92,25 @@ class CallRecord:
     rejected: str | None = None  # one of metrics.REJECT_REASONS
     outcome: grpc.StatusCode | None = None  # how the behaviour ended; None: not (yet), cut short
     code: grpc.StatusCode | None = None  # the final code, once accounted for
+    # --trace only (api/tracing.py): the RPC's span, its engine request and its sequences
+    span: Any = None
+    request: GenerationRequest | None = None
+    sequences: list[Sequence] = field(default_factory=list)
+
+    def traced(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` labelled with the call's trace id when the call is sampled (the engine's
+        metrics put it on their latency exemplars); ``request`` itself otherwise."""
+        if self.span is None or not self.span.is_recording():
+            return request
+        return dataclasses.replace(request, trace_id=format(self.span.get_span_context().trace_id, "032x"))
+
+    @property
+    def trace_ids(self) -> tuple[str, str] | None:
+        """(trace id, span id) of its span when traced, for its log lines."""
+        if self.span is None:
+            return None
+        ctx = self.span.get_span_context()
+        return (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")) if ctx.is_valid else None
 
 
 _current_call: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar("current_call", default=None)
@@ -129,9 +153,12 @@ class RpcAccounting(_ServerInterceptor):
     """Counts and logs every gpt2 RPC once, with its final status code. Put it first among the
     server's interceptors, so that it sees the calls the others refuse. ``metrics`` None: log only."""
 
-    def __init__(self, metrics: Metrics | None = None, log_prompts: bool = False) -> None:
+    def __init__(
+        self, metrics: Metrics | None = None, log_prompts: bool = False, tracing: RpcTracing | None = None
+    ) -> None:
         self._metrics = metrics
         self._log_prompts = log_prompts
+        self._tracing = tracing
         self._stopping = False
 
     def server_stopping(self) -> None:
@@ -146,7 +173,7 @@ class RpcAccounting(_ServerInterceptor):
         method: str = handler_call_details.method
         if not method.startswith(COUNTED_METHOD_PREFIXES):
             return await continuation(handler_call_details)
-        call = CallRecord(rpc=method.rpartition("/")[2])
+        call = CallRecord(rpc=method.rpartition("/")[2], method=method)
         _current_call.set(call)  # the RPC's task: later interceptors and the handler see it
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: UNIMPLEMENTED, not counted (stubs say never None)
@@ -213,6 +240,8 @@ class RpcAccounting(_ServerInterceptor):
 
     def _begin(self, call: CallRecord, context: Context) -> None:
         _current_call.set(call)
+        if self._tracing is not None:
+            call.span = self._tracing.start(call.method, context)
         context.add_done_callback(functools.partial(self._finish, call))  # type: ignore[arg-type]  # stubs want a class
 
     # -- the end of the call ----------------------------------------------------------------------
@@ -238,6 +267,8 @@ class RpcAccounting(_ServerInterceptor):
             if code is grpc.StatusCode.CANCELLED:
                 self._metrics.observe_cancelled()
         log_access(call, code, None if code is grpc.StatusCode.OK else error, self._log_prompts)
+        if self._tracing is not None:
+            self._tracing.finish(call, code, None if code is grpc.StatusCode.OK else error)
 
 
 async def _refuse_if_malformed(request: Any, call: CallRecord, context: Context) -> None:

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 NO_REQUEST = "-"
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default=NO_REQUEST)
+# (trace id, span id) of the traced RPC being served (api/tracing.py, --trace), for JSON log lines
+trace_ids_var: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("trace_ids", default=None)
 
 
 def new_request_id() -> str:
@@ -32,6 +34,8 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id_var.get()
+        if not hasattr(record, "trace_ids"):
+            record.trace_ids = trace_ids_var.get()
         return True
 
 
@@ -45,12 +49,15 @@ def log_fields(
     message: str,
     fields: Mapping[str, object],
     request_id: str | None = None,
+    trace_ids: tuple[str, str] | None = None,
 ) -> None:
     """Log ``message`` with structured ``fields`` (JSON-serialisable values; None = unknown).
-    ``request_id`` overrides the context's."""
+    ``request_id`` and ``trace_ids`` override the context's."""
     extra: dict[str, object] = {FIELDS_ATTR: dict(fields)}
     if request_id is not None:
         extra["request_id"] = request_id
+    if trace_ids is not None:
+        extra["trace_ids"] = trace_ids
     logger.log(level, message, extra=extra)
 
 
@@ -102,8 +109,11 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "request_id": getattr(record, "request_id", NO_REQUEST),
-            "message": record.getMessage(),
         }
+        trace_ids = getattr(record, "trace_ids", None)
+        if trace_ids is not None:  # a traced request's line (--trace)
+            entry["trace_id"], entry["span_id"] = trace_ids
+        entry["message"] = record.getMessage()
         for key, value in _fields(record).items():
             entry.setdefault(key, value)  # a field never hides one of the keys above
         if record.exc_info:

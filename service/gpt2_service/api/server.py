@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from gpt2_client.proto import generation_pb2, generation_pb2_grpc, introspection_pb2_grpc
@@ -32,6 +32,9 @@ from gpt2_service.api.servicer import TextGenerationServicer
 from gpt2_service.config import ServerConfig
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from gpt2_service.api.tracing import RpcTracing
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +52,19 @@ class GenerationServer:
         config: ServerConfig,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         metrics: Metrics | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         """``metrics``: where RPCs are counted (None: only logged). ``interceptors`` run after the
-        one that counts and logs every RPC, so it sees the calls they refuse."""
+        one that counts and logs every RPC, so it sees the calls they refuse. ``tracer_provider``
+        (an OpenTelemetry ``TracerProvider``): trace every RPC (api/tracing.py); None: no tracing,
+        and no tracing code runs."""
         self.config = config
-        self.accounting = RpcAccounting(metrics, log_prompts=config.log_prompts)
+        self.tracing: RpcTracing | None = None
+        if tracer_provider is not None:
+            from gpt2_service.api.tracing import RpcTracing  # the OpenTelemetry SDK only when tracing
+
+            self.tracing = RpcTracing(tracer_provider, include_text=config.trace_text)
+        self.accounting = RpcAccounting(metrics, log_prompts=config.log_prompts, tracing=self.tracing)
         self.security = load_security(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file)
         self.gate = ServingGate()
         self.servicer = TextGenerationServicer(self.gate, config.max_batch_requests)
@@ -124,6 +135,8 @@ class GenerationServer:
     async def attach(self, engine: Engine) -> None:
         """The engine is started (its warm-up forward pass has run): serve."""
         self.gate.open(engine)
+        if self.tracing is not None:
+            self.tracing.model = engine.loaded.name
         for name in (OVERALL_HEALTH, *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %s on port %s", ", ".join(self.services), self.port)

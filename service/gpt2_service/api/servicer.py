@@ -151,9 +151,11 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         engine.check_admission()  # a full queue refuses before any conversion
         call.tenant = tenant_of(call, context)
         engine_request = await asyncio.to_thread(to_engine, deadline) if large else to_engine(deadline)
+        call.request = engine_request = call.traced(engine_request)
         stream = await engine.submit(engine_request, validated=True, backpressure=streamed)
         _close_when_done(context, stream)
         call.accepted, call.prompt_tokens = True, stream.prompt_tokens
+        call.sequences.append(stream.sequence)
         return stream
 
     async def _run_batch(
@@ -271,9 +273,10 @@ async def _run_all(
     try:
         for i, item in enumerate(items):
             try:
-                streams.append(await engine.submit(item, validated=True))
+                streams.append(await engine.submit(call.traced(item), validated=True))
                 _close_when_done(context, streams[-1])
                 call.accepted = True
+                call.sequences.append(streams[-1].sequence)
             except InvalidRequestError as exc:  # e.g. a prompt too long under REJECT
                 raise convert.with_prefix(exc, f"requests[{i}].") from None
         return [await stream.collect() for stream in streams]

@@ -147,6 +147,7 @@ class GenerationRequest:
     priority: Priority = Priority.DEFAULT
     tenant: str = ""  # who is served: the authenticated identity, else the peer; "" = anonymous
     call_id: str = ""  # the call it came with (a GenerateBatch's items share one); "" = its own
+    trace_id: str = ""  # the trace of the call it came with (32 hex digits), for metric exemplars; "" = none
     score: ScoreSpec | None = None  # a Score request: prompt_token_ids scored, nothing generated
     constraint: ConstraintSpec | None = None  # what the output must match
     echo: bool = False  # also score the prompt (from its second token), once, as a Score would

@@ -248,6 +248,8 @@ class Scheduler:
         for chunk in plan.prefill:
             scores = chunk.seq.scores_prompt  # (before its first token is appended)
             chunk.seq.num_computed += chunk.num_tokens
+            if chunk.seq.num_output == 0:
+                chunk.seq.prefill_chunks += 1  # the prompt's (not a shift's re-encoding)
             if scores:
                 self._add_scores(chunk.seq, (scored or {}).get(chunk.seq.seq_id, []), now, result)
             for fork in chunk.forks:  # the runner copied the prompt's keys and values
@@ -657,11 +659,13 @@ class Scheduler:
         seq.num_computed = 0
         seq.prefill_end = keep
         seq.context_shifts += 1
+        seq.shift_times.append(self._clock())
         result.shifted.add(seq.seq_id)
 
     def _finished(self, seq: Sequence, reason: FinishReason, stop: str | None, now: float) -> Finished:
         admitted = seq.admitted_time if seq.admitted_time is not None else now
         first = seq.first_token_time if seq.first_token_time is not None else now
+        seq.finished_time, seq.finish_reason = now, reason.value
         return Finished(
             reason=reason,
             stop_sequence=stop,
@@ -670,6 +674,8 @@ class Scheduler:
             usage=seq.usage(),
             seed=seq.seed,
             scored=tuple(seq.scored),
+            prefill_chunks=seq.prefill_chunks,
+            shift_seconds=tuple(t - seq.arrival_time for t in seq.shift_times),
             timing=Timing(
                 queue_seconds=admitted - seq.arrival_time,
                 time_to_first_token_seconds=first - seq.arrival_time,

@@ -81,6 +81,8 @@ class Finished:
     seed: int
     timing: Timing
     scored: tuple[ScoredToken, ...] = ()  # a Score request's tokens
+    prefill_chunks: int = 0  # prefill chunks its windows took (a trace's prefill span)
+    shift_seconds: tuple[float, ...] = ()  # when each context shift happened, seconds after arrival
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,10 @@ class Sequence:
     # admitted to reuse a prefix another running sequence is computing: (that sequence, tokens)
     awaits: tuple[Sequence, int] | None = None
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # its bad words' token sequences
+    prefill_chunks: int = 0  # chunks that read its prompt (counts and timestamps only: for traces)
+    shift_times: list[float] = field(default_factory=list)  # clock time of each context shift
+    finished_time: float | None = None  # clock time it finished (its last output)
+    finish_reason: str | None = None  # FinishReason value, once finished
     matcher: Any = None  # its constraint's state (engine/constraints.py: an llguidance matcher), if any
 
     def excluded_ids(self) -> list[int]:

@@ -49,6 +49,7 @@ class Constraints:
         self._lock = threading.Lock()
         self._llt: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[tuple[str, str], Matcher] = OrderedDict()
+        self._compiling: dict[tuple[str, str], threading.Lock] = {}  # one compilation per new constraint
         self.compilations = 0  # cache misses, for tests and logs
 
     def prepare(self) -> None:
@@ -63,21 +64,36 @@ class Constraints:
             return _key(spec) in self._compiled
 
     def matcher(self, spec: ConstraintSpec) -> Matcher:
-        """A fresh matcher for ``spec``, compiled or from the cache."""
+        """A fresh matcher for ``spec``, compiled or from the cache. Requests that bring the same
+        new constraint at once wait for one compilation."""
         key = _key(spec)
+        template = self._cached(key)
+        if template is None:
+            with self._lock:
+                compiling = self._compiling.setdefault(key, threading.Lock())
+            with compiling:
+                template = self._cached(key)
+                if template is None:
+                    try:
+                        template = self._compile(spec)
+                    except BaseException:
+                        with self._lock:
+                            self._compiling.pop(key, None)
+                        raise
+                    with self._lock:  # cached before the key's lock goes: nobody compiles it twice
+                        self._compiled[key] = template
+                        self._compiling.pop(key, None)
+                        while len(self._compiled) > self._cache_size:
+                            self._compiled.popitem(last=False)
+                        self.compilations += 1
+        return template.deep_copy()
+
+    def _cached(self, key: tuple[str, str]) -> Matcher | None:
         with self._lock:
             template = self._compiled.get(key)
             if template is not None:
                 self._compiled.move_to_end(key)
-                return template.deep_copy()
-        template = self._compile(spec)
-        with self._lock:
-            self._compiled[key] = template
-            self._compiled.move_to_end(key)
-            while len(self._compiled) > self._cache_size:
-                self._compiled.popitem(last=False)
-            self.compilations += 1
-        return template.deep_copy()
+            return template
 
     def _compile(self, spec: ConstraintSpec) -> Matcher:
         self.prepare()

@@ -35,6 +35,7 @@ class SampledSequence:
     prompt_tokens: int  # after truncation
     truncated_prompt_tokens: int
     shifted: bool  # this token filled the window: the sequence forgot its earliest tokens (a context shift)
+    trace_id: str = ""  # its request's trace, for metric exemplars
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class FinishEvent:
     request_id: str
     finished: Finished | None
     error: BaseException | None = None
+    trace_id: str = ""  # its request's trace, for metric exemplars
 
 
 StepObserver = Callable[[StepEvent], None]

@@ -305,7 +305,7 @@ class EngineLoop:
     def _notify_finish(self, seq: Sequence, finished: Finished | None, error: BaseException | None) -> None:
         if not self._finish_observers:
             return
-        event = FinishEvent(seq.seq_id, seq.request_id, finished, error)
+        event = FinishEvent(seq.seq_id, seq.request_id, finished, error, seq.request.trace_id)
         for observer in self._finish_observers:
             try:
                 observer(event)
@@ -320,4 +320,5 @@ def _sampled(seq: Sequence, shifted: bool) -> SampledSequence:
         prompt_tokens=len(seq.prompt_ids),
         truncated_prompt_tokens=seq.truncated_prompt_tokens,
         shifted=shifted,
+        trace_id=seq.request.trace_id,
     )

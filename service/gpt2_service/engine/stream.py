@@ -45,6 +45,7 @@ class GenerationStream:
         self._paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self.seq_id = seq.seq_id
+        self.sequence = seq  # (read on the event loop only for a trace's timestamps: api/tracing.py)
         self.seq_ids = (seq.seq_id, *(fork.seq_id for fork in seq.forks))
         self._unfinished = len(self.seq_ids)
         self.request_id = seq.request_id

@@ -78,7 +78,8 @@ class EngineRecorder(Collector):
                 s.context_shifts += 1
                 self._shifted_at[token.seq_id] = now
         if num_step_gaps and self._last_token_time is not None:
-            s.itl.observe(now - self._last_token_time, num_step_gaps)
+            trace_id = next((t.trace_id for t in sampled if t.trace_id), "")  # one traced token's
+            s.itl.observe(now - self._last_token_time, num_step_gaps, trace_id)
         self._last_token_time = now
 
     def _count_prefilled(self, sampled: tuple[SampledSequence, ...], now: float) -> int:
@@ -89,7 +90,7 @@ class EngineRecorder(Collector):
         for token in sampled:
             resumed = self._shifted_at.pop(token.seq_id, None)
             if resumed is not None:
-                s.itl.observe(now - resumed)
+                s.itl.observe(now - resumed, 1, token.trace_id)
             elif token.first_token:  # the prompt is in
                 s.prompt_tokens += token.prompt_tokens
                 s.truncated_prompt_tokens += token.truncated_prompt_tokens
@@ -108,8 +109,8 @@ class EngineRecorder(Collector):
             s.finished[finished.reason.value] += 1
             timing, usage = finished.timing, finished.usage
             s.queue_time.observe(timing.queue_seconds)
-            s.ttft.observe(timing.time_to_first_token_seconds)
-            s.e2e.observe(timing.total_seconds)
+            s.ttft.observe(timing.time_to_first_token_seconds, 1, event.trace_id)
+            s.e2e.observe(timing.total_seconds, 1, event.trace_id)
             s.request_prompt_tokens.observe(usage.prompt_tokens)
             s.request_generation_tokens.observe(usage.completion_tokens)
             if usage.completion_tokens > 1:

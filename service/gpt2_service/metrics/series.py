@@ -4,6 +4,7 @@ their Prometheus families, built only at scrape time; bucket layouts and label v
 from __future__ import annotations
 
 import itertools
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.samples import Exemplar
 
 from gpt2_service.core.fairness import PREEMPTION_REASONS
 from gpt2_service.core.request import FinishReason
@@ -56,28 +58,37 @@ ANONYMOUS_TENANT = "anonymous"  # the tenant with no name (in-process use)
 
 class Histogram:
     """Bucket counts and a sum; ``observe(value, count)`` records ``count`` equal observations at
-    once. Not thread-safe on its own: the recorder's lock guards it."""
+    once. With a ``trace_id``, the observation becomes its bucket's exemplar (the latest one per
+    bucket), which the OpenMetrics exposition shows so that a dashboard can open that trace. Not
+    thread-safe on its own: the recorder's lock guards it."""
 
-    __slots__ = ("bounds", "counts", "les", "sum")
+    __slots__ = ("bounds", "counts", "exemplars", "les", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.les = [repr(float(b)) for b in bounds] + ["+Inf"]  # bounds stay below 1e6: no exponent form
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
+        self.exemplars: dict[int, Exemplar] = {}  # bucket -> its latest traced observation
 
-    def observe(self, value: float, count: int = 1) -> None:
-        self.counts[bisect_left(self.bounds, value)] += count  # bucket i holds bounds[i-1] < v <= bounds[i]
+    def observe(self, value: float, count: int = 1, trace_id: str = "") -> None:
+        bucket = bisect_left(self.bounds, value)  # bucket i holds bounds[i-1] < v <= bounds[i]
+        self.counts[bucket] += count
         self.sum += value * count
+        if trace_id:
+            self.exemplars[bucket] = Exemplar({"trace_id": trace_id}, value, time.time())
 
     def copy(self) -> Histogram:
         other = Histogram.__new__(Histogram)
         other.bounds, other.les, other.counts, other.sum = self.bounds, self.les, list(self.counts), self.sum
+        other.exemplars = dict(self.exemplars)
         return other
 
-    def cumulative(self) -> list[tuple[str, float]]:
-        """``(le, count)`` pairs, cumulative, +Inf last."""
-        return list(zip(self.les, map(float, itertools.accumulate(self.counts)), strict=True))
+    def cumulative(self) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+        """``(le, count)`` pairs, cumulative, +Inf last; ``(le, count, exemplar)`` for a bucket
+        with an exemplar."""
+        pairs = zip(self.les, map(float, itertools.accumulate(self.counts)), strict=True)
+        return [(le, n, self.exemplars[i]) if i in self.exemplars else (le, n) for i, (le, n) in enumerate(pairs)]
 
 
 @dataclass
