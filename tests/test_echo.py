@@ -67,6 +67,6 @@ async def test_echo_of_a_truncated_prompt_scores_what_the_model_saw(tiny: Loaded
     message.prompt_token_ids.CopyFrom(common_pb2.TokenIds(ids=ids))
     async with serve(tiny) as served, stub_for(served) as stub:
         response = await stub.Generate(message)
-    assert response.usage.truncated_prompt_tokens == 140 - 128  # cut to the window
+    assert response.usage.truncated_prompt_tokens == 140 - (128 - 4)  # cut to leave room for 4 new tokens
     kept = ids[response.usage.truncated_prompt_tokens :]
     assert [t.id for t in response.prompt_tokens] == kept[1:]

@@ -17,17 +17,17 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from gpt2_service.api.auth import SecurityConfigError, load_security
 from gpt2_service.api.logs import configure_logging, log_fields
-from gpt2_service.api.server import GenerationServer
 from gpt2_service.config import EngineConfig, ServerConfig, build_parser, config_from_args
-from gpt2_service.engine.frontend import Engine
-from gpt2_service.engine.threads import confine_torch_to_the_engine
-from gpt2_service.errors import ModelLoadError
-from gpt2_service.metrics import Metrics
-from gpt2_service.model.weights import load_model
+
+# torch, gRPC and the rest are imported once the flags are parsed: `gpt2-serve --help` and a bad
+# flag answer at once (0.2 s, not the 2-7 s those imports take)
+if TYPE_CHECKING:
+    from gpt2_service.engine.frontend import Engine
+    from gpt2_service.metrics import Metrics
 
 log = logging.getLogger("gpt2_service.main")
 
@@ -40,6 +40,8 @@ PRIMITIVE_CACHES = {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; the exit status (1 if the model cannot be loaded)."""
+    from gpt2_service.engine.threads import confine_torch_to_the_engine
+
     loop = asyncio.get_running_loop()
     confine_torch_to_the_engine(loop)  # before the model loads: see engine/threads.py
     stop, force = asyncio.Event(), asyncio.Event()
@@ -64,6 +66,12 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
 async def _serve_until(
     stop: asyncio.Event, force: asyncio.Event, engine_config: EngineConfig, server_config: ServerConfig
 ) -> int:
+    from gpt2_service.api.server import GenerationServer
+    from gpt2_service.engine.frontend import Engine
+    from gpt2_service.errors import ModelLoadError
+    from gpt2_service.metrics import Metrics
+    from gpt2_service.model.weights import load_model
+
     metrics = Metrics() if server_config.metrics_port >= 0 else None
     provider = None
     if server_config.trace:
@@ -174,6 +182,8 @@ def _log_model(engine: Engine, server_config: ServerConfig) -> None:
 
 def check_server_config(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
     """Refuse flags that cannot work before anything starts: one line on stderr, exit 2."""
+    from gpt2_service.api.auth import SecurityConfigError, load_security
+
     try:
         # The server reads the files again when it starts; this is only to fail early and plainly.
         load_security(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file)

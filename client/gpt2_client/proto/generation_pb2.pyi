@@ -39,7 +39,10 @@ class _TruncationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Truncation
     TRUNCATION_UNSPECIFIED: _Truncation.ValueType  # 0
     """Default: TRUNCATE_LEFT."""
     TRUNCATE_LEFT: _Truncation.ValueType  # 1
-    """Drop the earliest prompt tokens; Usage.truncated_prompt_tokens says how many."""
+    """Drop the earliest prompt tokens, keeping the last max(context_window - max_new_tokens,
+    context_window / 2): room for the generation where that leaves half the window to the
+    prompt, so that it does not shift at once. Usage.truncated_prompt_tokens says how many.
+    """
     REJECT: _Truncation.ValueType  # 2
     """Fail the request with INVALID_ARGUMENT (reason PROMPT_TOO_LONG)."""
 
@@ -49,7 +52,10 @@ class Truncation(_Truncation, metaclass=_TruncationEnumTypeWrapper):
 TRUNCATION_UNSPECIFIED: Truncation.ValueType  # 0
 """Default: TRUNCATE_LEFT."""
 TRUNCATE_LEFT: Truncation.ValueType  # 1
-"""Drop the earliest prompt tokens; Usage.truncated_prompt_tokens says how many."""
+"""Drop the earliest prompt tokens, keeping the last max(context_window - max_new_tokens,
+context_window / 2): room for the generation where that leaves half the window to the
+prompt, so that it does not shift at once. Usage.truncated_prompt_tokens says how many.
+"""
 REJECT: Truncation.ValueType  # 2
 """Fail the request with INVALID_ARGUMENT (reason PROMPT_TOO_LONG)."""
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015

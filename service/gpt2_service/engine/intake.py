@@ -94,11 +94,12 @@ class SequenceFactory:
         truncated = request.num_dropped_prompt_ids
         if truncated and reject:
             raise self._prompt_too_long(field_name, str(truncated + len(ids)))
-        if len(ids) > self.context_window:
+        if truncated or len(ids) > self.context_window:
             if reject:
                 raise self._prompt_too_long(field_name, str(len(ids)))
-            truncated += len(ids) - self.context_window
-            ids = ids[-self.context_window :]
+            keep = self._kept_prompt_tokens(request)
+            truncated += len(ids) - keep
+            ids = ids[-keep:]
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         seq = self._sequence(request, ids, seed, truncated, time.monotonic())
         seq.bad_word_ids = self._bad_word_ids(request.stopping.bad_words)
@@ -144,6 +145,12 @@ class SequenceFactory:
             group_id=fork_of.seq_id if fork_of is not None else 0,
             fork_of=fork_of,
         )
+
+    def _kept_prompt_tokens(self, request: GenerationRequest) -> int:
+        """How much of a prompt longer than the window is kept: enough to leave room for
+        max_new_tokens, so that generation does not shift at once, but at least half the window."""
+        max_new = request.stopping.max_new_tokens or self.default_max_new_tokens
+        return max(self.context_window - max_new, self.context_window // 2)
 
     def _prompt_too_long(self, field_name: str, num_tokens: str) -> InvalidRequestError:
         return InvalidRequestError(
