@@ -56,3 +56,4 @@ async def test_invalid_argument_exits_1_naming_the_field(tiny: LoadedModel) -> N
 async def test_health_of_an_unreachable_server_exits_1() -> None:
     status, _, err = await _cli("health", "--timeout", "5", "--target", "127.0.0.1:1")
     assert status == 1 and "UNAVAILABLE" in err
+    assert "hint: is a server running at 127.0.0.1:1? (start one with: make run, or gpt2-serve;" in err

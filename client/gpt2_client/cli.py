@@ -1,4 +1,4 @@
-"""``gpt2-client``: generate or score text, show the model, or check health from the command line.
+"""gpt2-client: generate or score text, show the model, or check health from the command line.
 
     gpt2-client generate "The cat sat on the" --max-new-tokens 20 --temperature 0.8 --seed 1
     gpt2-client generate "Once upon a time" --stream --stop "." --json
@@ -14,8 +14,8 @@ Connection options have environment twins: GPT2_CLIENT_TARGET, GPT2_CLIENT_TLS_C
 GPT2_CLIENT_TLS_CERT, GPT2_CLIENT_TLS_KEY and GPT2_CLIENT_TOKEN (prefer it to --token, which
 other users of the machine can see in the process list).
 
-Text goes to stdout and a one-line summary to stderr; ``--json`` prints JSON instead (one object,
-or one per line with ``--stream``). Exit status: 0 ok, 1 the call failed (or health is not
+Text goes to stdout and a one-line summary to stderr; --json prints JSON instead (one object,
+or one per line with --stream). Exit status: 0 ok, 1 the call failed (or health is not
 SERVING), 2 bad command line.
 """
 
@@ -33,8 +33,19 @@ from typing import Any
 
 from gpt2_client.cli_inspect import add_inspect_command
 from gpt2_client.client import Client
-from gpt2_client.errors import GPT2Error
-from gpt2_client.results import FinishReason, Generation, HealthStatus, ModelInfo, ScoredToken, ScoreResult, StreamChunk
+from gpt2_client.errors import GPT2Error, UnavailableError
+from gpt2_client.results import (
+    FinishReason,
+    Generation,
+    HealthStatus,
+    ModelInfo,
+    ParameterCounts,
+    ScoredToken,
+    ScoreResult,
+    StreamChunk,
+    Token,
+    Usage,
+)
 
 TARGET_ENV = "GPT2_CLIENT_TARGET"
 TLS_CA_ENV = "GPT2_CLIENT_TLS_CA"
@@ -42,6 +53,7 @@ TLS_CERT_ENV = "GPT2_CLIENT_TLS_CERT"
 TLS_KEY_ENV = "GPT2_CLIENT_TLS_KEY"
 TOKEN_ENV = "GPT2_CLIENT_TOKEN"
 DEFAULT_TARGET = "localhost:50051"
+UNREACHABLE_HINT = "is a server running at {target}? (start one with: make run, or gpt2-serve; set --target or {env})"
 
 
 def to_json(value: Any) -> Any:
@@ -61,9 +73,34 @@ def _print_json(value: Any) -> None:
     print(json.dumps(to_json(value), ensure_ascii=False), flush=True)
 
 
-def _summary(reason: str, tokens: int, seed: int | None, seconds: float, request_id: str, cached: int = 0) -> str:
-    reused = f", {cached} prompt tokens cached" if cached else ""
-    return f"[{reason}: {tokens} tokens in {seconds:.2f}s, seed {seed}{reused}, request {request_id}]"
+def _plural(count: int, singular: str, plural: str) -> str:
+    return f"{count} {singular if count == 1 else plural}"
+
+
+def _summary(
+    reason: str,
+    tokens: int,
+    seed: int | None,
+    seconds: float,
+    request_id: str,
+    cached: int = 0,
+    truncated: int = 0,
+    shifts: int = 0,
+) -> str:
+    """The text-mode footer; prompt tokens cached, truncated and context shifts only when nonzero."""
+    parts = [f"{tokens} tokens in {seconds:.2f}s", f"seed {seed}"]
+    if cached:
+        parts.append(f"{cached} prompt tokens cached")
+    if truncated:
+        parts.append(_plural(truncated, "prompt token truncated", "prompt tokens truncated"))
+    if shifts:
+        parts.append(_plural(shifts, "context shift", "context shifts"))
+    return f"[{reason}: {', '.join(parts)}, request {request_id}]"
+
+
+def _usage_summary(reason: str, usage: Usage, seed: int | None, seconds: float, request_id: str) -> str:
+    return _summary(reason, usage.completion_tokens, seed, seconds, request_id, usage.cached_prompt_tokens,
+                    usage.truncated_prompt_tokens, usage.context_shifts)  # fmt: skip
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -107,33 +144,51 @@ def _choice_header(index: int, seed: int | None, reason: FinishReason | None) ->
     return f"--- choice {index} (seed {seed}, {reason.value if reason is not None else '?'}) ---"
 
 
-def _print_generation(result: Generation, echo: bool) -> None:
-    """Text mode: the echoed prompt's table (``echo``), then the completion; with several choices,
-    each after its header line."""
+def describe_top_logprobs(tokens: Sequence[Token]) -> str:
+    """Generated tokens with their alternatives (generate --top-logprobs in text mode): a header,
+    then one line per token: its position in the completion, its text repr'd so that whitespace
+    shows, its logprob, then the most likely tokens at that position with theirs."""
+    texts = [repr(t.text) for t in tokens]
+    width = max((len(text) for text in texts), default=0)
+    lines = ["--- generated tokens: position, token, logprob, top alternatives ---"]
+    for position, (token, text) in enumerate(zip(tokens, texts, strict=True)):
+        top = ", ".join(f"{x.text!r} {x.logprob:.2f}" for x in token.top_logprobs)
+        lines.append(f"{position:>5}  {text:<{width}}  {token.logprob:>10.4f}  {top}".rstrip())
+    return "\n".join(lines)
+
+
+def _print_generation(result: Generation, echo: bool, top_logprobs: bool) -> None:
+    """Text mode: the echoed prompt's table (``echo``), then the completion, then its tokens'
+    alternatives (``top_logprobs``); with several choices, each after its header line."""
     if echo:
         print(describe_prompt(result.prompt_tokens))
     if len(result.choices) > 1:
         for choice in result.choices:
             print(_choice_header(choice.index, choice.seed, choice.finish_reason))
             print(choice.text)
+            if top_logprobs:
+                print(describe_top_logprobs(choice.tokens))
     else:
         if echo:
             print("--- completion ---")
         print(result.text)
+        if top_logprobs:
+            print(describe_top_logprobs(result.tokens))
     sys.stdout.flush()
 
 
 def cmd_generate(client: Client, args: argparse.Namespace) -> int:
     params = _generation_params(args)
+    top_logprobs = args.top_logprobs is not None  # else the output is as it always was
     if not args.stream:
         result: Generation = client.generate(args.prompt, **params)
         if args.json:
             _print_json(result)
         else:
-            _print_generation(result, args.echo)
+            _print_generation(result, args.echo, top_logprobs)
             reason = result.finish_reason.name if len(result.choices) == 1 else f"{len(result.choices)} choices"
-            _print_summary(_summary(reason, result.usage.completion_tokens, result.seed, result.timing.total_seconds,
-                                    result.request_id, result.usage.cached_prompt_tokens),
+            _print_summary(_usage_summary(reason, result.usage, result.seed, result.timing.total_seconds,
+                                          result.request_id),
                            result.finish_reason if len(result.choices) == 1 else None)  # fmt: skip
         return 0
     chunks = client.stream(args.prompt, **params)
@@ -142,31 +197,38 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
             _print_json(chunk)
         return 0
     if (args.n or 1) > 1:
-        return _stream_choices(chunks, args.echo)
+        return _stream_choices(chunks, args.echo, top_logprobs)
     last: StreamChunk | None = None
+    tokens: list[Token] = []
     for chunk in chunks:
         if last is None and args.echo:
             print(describe_prompt(chunk.prompt_tokens))
             print("--- completion ---")
         last = chunk
+        tokens += chunk.tokens
         print(chunk.text, end="", flush=True)
-    if last is not None and last.usage is not None and last.timing is not None:
+    if last is not None:
         print(flush=True)
+        if top_logprobs:
+            print(describe_top_logprobs(tokens), flush=True)
+    if last is not None and last.usage is not None and last.timing is not None:
         reason = last.finish_reason.name if last.finish_reason is not None else "?"
-        _print_summary(_summary(reason, last.usage.completion_tokens, last.seed, last.timing.total_seconds,
-                                last.request_id, last.usage.cached_prompt_tokens), last.finish_reason)  # fmt: skip
+        _print_summary(_usage_summary(reason, last.usage, last.seed, last.timing.total_seconds, last.request_id),
+                       last.finish_reason)  # fmt: skip
     return 0
 
 
-def _stream_choices(chunks: Iterable[StreamChunk], echo: bool) -> int:
+def _stream_choices(chunks: Iterable[StreamChunk], echo: bool, top_logprobs: bool) -> int:
     """A text-mode stream of several choices, whose chunks interleave: each choice's text is
     collected and every choice printed, in index order, once the stream ends (as ``generate``
-    without --stream prints them); the summary adds up the choices' tokens."""
+    without --stream prints them); the summary adds up the choices' tokens and context shifts."""
     texts: dict[int, list[str]] = {}
+    tokens: dict[int, list[Token]] = {}
     lasts: dict[int, StreamChunk] = {}
     prompt_tokens: tuple[ScoredToken, ...] = ()
     for chunk in chunks:
         texts.setdefault(chunk.choice_index, []).append(chunk.text)
+        tokens.setdefault(chunk.choice_index, []).extend(chunk.tokens)
         prompt_tokens += chunk.prompt_tokens
         if chunk.finished:
             lasts[chunk.choice_index] = chunk
@@ -176,12 +238,16 @@ def _stream_choices(chunks: Iterable[StreamChunk], echo: bool) -> int:
         last = lasts.get(index)
         print(_choice_header(index, last.seed if last else None, last.finish_reason if last else None))
         print("".join(texts[index]), flush=True)
+        if top_logprobs:
+            print(describe_top_logprobs(tokens[index]), flush=True)
     if lasts:
         first = lasts[min(lasts)]
-        tokens = sum(c.usage.completion_tokens for c in lasts.values() if c.usage is not None)
+        usages = [c.usage for c in lasts.values() if c.usage is not None]
         seconds = max((c.timing.total_seconds for c in lasts.values() if c.timing is not None), default=0.0)
         cached = first.usage.cached_prompt_tokens if first.usage is not None else 0
-        print(_summary(f"{len(lasts)} choices", tokens, first.seed, seconds, first.request_id, cached),
+        truncated = first.usage.truncated_prompt_tokens if first.usage is not None else 0  # one prompt
+        print(_summary(f"{len(lasts)} choices", sum(u.completion_tokens for u in usages), first.seed, seconds,
+                       first.request_id, cached, truncated, sum(u.context_shifts for u in usages)),
               file=sys.stderr)  # fmt: skip
     return 0
 
@@ -237,13 +303,33 @@ def _describe(info: ModelInfo) -> str:
         ("dtype / device", f"{info.dtype} on {info.device}"),
         ("weights", info.weights),
         ("batch-invariant", "yes: seeded results do not depend on the batch" if info.batch_invariant else "no"),
-        ("parameters", f"{counts.total:,} total"),
+        *_parameter_rows(counts),
+        ("limits", ""),
     ]
-    rows += [(f"  {f.name}", f"{getattr(counts, f.name):,}") for f in dataclasses.fields(counts) if f.name != "total"]
-    rows.append(("limits", ""))
     rows += [(f"  {f.name}", str(getattr(limits, f.name))) for f in dataclasses.fields(limits)]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
+
+
+def _parameter_rows(counts: ParameterCounts) -> list[tuple[str, str]]:
+    """The parameter counts as rows whose numbers add up to the total printed under them. GPT-2's
+    LM head is tied to the token embedding (weight sharing: logits = h @ wte.T), so it has no
+    weights of its own and its line shows no number to add; were it untied (its parameters
+    counted in the total), it would be a number like the others."""
+    parts = {f.name: getattr(counts, f.name) for f in dataclasses.fields(counts) if f.name not in ("lm_head", "total")}
+    tied = counts.lm_head == counts.token_embedding and sum(parts.values()) == counts.total
+    if not tied:
+        parts["lm_head"] = counts.lm_head
+    width = len(f"{max([counts.total, *parts.values()]):,}")
+    summary = "total (the LM head is tied to the token embedding: weight sharing, no weights of its own)"
+    rows = [("parameters", f"{counts.total:,} {summary if tied else 'total'}")]
+    rows += [(f"  {name}", f"{value:>{width},}") for name, value in parts.items()]
+    if tied:
+        rows.append(("  lm_head", f"{'-':>{width}}  (tied to token_embedding: the same {counts.lm_head:,} weights)"))
+    added = sum(parts.values())
+    check = "the sum of the lines above" if added == counts.total else f"the lines above add up to {added:,}"
+    rows.append(("  total", f"{counts.total:>{width},}  ({check})"))
+    return rows
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
@@ -265,6 +351,29 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
 
 
 # -- command line --------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: --max-new-token is an error, not --max-new-tokens
+    (allow_abbrev=False); the parsers of the subcommands are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class SubcommandParser(Parser):
+    """A subcommand's parser: it reports what it does not know itself, with its own usage line
+    (argparse hands a subcommand's unknown arguments back to the top-level parser, whose error
+    shows the top-level usage); exit status 2 as ever."""
+
+    def parse_known_args(  # type: ignore[override]  # the stub's overloads, one behaviour
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _env(name: str) -> str | None:
@@ -427,21 +536,33 @@ def _add_score(commands: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2-client", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = Parser(prog="gpt2-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     _add_generate(commands)
     _add_score(commands)
-    info = commands.add_parser("info", help="show the served model and the server's limits")
+    info = commands.add_parser("info", help="show the served model and the server's limits",
+                               description="The served model (architecture, parameters by component, weights) "
+                               "and the server's limits.")  # fmt: skip
     _add_common(info, suppress=True)
     info.set_defaults(run=cmd_info)
-    health = commands.add_parser("health", help="check the server's health (exit 0 if SERVING)")
+    health = commands.add_parser("health", help="check the server's health (exit 0 if SERVING)",
+                                 description="Check the server's health: exit 0 if SERVING, else 1.")  # fmt: skip
     health.add_argument("--service", default="", help='service to ask about (default: "" = the whole server)')
     _add_common(health, suppress=True)
     health.set_defaults(run=cmd_health)
     add_inspect_command(commands, _add_common)
     return parser
+
+
+def unreachable(exc: GPT2Error) -> bool:
+    """Whether a call failed because nothing could be connected to (connection refused, no route):
+    UNAVAILABLE from gRPC itself, whose message then reads "failed to connect to all addresses;
+    last error: ... Connection refused", not the server's own UNAVAILABLE (loading, draining),
+    which carries a reason."""
+    message = exc.message.lower()
+    connect = "failed to connect" in message or "connection refused" in message
+    return isinstance(exc, UnavailableError) and not exc.reason and connect
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -470,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {code}: {exc.message}" if not exc.violations else f"error: {code}:", file=sys.stderr)
         for violation in exc.violations:
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        if unreachable(exc):
+            print("hint: " + UNREACHABLE_HINT.format(target=args.target, env=TARGET_ENV), file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
         status = 130

@@ -1,4 +1,4 @@
-"""``gpt2-client inspect``: look inside GPT-2 from the command line (the Introspection service).
+"""gpt2-client inspect: look inside GPT-2 from the command line (the Introspection service).
 
     gpt2-client inspect tokens "cat sat on the"
     gpt2-client inspect embed "bank is near the river bank" --png similarity.png
@@ -9,10 +9,13 @@
     gpt2-client inspect next "cat sat on the" --top-k 50 --temperature 0.7 --seed 1 --png next.png
     gpt2-client inspect trace "cat sat on the"
 
-Tables go to stdout (tokens with visible whitespace: ␣ for a space, ↵ for a newline); ``--json``
-prints the whole result instead; ``--png FILE`` also draws it (needs matplotlib: the ``plot``
-extra). ``--ids`` reads the input as token ids ("9246 3332 319 262"). Registered by cli.py.
+Tables go to stdout (tokens with visible whitespace: ␣ for a space, ↵ for a newline); --json
+prints the whole result instead; --png FILE also draws it (needs matplotlib: the plot extra,
+pip install 'gpt2-serve[plot]'). --ids reads the input as token ids ("9246 3332 319 262").
 """
+
+# The docstring above is the help text of "gpt2-client inspect" (plain text: argparse shows it as
+# it is); cli.py registers the command with add_inspect_command.
 
 from __future__ import annotations
 
