@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpt2_client.proto import common_pb2
+from gpt2_client.proto import common_pb2, introspection_pb2
 from gpt2_client.proto import generation_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,11 @@ def test_the_contract_names_are_there() -> None:
         "FINISH_REASON_UNSPECIFIED", "LENGTH", "EOS", "STOP_SEQUENCE", "STOP_TOKEN", "CONTEXT_WINDOW",
         "CONSTRAINT_COMPLETE", "CONSTRAINT_UNSATISFIED",
     ]  # fmt: skip
+    introspection = introspection_pb2.DESCRIPTOR.services_by_name["Introspection"]
+    assert set(introspection.methods_by_name) == {
+        "Tokenize", "Detokenize", "Embed", "Attention", "HiddenStates", "PredictNext", "Trace", "TraceGeneration",
+    }  # fmt: skip
+    assert introspection.methods_by_name["TraceGeneration"].server_streaming
     request = pb.GenerateRequest.DESCRIPTOR
     assert [f.name for f in request.oneofs_by_name["input"].fields] == ["prompt", "prompt_token_ids"]
     assert [f.name for f in pb.Constraint.DESCRIPTOR.oneofs_by_name["kind"].fields] == [

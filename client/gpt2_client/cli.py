@@ -5,6 +5,7 @@
     gpt2-client generate "The cat sat on the" --n 3 --seed 7 --echo
     gpt2-client generate "Date:" --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}'
     gpt2-client generate "Is it? " --choice yes --choice no --logit-bias 1000=-100 --bad-word maybe
+    gpt2-client generate "The cat sat on the" --trace --max-new-tokens 5 --top-k 5 --seed 1 --png steps.png
     gpt2-client score " sat on the mat" --context "The cat" --top-logprobs 3
     gpt2-client info
     gpt2-client health --target gpt2.example:50051
@@ -31,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt2_client.cli_inspect import add_inspect_command
+from gpt2_client.cli_inspect import add_inspect_command, cmd_generation_trace
 from gpt2_client.client import Client
 from gpt2_client.errors import GPT2Error, UnavailableError
 from gpt2_client.results import (
@@ -177,8 +178,26 @@ def _print_generation(result: Generation, echo: bool, top_logprobs: bool) -> Non
     sys.stdout.flush()
 
 
+# What generate --trace takes (TraceGeneration's options); the other flags have no traced twin.
+TRACE_PARAMS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "seed", "max_new_tokens", "stop",
+                          "ignore_eos"})  # fmt: skip
+
+
 def cmd_generate(client: Client, args: argparse.Namespace) -> int:
     params = _generation_params(args)
+    if args.trace:
+        unsupported = [name for name, value in params.items() if name not in TRACE_PARAMS and value not in (None, [])]
+        if args.stream or unsupported:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ["stream"] * args.stream + unsupported)
+            print(f"gpt2-client: --trace takes the prompt, --temperature, --top-k, --top-p, --min-p, --typical-p, "
+                  f"--seed, --max-new-tokens, --stop, --ignore-eos and --candidates; not {flags}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return cmd_generation_trace(client, args.prompt, {name: params[name] for name in TRACE_PARAMS},
+                                    args.candidates, args.png, args.json)  # fmt: skip
+    if args.png is not None or args.candidates is not None:
+        print("gpt2-client: --png and --candidates go with --trace", file=sys.stderr)
+        return 2
     top_logprobs = args.top_logprobs is not None  # else the output is as it always was
     if not args.stream:
         result: Generation = client.generate(args.prompt, **params)
@@ -491,6 +510,15 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--overflow", choices=["shift", "stop"])
     p.add_argument("--priority", choices=["interactive", "default", "batch"], help="its class when the server is busy")
     p.add_argument("--request-id")
+    trace = p.add_argument_group("the autoregressive loop, step by step (the Introspection service)")
+    trace.add_argument("--trace", action="store_true",
+                       help="instead of generating, trace each step: the context length, the top candidates "
+                            "before and after temperature and the filters, the token drawn, its uniform number "
+                            "and draw index, stop and context-shift events (takes the sampling flags, "
+                            "--max-new-tokens up to 64, --seed, --stop, --ignore-eos)")  # fmt: skip
+    trace.add_argument("--candidates", type=int, help="with --trace: candidates shown per step (default 5, at most 50)")
+    trace.add_argument("--png", type=Path, metavar="FILE",
+                       help="with --trace: also draw the steps into FILE (needs matplotlib)")  # fmt: skip
     tokens = p.add_argument_group("token constraints")
     tokens.add_argument("--logit-bias", metavar="ID=BIAS", type=_logit_bias, action="append", default=[],
                         help="add BIAS (-100 to 100) to the logit of token ID; -100 in effect bans it, "

@@ -36,6 +36,7 @@ from gpt2_client.inspect import (
     AttentionResult,
     Candidate,
     EmbedResult,
+    GenerationStep,
     HiddenStatesResult,
     InputToken,
     PredictNextResult,
@@ -359,6 +360,107 @@ def cmd_trace(client: Client, args: argparse.Namespace) -> int:
 
 def _shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
+
+
+RANDOM_WEIGHTS_NOTE = "random weights: the distribution is nearly flat"
+
+
+def _trace_settings(options: dict[str, Any], seed: int | None) -> str:
+    """The sampler's settings as a title says them: T, k and p always, min-p and typical-p when set."""
+    temperature = options.get("temperature")
+    temperature = 1.0 if temperature is None else temperature
+    top_k, top_p = options.get("top_k") or 0, options.get("top_p")
+    parts = [f"T={temperature:g}" + (" (greedy)" if temperature == 0 else ""),
+             f"top-k {top_k}" if top_k else "top-k off",
+             f"top-p {top_p:g}" if top_p is not None and top_p < 1 else "top-p off"]  # fmt: skip
+    if options.get("min_p"):
+        parts.append(f"min-p {options['min_p']:g}")
+    if options.get("typical_p") is not None and options["typical_p"] < 1:
+        parts.append(f"typical-p {options['typical_p']:g}")
+    if seed is not None and temperature != 0:  # greedy steps draw nothing
+        parts.append(f"seed {seed}")
+    return ", ".join(parts)
+
+
+def describe_generation_trace(
+    steps: Sequence[GenerationStep], prompt: str, options: dict[str, Any], num_candidates: int, random_weights: bool
+) -> str:
+    """generate --trace in text mode: a header, then per step the context length, the top
+    candidates (logit, raw p, p after temperature, after each filter in use; the chosen token
+    marked >), the draw (uniform number and its index in the seed's stream) and the events."""
+    temperature = options.get("temperature")
+    temperature = 1.0 if temperature is None else temperature
+    columns: list[tuple[str, Callable[[Any], float]]] = [
+        ("logit", lambda c: c.logit), ("raw p", lambda c: c.probability),
+        (f"p(T={temperature:g})", lambda c: c.after_temperature),
+    ]  # fmt: skip
+    if options.get("top_k"):
+        columns.append(("p(top-k)", lambda c: c.after_top_k))
+    if options.get("top_p") is not None and options["top_p"] < 1:
+        columns.append(("p(top-p)", lambda c: c.after_top_p))
+    if options.get("min_p"):
+        columns.append(("p(min-p)", lambda c: c.after_min_p))
+    if options.get("typical_p") is not None and options["typical_p"] < 1:
+        columns.append(("p(typical-p)", lambda c: c.after_typical_p))
+    lines = [RANDOM_WEIGHTS_NOTE] if random_weights else []
+    seed = steps[0].seed if steps else None
+    shown = json.dumps(prompt if len(prompt) <= 40 else "…" + prompt[-39:], ensure_ascii=False)
+    lines.append(f"generation trace of {shown}: {_trace_settings(options, seed)}")
+    for step in steps:
+        lines.append("")
+        lines.append(f"step {step.step}: context {step.context_length} tokens, entropy {step.entropy:.3f} nats")
+        if step.shifted:
+            lines.append(f"  [context shift: the window was full; the earliest tokens were dropped, the model "
+                         f"now sees the last {step.context_length}]")  # fmt: skip
+        rows = [[">" if c.id == step.chosen.id else "", c.rank, c.id, show(c.text), *(get(c) for _, get in columns)]
+                for c in step.candidates[:num_candidates]]  # fmt: skip
+        lines.append(table(["", "rank", "id", "token", *(name for name, _ in columns)], rows, indent="  "))
+        chosen = step.chosen
+        what = f"{show(chosen.text)} (id {chosen.id}, rank {chosen.rank}, raw p {_cell(chosen.probability)}"
+        if step.uniform is None:
+            lines.append(f"  greedy: {what}; temperature 0, no draw)")
+        else:
+            lines.append(f"  drew {what}, final p {_cell(chosen.sampled_probability)}) with u={step.uniform:.4f} "
+                         f"(draw {step.draw_index} of seed {step.seed})")  # fmt: skip
+        lines.append(f"  text so far: {json.dumps(step.text_so_far, ensure_ascii=False)}")
+        if step.stop is not None:
+            lines.append(f"  [stop: {step.stop}]")
+    return "\n".join(lines)
+
+
+def cmd_generation_trace(
+    client: Client,
+    prompt: str,
+    options: dict[str, Any],
+    candidates: int | None,
+    png: Path | None,
+    as_json: bool,
+) -> int:
+    """``gpt2-client generate ... --trace``: TraceGeneration with the prompt and the sampling flags."""
+    num_candidates = 5 if candidates is None else candidates
+    steps = client.inspect.trace_generation(prompt, num_candidates=num_candidates, **options)
+    random_weights = client.model_info().random_weights
+    if as_json:
+        _print_json(steps)
+    else:
+        print(describe_generation_trace(steps, prompt, options, num_candidates, random_weights), flush=True)
+    if png is None or not steps:
+        return 0
+    from gpt2_client import plots
+
+    ids = [[c.id for c in step.candidates] for step in steps]
+    chosen = [
+        row.index(step.chosen.id) if step.chosen.id in row else None for row, step in zip(ids, steps, strict=True)
+    ]
+    rows = [f"{step.step}: ctx {step.context_length}" + (" (shift)" if step.shifted else "")
+            + ("" if i is not None else f" → {show(step.chosen.text)} rank {step.chosen.rank}")
+            for step, i in zip(steps, chosen, strict=True)]  # fmt: skip
+    title = f"generation step by step: {_trace_settings(options, steps[0].seed)}"
+    title += " (random weights: nearly flat)" if random_weights else ""
+    return _plot(lambda: plots.generation_steps(
+        [[c.after_typical_p for c in step.candidates] for step in steps],
+        [[show(c.text) for c in step.candidates] for step in steps], chosen, png, step_labels=rows, title=title,
+    ))  # fmt: skip
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
         weights = client.inspect.attention("cat sat on the", layers=[0]).weights     # (1, 12, 4, 4)
         for c in client.inspect.predict_next("cat sat on the", top_k=5).candidates:
             print(repr(c.text), c.probability)
+        for step in client.inspect.trace_generation("cat sat on the", top_k=5, seed=1):
+            print(step.step, repr(step.chosen.text), step.uniform)
 
 ``AsyncInspect`` (``async_client.inspect``) is the asyncio twin. Every input is text or token ids;
 tensors arrive as float32 arrays whatever ``dtype`` they travelled as (float16 and bfloat16 halve
@@ -26,17 +28,21 @@ from gpt2_client.errors import error_from_rpc
 from gpt2_client.inspect_results import (
     AttentionResult,
     Candidate,
+    ChosenToken,
     EmbedResult,
+    GenerationStep,
     HiddenStatesResult,
     InputToken,
     PredictNextResult,
     Stage,
+    StepCandidate,
     TensorStats,
     TokenizeResult,
     TraceResult,
     attention_from_proto,
     detokenize_from_proto,
     embed_from_proto,
+    generation_step_from_proto,
     hidden_states_from_proto,
     predict_next_from_proto,
     tokenize_from_proto,
@@ -51,13 +57,17 @@ __all__ = [
     "AsyncInspect",
     "AttentionResult",
     "Candidate",
+    "ChosenToken",
     "EmbedResult",
+    "GenerationStep",
+    "GenerationTraceOptions",
     "HiddenStatesResult",
     "InputToken",
     "Inspect",
     "PredictNextResult",
     "PredictionOptions",
     "Stage",
+    "StepCandidate",
     "TensorStats",
     "TokenizeResult",
     "TraceResult",
@@ -99,6 +109,28 @@ class PredictionOptions(TypedDict, total=False):
     seed: int | None
     num_samples: int | None
     num_candidates: int | None
+
+
+class GenerationTraceOptions(TypedDict, total=False):
+    """The options of TraceGeneration (None or absent = the server's default)."""
+
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    typical_p: float | None
+    seed: int | None
+    max_new_tokens: int | None
+    num_candidates: int | None
+    stop: Sequence[str] | None
+    ignore_eos: bool | None
+
+
+def generation_trace_request(text: Prompt, options: GenerationTraceOptions) -> pb.TraceGenerationRequest:
+    values = _set(**options)
+    if "stop" in values:
+        values["stop"] = list(values["stop"])
+    return pb.TraceGenerationRequest(**_input(text), **values)
 
 
 def tokenize_request(text: Prompt) -> pb.TokenizeRequest:
@@ -212,6 +244,23 @@ class Inspect:
         request = pb.TraceRequest(**_input(text), **_set(**options))
         return self._call(self._stub.Trace, request, trace_from_proto, timeout)
 
+    def trace_generation(
+        self,
+        text: Prompt,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerationTraceOptions],
+    ) -> list[GenerationStep]:
+        """The autoregressive loop step by step: for each generated token, the context length,
+        the candidates before and after temperature and each filter, the token drawn, the
+        uniform number that drew it and its place in the seed's stream, and stop/shift events.
+        ``timeout`` bounds the whole stream."""
+        try:
+            stream = self._stub.TraceGeneration(generation_trace_request(text, options), timeout=self._timeout(timeout))
+            return [generation_step_from_proto(m) for m in stream]
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
 
 class AsyncInspect:
     """The asyncio twin of ``Inspect`` (``async_client.inspect``): the same methods, as coroutines."""
@@ -282,3 +331,16 @@ class AsyncInspect:
     ) -> TraceResult:
         request = pb.TraceRequest(**_input(text), **_set(**options))
         return await self._call(self._stub.Trace, request, trace_from_proto, timeout)
+
+    async def trace_generation(
+        self,
+        text: Prompt,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[GenerationTraceOptions],
+    ) -> list[GenerationStep]:
+        try:
+            stream = self._stub.TraceGeneration(generation_trace_request(text, options), timeout=self._timeout(timeout))
+            return [generation_step_from_proto(m) async for m in stream]
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None

@@ -119,6 +119,51 @@ class TraceResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class StepCandidate:
+    """A candidate of a generation step: its probability after each stage of the sampler (each
+    stage renormalised; 0 once a stage removed it; a stage not in use repeats the one before)."""
+
+    id: int
+    text: str
+    logit: float  # raw LM-head output
+    probability: float  # softmax of the raw logits
+    after_temperature: float
+    after_top_k: float
+    after_top_p: float
+    after_min_p: float
+    after_typical_p: float  # the final distribution: what the draw uses
+    rank: int  # in the raw distribution, 1 = most probable
+
+
+@dataclass(frozen=True)
+class ChosenToken:
+    id: int
+    text: str
+    logit: float
+    probability: float  # raw
+    sampled_probability: float  # in the final distribution (after temperature and the filters)
+    rank: int  # in the raw distribution, 1 = most probable
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One step of the autoregressive loop (TraceGeneration): the context the model saw, the
+    candidates, the token chosen and how, and the events."""
+
+    step: int  # from 0
+    context_length: int  # tokens the model saw
+    candidates: tuple[StepCandidate, ...]  # most probable first (raw distribution)
+    chosen: ChosenToken
+    uniform: float | None  # the draw's uniform number; None at temperature 0 (greedy: no draw)
+    draw_index: int | None  # its position in the seed's random stream (0 = first draw)
+    seed: int
+    text_so_far: str  # the generated text, this step's token included
+    stop: str | None  # on the last step: "eos", "stop_sequence" or "length"
+    shifted: bool  # the context outgrew the window: its earliest tokens were dropped before this step
+    entropy: float  # of the raw distribution, in nats
+
+
 # -- responses -----------------------------------------------------------------------------------
 
 
@@ -207,4 +252,35 @@ def trace_from_proto(m: pb.TraceResponse) -> TraceResult:
         stages=tuple(_stage(s) for s in m.stages),
         prediction=predict_next_from_proto(m.prediction),
         seconds=m.seconds,
+    )
+
+
+def generation_step_from_proto(m: pb.GenerationStep) -> GenerationStep:
+    c = m.chosen
+    return GenerationStep(
+        step=m.step,
+        context_length=m.context_length,
+        candidates=tuple(
+            StepCandidate(
+                x.id,
+                x.text,
+                x.logit,
+                x.probability,
+                x.after_temperature,
+                x.after_top_k,
+                x.after_top_p,
+                x.after_min_p,
+                x.after_typical_p,
+                x.rank,
+            )
+            for x in m.candidates
+        ),
+        chosen=ChosenToken(c.id, c.text, c.logit, c.probability, c.sampled_probability, c.rank),
+        uniform=m.uniform if m.HasField("uniform") else None,
+        draw_index=m.draw_index if m.HasField("draw_index") else None,
+        seed=m.seed,
+        text_so_far=m.text_so_far,
+        stop=m.stop or None,
+        shifted=m.shifted,
+        entropy=m.entropy,
     )

@@ -1,4 +1,5 @@
-"""PNG plots of introspection results: attention, similarity, embedding PCA, norms, top-k.
+"""PNG plots of introspection results: attention, similarity, embedding PCA, norms, top-k, and
+the steps of a generation trace.
 
 Each function takes numpy arrays and labels and writes one PNG with matplotlib's Agg canvas
 (no pyplot, no global backend change). matplotlib is the optional ``plot`` extra, imported only
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,6 +212,58 @@ def top_k_bar(
     ax.set_title(_text(title or "next-token candidates"))
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def generation_steps(
+    probabilities: npt.ArrayLike,
+    labels: Sequence[Sequence[str]],
+    chosen: Sequence[int | None],
+    path: PathLike,
+    *,
+    step_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """A generation trace as a heatmap: one row per step, one column per candidate rank (most
+    probable first), colour = the candidate's final probability (after temperature and the
+    filters), each cell labelled with its token; ``chosen[i]`` is the column of step i's token
+    (outlined), None when it was not among the candidates."""
+    return _save(generation_steps_figure(probabilities, labels, chosen, step_labels=step_labels, title=title), path)
+
+
+def generation_steps_figure(
+    probabilities: npt.ArrayLike,
+    labels: Sequence[Sequence[str]],
+    chosen: Sequence[int | None],
+    *,
+    step_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """``generation_steps``'s figure, unsaved."""
+    from matplotlib.patches import Rectangle
+
+    values = np.asarray(probabilities, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"probabilities must be [steps, candidates], got shape {values.shape}")
+    num_steps, num_candidates = values.shape
+    if len(labels) != num_steps or any(len(row) != num_candidates for row in labels) or len(chosen) != num_steps:
+        raise ValueError(f"labels and chosen must match probabilities of shape {values.shape}")
+    rows = list(step_labels) if step_labels is not None else [f"step {i}" for i in range(num_steps)]
+    fig = _figure(min(max(8.0, 2.5 + 0.9 * num_candidates), 24.0), min(1.8 + 0.45 * num_steps, 30.0))
+    ax = fig.add_subplot()
+    top = float(values.max()) if values.size and values.max() > 0 else 1.0
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
+    for (row, col), value in np.ndenumerate(values):
+        color = "black" if value > 0.6 * top else "white"
+        ax.text(col, row, _text(labels[row][col]), ha="center", va="center", fontsize=7, color=color)
+    for row, col in enumerate(chosen):
+        if col is not None:
+            ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(num_candidates), [str(r) for r in range(1, num_candidates + 1)], fontsize=8)
+    ax.set_yticks(range(num_steps), [_text(r) for r in rows], fontsize=8)
+    ax.set_xlabel("candidate rank in the raw distribution (red outline: the token chosen)")
+    ax.set_title("\n".join(textwrap.wrap(_text(title or "generation, step by step"), 80)), fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="final probability")
+    return fig
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ Every number comes from one forward pass of the serving model over the whole inp
 KV-cache), run on the engine's thread between two generation steps: it never races a
 generation, and delays running streams by at most that one forward pass.
 
+TraceGeneration streams what `Generate` does one token at a time: each step is PredictNext on
+the context so far (the same forward pass over the whole context, the same filters), and step
+i's draw is draw number i of one random stream seeded with `seed`, as in TextGeneration. With
+the same prompt, filters and seed, its chosen tokens are Generate's tokens.
+
 Input: every request takes `text` (tokenized by the server) or `token_ids`. Model RPCs
 (everything but Tokenize and Detokenize) need 1 to ModelInfo.context_window tokens.
 
@@ -20,7 +25,7 @@ Errors are TextGeneration's (google.rpc details in the `grpc-status-details-bin`
   A response larger than the server's --max-introspection-bytes is refused up front with
   reason RESPONSE_TOO_LARGE and one violation per option that would shrink it (`layers`,
   `heads`, `include_scores`, `include_vectors`, `last_token_only`, `num_candidates`,
-  `num_samples`, and the input itself);
+  `num_samples`, `max_new_tokens`, and the input itself);
 - UNAVAILABLE: the model is still loading, or the server is draining;
 - DEADLINE_EXCEEDED, INTERNAL: as for TextGeneration.
 """
@@ -915,3 +920,305 @@ class TraceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TraceResponse: _TypeAlias = TraceResponse  # noqa: Y015
+
+@_typing.final
+class TraceGenerationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    MIN_P_FIELD_NUMBER: _builtins.int
+    TYPICAL_P_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    NUM_CANDIDATES_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text, tokenized by the server."""
+    temperature: _builtins.float
+    """The sampler's options, as in PredictNextRequest and GenerateRequest.
+    Softmax temperature, >= 0. Default 1.0. 0 = greedy (every step takes the argmax).
+    """
+    top_k: _builtins.int
+    """Keep only the k most likely tokens, >= 0. Default 0 = off."""
+    top_p: _builtins.float
+    """Nucleus filter, in (0, 1]. Default 1.0 = off."""
+    min_p: _builtins.float
+    """Drop tokens less likely than min_p * p(most likely), in [0, 1]. Default 0 = off."""
+    typical_p: _builtins.float
+    """Locally typical filter, in (0, 1]. Default 1.0 = off."""
+    seed: _builtins.int
+    """Seed of the draws: step i uses the i-th uniform number of a generator seeded with it, as
+    Generate with this seed does. Default: the server picks one and reports it in every step.
+    """
+    max_new_tokens: _builtins.int
+    """Most tokens to generate (steps), in [1, 64]. Default 8."""
+    num_candidates: _builtins.int
+    """Most probable tokens (raw distribution) listed per step, in [1, 50]. Default 10."""
+    ignore_eos: _builtins.bool
+    """Keep going past <|endoftext|>. Default false: the step that draws it is the last."""
+    @_builtins.property
+    def token_ids(self) -> _common_pb2.TokenIds:
+        """Already tokenized input: vocabulary ids."""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stop strings, at most 4, each 1 to 256 characters: the trace ends at the step whose token
+        completes one (in the generated text, not the prompt). Default: none.
+        """
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        token_ids: _common_pb2.TokenIds | None = ...,
+        temperature: _builtins.float | None = ...,
+        top_k: _builtins.int | None = ...,
+        top_p: _builtins.float | None = ...,
+        min_p: _builtins.float | None = ...,
+        typical_p: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
+        max_new_tokens: _builtins.int | None = ...,
+        num_candidates: _builtins.int | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        ignore_eos: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_min_p", b"_min_p", "_num_candidates", b"_num_candidates", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "_typical_p", b"_typical_p", "input", b"input", "max_new_tokens", b"max_new_tokens", "min_p", b"min_p", "num_candidates", b"num_candidates", "seed", b"seed", "temperature", b"temperature", "text", b"text", "token_ids", b"token_ids", "top_k", b"top_k", "top_p", b"top_p", "typical_p", b"typical_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_min_p", b"_min_p", "_num_candidates", b"_num_candidates", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "_typical_p", b"_typical_p", "ignore_eos", b"ignore_eos", "input", b"input", "max_new_tokens", b"max_new_tokens", "min_p", b"min_p", "num_candidates", b"num_candidates", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "text", b"text", "token_ids", b"token_ids", "top_k", b"top_k", "top_p", b"top_p", "typical_p", b"typical_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__min_p: _TypeAlias = _typing.Literal["min_p"]  # noqa: Y015
+    _WhichOneofArgType__min_p: _TypeAlias = _typing.Literal["_min_p", b"_min_p"]  # noqa: Y015
+    _WhichOneofReturnType__num_candidates: _TypeAlias = _typing.Literal["num_candidates"]  # noqa: Y015
+    _WhichOneofArgType__num_candidates: _TypeAlias = _typing.Literal["_num_candidates", b"_num_candidates"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
+    _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    _WhichOneofReturnType__typical_p: _TypeAlias = _typing.Literal["typical_p"]  # noqa: Y015
+    _WhichOneofArgType__typical_p: _TypeAlias = _typing.Literal["_typical_p", b"_typical_p"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "token_ids"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_tokens) -> _WhichOneofReturnType__max_new_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_p) -> _WhichOneofReturnType__min_p | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_candidates) -> _WhichOneofReturnType__num_candidates | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__typical_p) -> _WhichOneofReturnType__typical_p | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___TraceGenerationRequest: _TypeAlias = TraceGenerationRequest  # noqa: Y015
+
+@_typing.final
+class StepCandidate(_message.Message):
+    """One candidate of a generation step: its probability at every stage of the sampler. Each stage
+    is a distribution of its own (renormalised after the tokens it removes); a token a stage
+    removed has 0 there and after. Stages not in use repeat the stage before them. At temperature
+    0 every stage is 1 for the greedy token and 0 for the others.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    LOGIT_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    AFTER_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    AFTER_TOP_K_FIELD_NUMBER: _builtins.int
+    AFTER_TOP_P_FIELD_NUMBER: _builtins.int
+    AFTER_MIN_P_FIELD_NUMBER: _builtins.int
+    AFTER_TYPICAL_P_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Vocabulary id."""
+    text: _builtins.str
+    """The token on its own (U+FFFD where it holds part of a multi-byte character)."""
+    logit: _builtins.float
+    """Raw LM-head output."""
+    probability: _builtins.float
+    """Softmax of the raw logits."""
+    after_temperature: _builtins.float
+    """Softmax of logits / temperature."""
+    after_top_k: _builtins.float
+    """After top-k (on the temperature's output)."""
+    after_top_p: _builtins.float
+    """After top-p (on top-k's output)."""
+    after_min_p: _builtins.float
+    """After min-p (on top-p's output)."""
+    after_typical_p: _builtins.float
+    """After typical-p (on min-p's output): the final distribution, what the draw uses
+    (PredictNext's sampled_probability).
+    """
+    rank: _builtins.int
+    """Rank in the raw distribution: 1 = most probable."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        text: _builtins.str = ...,
+        logit: _builtins.float = ...,
+        probability: _builtins.float = ...,
+        after_temperature: _builtins.float = ...,
+        after_top_k: _builtins.float = ...,
+        after_top_p: _builtins.float = ...,
+        after_min_p: _builtins.float = ...,
+        after_typical_p: _builtins.float = ...,
+        rank: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_min_p", b"after_min_p", "after_temperature", b"after_temperature", "after_top_k", b"after_top_k", "after_top_p", b"after_top_p", "after_typical_p", b"after_typical_p", "id", b"id", "logit", b"logit", "probability", b"probability", "rank", b"rank", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepCandidate: _TypeAlias = StepCandidate  # noqa: Y015
+
+@_typing.final
+class ChosenToken(_message.Message):
+    """The token a step chose."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    LOGIT_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    SAMPLED_PROBABILITY_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Vocabulary id."""
+    text: _builtins.str
+    """The token on its own (U+FFFD where it holds part of a multi-byte character)."""
+    logit: _builtins.float
+    """Raw LM-head output."""
+    probability: _builtins.float
+    """Softmax of the raw logits."""
+    sampled_probability: _builtins.float
+    """In the final distribution (after temperature and every filter): what it was drawn with."""
+    rank: _builtins.int
+    """Rank in the raw distribution: 1 = most probable (the greedy token)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        text: _builtins.str = ...,
+        logit: _builtins.float = ...,
+        probability: _builtins.float = ...,
+        sampled_probability: _builtins.float = ...,
+        rank: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "logit", b"logit", "probability", b"probability", "rank", b"rank", "sampled_probability", b"sampled_probability", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChosenToken: _TypeAlias = ChosenToken  # noqa: Y015
+
+@_typing.final
+class GenerationStep(_message.Message):
+    """One step of the autoregressive loop: one forward pass over the context, one token chosen."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    UNIFORM_FIELD_NUMBER: _builtins.int
+    DRAW_INDEX_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    TEXT_SO_FAR_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    SHIFTED_FIELD_NUMBER: _builtins.int
+    ENTROPY_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Which step, from 0: step i chooses the (i+1)-th generated token."""
+    context_length: _builtins.int
+    """Tokens the model saw: the prompt and the tokens chosen before this step, less any a context
+    shift dropped.
+    """
+    uniform: _builtins.float
+    """The uniform number in [0, 1) the draw used: the chosen token is the first whose cumulative
+    final probability exceeds it. Unset at temperature 0 (greedy: no draw, no number used).
+    """
+    draw_index: _builtins.int
+    """The uniform's position in the seed's random stream: 0 for the first draw, i at step i.
+    Unset at temperature 0.
+    """
+    seed: _builtins.int
+    """The seed of the draws: the request's, or the one the server chose (the same in every step)."""
+    text_so_far: _builtins.str
+    """The generated text so far, this step's token included, without the prompt (<|endoftext|>
+    adds no text); at a stop_sequence step cut before the stop string, as Generate returns it.
+    """
+    stop: _builtins.str
+    """Why the generation ends with this step, as GenerateResponse.finish_reason in lower case:
+    "eos" (drew <|endoftext|>, unless ignore_eos), "stop_sequence" (a stop string appeared) or
+    "length" (max_new_tokens reached). Empty: another step follows. Set on the last step only.
+    """
+    shifted: _builtins.bool
+    """The context was longer than the context window: before this step the earliest tokens were
+    dropped, as Generate's context shift does (the newest `context_shift_keep` tokens are kept:
+    by default three quarters of the window), and the model saw the rest from position 0.
+    """
+    entropy: _builtins.float
+    """Entropy of the raw next-token distribution, in nats."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepCandidate]:
+        """The num_candidates most probable tokens of the raw distribution, most probable first."""
+
+    @_builtins.property
+    def chosen(self) -> Global___ChosenToken:
+        """The token this step chose (it may not be among the candidates)."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        context_length: _builtins.int = ...,
+        candidates: _abc.Iterable[Global___StepCandidate] | None = ...,
+        chosen: Global___ChosenToken | None = ...,
+        uniform: _builtins.float | None = ...,
+        draw_index: _builtins.int | None = ...,
+        seed: _builtins.int = ...,
+        text_so_far: _builtins.str = ...,
+        stop: _builtins.str = ...,
+        shifted: _builtins.bool = ...,
+        entropy: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_draw_index", b"_draw_index", "_uniform", b"_uniform", "chosen", b"chosen", "draw_index", b"draw_index", "uniform", b"uniform"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_draw_index", b"_draw_index", "_uniform", b"_uniform", "candidates", b"candidates", "chosen", b"chosen", "context_length", b"context_length", "draw_index", b"draw_index", "entropy", b"entropy", "seed", b"seed", "shifted", b"shifted", "step", b"step", "stop", b"stop", "text_so_far", b"text_so_far", "uniform", b"uniform"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__draw_index: _TypeAlias = _typing.Literal["draw_index"]  # noqa: Y015
+    _WhichOneofArgType__draw_index: _TypeAlias = _typing.Literal["_draw_index", b"_draw_index"]  # noqa: Y015
+    _WhichOneofReturnType__uniform: _TypeAlias = _typing.Literal["uniform"]  # noqa: Y015
+    _WhichOneofArgType__uniform: _TypeAlias = _typing.Literal["_uniform", b"_uniform"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__draw_index) -> _WhichOneofReturnType__draw_index | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__uniform) -> _WhichOneofReturnType__uniform | None: ...
+
+Global___GenerationStep: _TypeAlias = GenerationStep  # noqa: Y015

@@ -69,6 +69,11 @@ class IntrospectionStub:
                 request_serializer=gpt2_dot_v1_dot_introspection__pb2.TraceRequest.SerializeToString,
                 response_deserializer=gpt2_dot_v1_dot_introspection__pb2.TraceResponse.FromString,
                 _registered_method=True)
+        self.TraceGeneration = channel.unary_stream(
+                '/gpt2.v1.Introspection/TraceGeneration',
+                request_serializer=gpt2_dot_v1_dot_introspection__pb2.TraceGenerationRequest.SerializeToString,
+                response_deserializer=gpt2_dot_v1_dot_introspection__pb2.GenerationStep.FromString,
+                _registered_method=True)
 
 
 class IntrospectionServicer:
@@ -125,6 +130,15 @@ class IntrospectionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TraceGeneration(self, request, context):
+        """The autoregressive loop made visible: generate up to max_new_tokens tokens, streaming one
+        GenerationStep per token: the context the model saw, the candidates before and after
+        temperature and each filter, the token drawn and the uniform number that drew it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntrospectionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +176,11 @@ def add_IntrospectionServicer_to_server(servicer, server):
                     servicer.Trace,
                     request_deserializer=gpt2_dot_v1_dot_introspection__pb2.TraceRequest.FromString,
                     response_serializer=gpt2_dot_v1_dot_introspection__pb2.TraceResponse.SerializeToString,
+            ),
+            'TraceGeneration': grpc.unary_stream_rpc_method_handler(
+                    servicer.TraceGeneration,
+                    request_deserializer=gpt2_dot_v1_dot_introspection__pb2.TraceGenerationRequest.FromString,
+                    response_serializer=gpt2_dot_v1_dot_introspection__pb2.GenerationStep.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +372,33 @@ class Introspection:
             '/gpt2.v1.Introspection/Trace',
             gpt2_dot_v1_dot_introspection__pb2.TraceRequest.SerializeToString,
             gpt2_dot_v1_dot_introspection__pb2.TraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpt2.v1.Introspection/TraceGeneration',
+            gpt2_dot_v1_dot_introspection__pb2.TraceGenerationRequest.SerializeToString,
+            gpt2_dot_v1_dot_introspection__pb2.GenerationStep.FromString,
             options,
             channel_credentials,
             insecure,

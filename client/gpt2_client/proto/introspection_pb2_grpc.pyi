@@ -8,6 +8,11 @@ Every number comes from one forward pass of the serving model over the whole inp
 KV-cache), run on the engine's thread between two generation steps: it never races a
 generation, and delays running streams by at most that one forward pass.
 
+TraceGeneration streams what `Generate` does one token at a time: each step is PredictNext on
+the context so far (the same forward pass over the whole context, the same filters), and step
+i's draw is draw number i of one random stream seeded with `seed`, as in TextGeneration. With
+the same prompt, filters and seed, its chosen tokens are Generate's tokens.
+
 Input: every request takes `text` (tokenized by the server) or `token_ids`. Model RPCs
 (everything but Tokenize and Detokenize) need 1 to ModelInfo.context_window tokens.
 
@@ -20,7 +25,7 @@ Errors are TextGeneration's (google.rpc details in the `grpc-status-details-bin`
   A response larger than the server's --max-introspection-bytes is refused up front with
   reason RESPONSE_TOO_LARGE and one violation per option that would shrink it (`layers`,
   `heads`, `include_scores`, `include_vectors`, `last_token_only`, `num_candidates`,
-  `num_samples`, and the input itself);
+  `num_samples`, `max_new_tokens`, and the input itself);
 - UNAVAILABLE: the model is still loading, or the server is draining;
 - DEADLINE_EXCEEDED, INTERNAL: as for TextGeneration.
 """
@@ -71,6 +76,11 @@ class IntrospectionStub:
     """The dataflow of one forward pass: each stage's shapes, time and statistics, and the
     prediction.
     """
+    TraceGeneration: _grpc.UnaryStreamMultiCallable[_introspection_pb2.TraceGenerationRequest, _introspection_pb2.GenerationStep]
+    """The autoregressive loop made visible: generate up to max_new_tokens tokens, streaming one
+    GenerationStep per token: the context the model saw, the candidates before and after
+    temperature and each filter, the token drawn and the uniform number that drew it.
+    """
 
 @_typing.type_check_only
 class IntrospectionAsyncStub(IntrospectionStub):
@@ -92,6 +102,11 @@ class IntrospectionAsyncStub(IntrospectionStub):
     Trace: _aio.UnaryUnaryMultiCallable[_introspection_pb2.TraceRequest, _introspection_pb2.TraceResponse]  # type: ignore[assignment]
     """The dataflow of one forward pass: each stage's shapes, time and statistics, and the
     prediction.
+    """
+    TraceGeneration: _aio.UnaryStreamMultiCallable[_introspection_pb2.TraceGenerationRequest, _introspection_pb2.GenerationStep]  # type: ignore[assignment]
+    """The autoregressive loop made visible: generate up to max_new_tokens tokens, streaming one
+    GenerationStep per token: the context the model saw, the candidates before and after
+    temperature and each filter, the token drawn and the uniform number that drew it.
     """
 
 class IntrospectionServicer(metaclass=_abc_1.ABCMeta):
@@ -153,6 +168,17 @@ class IntrospectionServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_introspection_pb2.TraceResponse, _abc.Awaitable[_introspection_pb2.TraceResponse]]:
         """The dataflow of one forward pass: each stage's shapes, time and statistics, and the
         prediction.
+        """
+
+    @_abc_1.abstractmethod
+    def TraceGeneration(
+        self,
+        request: _introspection_pb2.TraceGenerationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_introspection_pb2.GenerationStep], _abc.AsyncIterator[_introspection_pb2.GenerationStep]]:
+        """The autoregressive loop made visible: generate up to max_new_tokens tokens, streaming one
+        GenerationStep per token: the context the model saw, the candidates before and after
+        temperature and each filter, the token drawn and the uniform number that drew it.
         """
 
 def add_IntrospectionServicer_to_server(servicer: IntrospectionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -39,6 +39,8 @@ from gpt2_service.introspection.inspector import (
     AttentionResult,
     Candidate,
     EmbedResult,
+    GenerationStep,
+    GenerationTraceOptions,
     HiddenStatesResult,
     Inspector,
     Plan,
@@ -64,6 +66,8 @@ RETRY_AFTER_SECONDS = 0.1  # what a refused model RPC is told to wait before the
 
 # Request fields passed to the Inspector only when set, so that its defaults apply.
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed", "num_samples", "num_candidates")
+GENERATION_TRACE_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed", "max_new_tokens",
+                           "num_candidates")  # fmt: skip
 
 
 class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
@@ -89,7 +93,8 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
     async def _call(self, rpc: str, context: Context) -> AsyncIterator[tuple[Engine, Inspector]]:
         async with rpc_scope(self._gate, rpc, context, new_request_id()) as engine:
             if self._inspector is None or self._inspector[0] is not engine:
-                self._inspector = (engine, Inspector(engine.loaded, self._budget, engine.context_window))
+                keep = engine.scheduler.config.context_shift_keep  # a generation trace shifts as generation does
+                self._inspector = (engine, Inspector(engine.loaded, self._budget, engine.context_window, keep))
             try:
                 yield self._inspector
             except InvalidRequestError as exc:
@@ -106,6 +111,24 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             return pb.DetokenizeResponse(text=await asyncio.to_thread(inspector.detokenize, request.token_ids.ids))
         raise AssertionError("unreachable: _call aborts on every error")
 
+    @asynccontextmanager
+    async def _model_slot(self) -> AsyncIterator[None]:
+        """One of the ``max_model_rpcs`` places, or RESOURCE_EXHAUSTED at once."""
+        if self._model_rpcs >= self._max_model_rpcs:
+            raise EngineOverloadedError(
+                f"{self._model_rpcs} Introspection model RPCs in flight, the most this server runs "
+                "(--max-model-rpcs); retry later",
+                reason=TOO_MANY_MODEL_RPCS,
+                retry_after=round(self._model_rpc_seconds, 3),
+            )
+        self._model_rpcs += 1
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._model_rpcs -= 1
+            self._model_rpc_seconds += 0.2 * (time.monotonic() - started - self._model_rpc_seconds)
+
     async def _model_rpc(
         self,
         rpc: str,
@@ -121,21 +144,9 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
         response) per piece, between generation steps."""
         async with self._call(rpc, context) as (engine, inspector):
             tensors = tensor_dtype(dtype)  # an unknown value is refused before any work
-            if self._model_rpcs >= self._max_model_rpcs:
-                raise EngineOverloadedError(
-                    f"{self._model_rpcs} Introspection model RPCs in flight, the most this server runs "
-                    "(--max-model-rpcs); retry later",
-                    reason=TOO_MANY_MODEL_RPCS,
-                    retry_after=round(self._model_rpc_seconds, 3),
-                )
-            self._model_rpcs += 1
-            started = time.monotonic()
-            try:
+            async with self._model_slot():
                 run = await asyncio.to_thread(plan, inspector)
                 return await engine.run_pieces(_then_respond(run(), respond, tensors))
-            finally:
-                self._model_rpcs -= 1
-                self._model_rpc_seconds += 0.2 * (time.monotonic() - started - self._model_rpc_seconds)
         raise AssertionError("unreachable: _call aborts on every error")
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
@@ -173,6 +184,24 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             lambda i: i.plan_trace(*_input(request), options),
             lambda result, _: to_trace_response(result),
         )
+
+    async def TraceGeneration(
+        self, request: pb.TraceGenerationRequest, context: Context
+    ) -> AsyncIterator[pb.GenerationStep]:
+        """A model RPC that streams: one place among ``max_model_rpcs`` for the whole stream, the
+        plan on a worker thread, then each step (its forward pass a model stage per piece, then
+        its message) as one engine job; the next step's job is posted once its message is sent."""
+        options = GenerationTraceOptions(**_set_fields(request, GENERATION_TRACE_FIELDS),
+                                         stop=tuple(request.stop), ignore_eos=request.ignore_eos)  # fmt: skip
+        async with self._call("TraceGeneration", context) as (engine, inspector), self._model_slot():
+            plan = await asyncio.to_thread(inspector.plan_generation_trace, *_input(request), options)
+            trace = plan()
+            while not trace.finished:
+                yield await engine.run_pieces(_then_respond(trace.step(), _to_generation_step, TensorDtype.FLOAT32))
+
+
+def _to_generation_step(step: GenerationStep, _: TensorDtype) -> pb.GenerationStep:
+    return to_generation_step(step)
 
 
 def _then_respond(pieces: Pieces[T], respond: Callable[[T, TensorDtype], R], tensors: TensorDtype) -> Pieces[R]:
@@ -317,4 +346,42 @@ def to_trace_response(result: TraceResult) -> pb.TraceResponse:
         stages=[_stage(s) for s in result.stages],
         prediction=to_predict_next_response(result.prediction),
         seconds=result.seconds,
+    )
+
+
+def to_generation_step(step: GenerationStep) -> pb.GenerationStep:
+    chosen = step.chosen
+    return pb.GenerationStep(
+        step=step.step,
+        context_length=step.context_length,
+        candidates=[
+            pb.StepCandidate(
+                id=c.id,
+                text=c.text,
+                logit=c.logit,
+                probability=c.probability,
+                after_temperature=c.after_temperature,
+                after_top_k=c.after_top_k,
+                after_top_p=c.after_top_p,
+                after_min_p=c.after_min_p,
+                after_typical_p=c.after_typical_p,
+                rank=c.rank,
+            )
+            for c in step.candidates
+        ],
+        chosen=pb.ChosenToken(
+            id=chosen.id,
+            text=chosen.text,
+            logit=chosen.logit,
+            probability=chosen.probability,
+            sampled_probability=chosen.sampled_probability,
+            rank=chosen.rank,
+        ),
+        uniform=step.uniform,
+        draw_index=step.draw_index,
+        seed=step.seed,
+        text_so_far=step.text_so_far,
+        stop=step.stop or "",
+        shifted=step.shifted,
+        entropy=step.entropy,
     )

@@ -8,13 +8,16 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from gpt2_service.core.request import check_sampling, scan_token_ids
+from gpt2_service.core.request import MAX_STOP_STRING_CHARS, check_sampling, check_strings, scan_token_ids
 from gpt2_service.errors import FieldViolation, InvalidRequestError, Violations
-from gpt2_service.introspection.results import SamplingOptions, TokenizeResult
+from gpt2_service.introspection.results import GenerationTraceOptions, SamplingOptions, TokenizeResult
 from gpt2_service.model.tokenizer import GPT2Tokenizer
 
 MAX_NUM_SAMPLES = 1024
 MAX_INDEX_LIST = 1024  # entries of a layers / heads list (duplicates are allowed, and ignored)
+MAX_TRACE_NEW_TOKENS = 64  # TraceGeneration's steps
+MAX_TRACE_CANDIDATES = 50  # TraceGeneration's candidates per step
+MAX_TRACE_STOP_STRINGS = 4
 
 
 class InputChecker:
@@ -100,6 +103,24 @@ class InputChecker:
             "num_candidates",
             f"must be in [1, {self.vocab_size}], got {o.num_candidates}",
         )
+        return bad
+
+    def generation(self, o: GenerationTraceOptions) -> Violations:
+        """TraceGeneration's violations: the sampler's rules, then the steps, candidates and stop
+        strings."""
+        bad = Violations()
+        check_sampling(bad, o.params, prefix="")
+        bad.check(
+            1 <= o.max_new_tokens <= MAX_TRACE_NEW_TOKENS,
+            "max_new_tokens",
+            f"must be in [1, {MAX_TRACE_NEW_TOKENS}], got {o.max_new_tokens}",
+        )
+        bad.check(
+            1 <= o.num_candidates <= min(MAX_TRACE_CANDIDATES, self.vocab_size),
+            "num_candidates",
+            f"must be in [1, {min(MAX_TRACE_CANDIDATES, self.vocab_size)}], got {o.num_candidates}",
+        )
+        check_strings(bad, "stop", o.stop, MAX_TRACE_STOP_STRINGS, MAX_STOP_STRING_CHARS, "stop strings")
         return bad
 
     @staticmethod

@@ -22,6 +22,7 @@ from typing import ParamSpec, TypeAlias, TypedDict, TypeVar, Unpack
 from gpt2_service.core.pieces import Pieces, run_to_end
 from gpt2_service.errors import Violations
 from gpt2_service.introspection.budget import NO_LIMIT, RESPONSE_TOO_LARGE, ResponseBudget
+from gpt2_service.introspection.generation import GenerationTrace
 from gpt2_service.introspection.inputs import MAX_INDEX_LIST, MAX_NUM_SAMPLES, InputChecker, input_field
 from gpt2_service.introspection.passes import ForwardPasses, Tokens
 from gpt2_service.introspection.results import (
@@ -30,6 +31,8 @@ from gpt2_service.introspection.results import (
     AttentionResult,
     Candidate,
     EmbedResult,
+    GenerationStep,
+    GenerationTraceOptions,
     HiddenStatesResult,
     PredictNextResult,
     SamplingOptions,
@@ -50,6 +53,9 @@ __all__ = [
     "AttentionResult",
     "Candidate",
     "EmbedResult",
+    "GenerationStep",
+    "GenerationTrace",
+    "GenerationTraceOptions",
     "HiddenStatesResult",
     "Inspector",
     "Plan",
@@ -84,6 +90,21 @@ class SamplingArgs(TypedDict, total=False):
     num_candidates: int
 
 
+class GenerationTraceArgs(TypedDict, total=False):
+    """``trace_generation``'s keyword options: the fields of GenerationTraceOptions."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    typical_p: float
+    seed: int | None
+    max_new_tokens: int
+    num_candidates: int
+    stop: tuple[str, ...]
+    ignore_eos: bool
+
+
 def _now(plan: Callable[P, Plan[R]]) -> Callable[P, R]:
     """The one-call form of a ``plan_*`` method: plan, then run the forward pass at once."""
 
@@ -106,7 +127,11 @@ class Inspector:
     """
 
     def __init__(
-        self, loaded: LoadedModel, budget: ResponseBudget = NO_LIMIT, context_window: int | None = None
+        self,
+        loaded: LoadedModel,
+        budget: ResponseBudget = NO_LIMIT,
+        context_window: int | None = None,
+        context_shift_keep: int | None = None,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -116,6 +141,8 @@ class Inspector:
         self.d_model = config.n_embd
         self.vocab_size = min(self.tokenizer.vocab_size, config.vocab_size)
         self.context_window = min(context_window or config.n_positions, config.n_positions)
+        # what a generation trace keeps when its context outgrows the window (the engine's default)
+        self.context_shift_keep = min(context_shift_keep or (self.context_window * 3) // 4, self.context_window)
         self.budget = budget
         self._inputs = InputChecker(self.tokenizer, self.vocab_size, self.context_window)
         self._passes = ForwardPasses(loaded)
@@ -251,6 +278,40 @@ class Inspector:
         tokens, options, tokenizer_seconds = self._plan_prediction(text, token_ids, options, num_stages)
         input_shape = (len(text),) if text is not None else (len(tokens),)
         return functools.partial(self._passes.trace, tokens, options, input_shape, tokenizer_seconds)
+
+    def trace_generation(
+        self,
+        text: str | None = None,
+        token_ids: Sequence[int] | None = None,
+        **options: Unpack[GenerationTraceArgs],
+    ) -> list[GenerationStep]:
+        """The autoregressive loop, step by step: every step of a generation of up to
+        ``max_new_tokens`` tokens (PredictNext on the context so far, and the draw), until it
+        stops. With the same prompt, filters and seed the chosen tokens are Generate's."""
+        trace = self.plan_generation_trace(text, token_ids, GenerationTraceOptions(**options))()
+        steps = [run_to_end(trace.step())]
+        while not trace.finished:
+            steps.append(run_to_end(trace.step()))
+        return steps
+
+    def plan_generation_trace(
+        self, text: str | None, token_ids: Sequence[int] | None, options: GenerationTraceOptions
+    ) -> Callable[[], GenerationTrace]:
+        """The checks, tokenization and size of TraceGeneration; calling the plan starts a trace
+        (no model work: that is in its steps)."""
+        tokens = self._inputs.tokens(text, token_ids, self._inputs.generation(options)).tokens
+        options = options.with_seed()
+        b = self.budget
+        # one step's message: the candidates and the chosen token (a logit and six probabilities
+        # each), and the text so far
+        per_candidate = b.token_bytes + b.floats(7) + b.piece_bytes
+        step_bytes = (options.num_candidates + 1) * per_candidate + b.piece_bytes * options.max_new_tokens
+        b.check(
+            step_bytes, [("num_candidates", "ask for fewer candidates"), ("max_new_tokens", "ask for fewer tokens")]
+        )
+        ids = [t.id for t in tokens]
+        window, keep = self.context_window, self.context_shift_keep
+        return lambda: GenerationTrace(self._passes, self.tokenizer, ids, options, window, keep)
 
     def _plan_prediction(
         self, text: str | None, token_ids: Sequence[int] | None, options: SamplingOptions, num_stages: int = 0

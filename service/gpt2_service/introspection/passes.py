@@ -108,6 +108,14 @@ class ForwardPasses:
         return self._predict(tokens, self.model.logits(hidden[0, -1:]), options)
 
     @torch.inference_mode()
+    def next_logits(self, ids: Sequence[int]) -> Pieces[Tensor]:
+        """The LM head on the last position of ``ids`` (1, V): PredictNext's forward pass, from ids."""
+        ids_tensor = torch.tensor([list(ids)], dtype=torch.long, device=self._device)
+        positions = torch.arange(len(ids), device=self._device)[None]
+        hidden = yield from self.model.stages(ids_tensor, positions, capture=None, timer=None)
+        return self.model.logits(hidden[0, -1:])
+
+    @torch.inference_mode()
     def trace(
         self, tokens: Tokens, options: SamplingOptions, input_shape: tuple[int, ...], tokenizer_seconds: float
     ) -> Pieces[TraceResult]:

@@ -128,5 +128,74 @@ class SamplingOptions:
         return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
 
 
+@dataclass(frozen=True)
+class StepCandidate:
+    """A candidate of a generation step, with its probability after each stage of the sampler
+    (each stage renormalised; 0 once a stage removed it)."""
+
+    id: int
+    text: str
+    logit: float  # raw LM-head output
+    probability: float  # softmax of the raw logits
+    after_temperature: float
+    after_top_k: float
+    after_top_p: float
+    after_min_p: float
+    after_typical_p: float  # the final distribution: what the draw uses
+    rank: int  # in the raw distribution, 1 = most probable
+
+
+@dataclass(frozen=True)
+class ChosenToken:
+    id: int
+    text: str
+    logit: float
+    probability: float  # raw
+    sampled_probability: float  # in the final distribution
+    rank: int  # in the raw distribution, 1 = most probable
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One step of the autoregressive loop: a forward pass over the context, one token chosen."""
+
+    step: int  # from 0
+    context_length: int  # tokens the model saw
+    candidates: tuple[StepCandidate, ...]  # most probable first (raw distribution)
+    chosen: ChosenToken
+    uniform: float | None  # the draw's uniform number; None at temperature 0 (no draw)
+    draw_index: int | None  # its position in the seed's random stream; None at temperature 0
+    seed: int
+    text_so_far: str  # the generated text, this step's token included
+    stop: str | None  # "eos", "stop_sequence" or "length" on the last step, else None
+    shifted: bool  # the earliest tokens were dropped before this step (a context shift)
+    entropy: float  # of the raw distribution, in nats
+
+
+@dataclass(frozen=True)
+class GenerationTraceOptions:
+    """TraceGeneration's options: the sampler's filters and seed, and when to stop."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 8
+    num_candidates: int = 10
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        """The filters and seed as the engine's sampler takes them (no penalties)."""
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p, seed=self.seed)
+
+    def with_seed(self) -> GenerationTraceOptions:
+        """These options with a seed: the request's, or one chosen now (and reported)."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
+
+
 PREDICT_NEXT_OPTIONS = SamplingOptions()
 TRACE_OPTIONS = SamplingOptions(num_candidates=5)  # a trace shows fewer candidates by default
