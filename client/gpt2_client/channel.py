@@ -83,7 +83,10 @@ RETRIED_METHODS: tuple[dict[str, str], ...] = (
     {"service": TEXT_GENERATION, "method": "GetModelInfo"},
     {"service": TEXT_GENERATION, "method": "Score"},
     {"service": TEXT_GENERATION, "method": "ScoreBatch"},
-    {"service": INTROSPECTION},  # every method of it is unary
+    *(
+        {"service": INTROSPECTION, "method": method}
+        for method in ("Tokenize", "Detokenize", "Embed", "Attention", "HiddenStates", "PredictNext", "Trace")
+    ),  # its unary methods (not the TraceGeneration stream)
 )
 HEALTH_CHECK_SERVICE = ""  # the whole server, in grpc.health.v1 terms
 DEFAULT_MAX_ATTEMPTS = 3
