@@ -22,6 +22,11 @@ On ``random:gpt2`` (one copy of the weights in one process), greedy, prompt 16 r
    sharing a 512-token prefix with the prefix cache on and off (cold, and with the prefix left in
    a free slot by an earlier request), and one request with n=8 vs 8 separate requests; the tokens
    must be the same either way (a mismatch makes the run exit 1). ``--no-reuse`` skips it.
+9. constrained generation (bench/constraint_bench.py): tokens/s of 32 requests constrained by one
+   JSON schema vs the same requests unconstrained generating as many tokens, time to first token
+   with a new schema vs a cached one, the masks' per-step cost; every constrained output must
+   complete and be valid under the schema (a failure makes the run exit 1). ``--no-constraints``
+   skips it.
 
 Systems alternate in rounds (the order rotates each round) after a warm-up; throughputs are
 medians over rounds, ratios medians of per-round ratios (a pair shares the machine's speed of the
@@ -29,7 +34,7 @@ moment). Only one system runs at a time. Writes ``bench/results/bench.json`` (``
 ``throughput.png`` and ``latency.png`` (``-quick`` with --quick), prints a markdown report and,
 on a full run, puts it in bench/README.md.
 
-    make bench                            # full run, ~35 minutes on 2 cores
+    make bench                            # full run, ~40 minutes on 2 cores
     make bench BENCH_ARGS=--quick         # concurrency 1, 8, 32, fewer rounds and tokens, about 5 minutes
     LLAMA_CPP_DIR=/work/llama make bench  # with llama.cpp (bench/build_llama_cpp.sh builds it)
 """
@@ -58,6 +63,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_report
+import constraint_bench
 import deviation
 import grpc
 import llama_cpp
@@ -465,6 +471,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     bench = Bench(plan, loaded)
     results = Results()
     reuse: dict[str, Any] | None = None
+    constraints: dict[str, Any] | None = None
     t = time.perf_counter()
     await bench.start(with_hf=not args.no_hf)
     try:
@@ -479,6 +486,9 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         if not args.no_reuse:  # its own engines, one at a time, none of the systems' running
             reuse = await reuse_bench.measure(loaded, reuse_bench.make_plan(plan.quick, args.rounds))
             t = phase("reuse", t)
+        if not args.no_constraints:  # its own engines too, one at a time
+            constraints = await constraint_bench.measure(loaded, constraint_bench.make_plan(plan.quick, args.rounds))
+            t = phase("constraints", t)
         if not plan.quick:  # the machine's speed drifts: keep the better of two measurements
             again = await in_fresh_thread(lambda: machine.ceilings(loaded.model, repeats=5))
             ceilings = _best_ceilings(ceilings, again)
@@ -521,6 +531,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         **summary,
         "deviation": dev,
         **({"reuse": reuse} if reuse is not None else {}),
+        **({"constraints": constraints} if constraints is not None else {}),
         "targets": bench_report.TARGETS_DOC,
         "phases_s": phases,
         "seconds": round(time.perf_counter() - started, 1),
@@ -551,8 +562,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="rounds at every concurrency, and of prefix reuse and n completions (default: 5 at 1, 3 at 8 and 32, "
-        "1 above, 4 of reuse; quick: 2 at 1, 1 above, 1 of reuse)",
+        help="rounds at every concurrency, of prefix reuse and n completions, and of constrained generation "
+        "(default: 5 at 1, 3 at 8 and 32, 1 above, 4 of reuse, 6 of constraints; quick: 2 at 1, 1 above, 1 of "
+        "reuse and of constraints)",
     )
     parser.add_argument("--checkpoint", type=Path, help="also measure the formats' deviation on this checkpoint")
     parser.add_argument("--llama-cpp-dir", help="llama.cpp build (default: env LLAMA_CPP_DIR; see bench/llama_cpp.py)")
@@ -560,6 +572,9 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     parser.add_argument(
         "--no-reuse", action="store_true", help="skip prefix reuse and n completions (bench/reuse_bench.py)"
+    )
+    parser.add_argument(
+        "--no-constraints", action="store_true", help="skip constrained generation (bench/constraint_bench.py)"
     )
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/bench.json, bench-quick.json)")
     parser.add_argument(
@@ -587,8 +602,12 @@ def main() -> None:
     print(f"\nwrote {out}, {', '.join(str(p) for p in plots)}{' and bench/README.md' if readme else ''} "
           f"in {payload['seconds']:.0f}s")  # fmt: skip
     mismatches = payload.get("reuse", {}).get("mismatches")
-    if mismatches:
-        sys.exit(f"prefix reuse / n completions: token mismatches: {mismatches}")
+    problems = payload.get("constraints", {}).get("problems")
+    if mismatches or problems:
+        sys.exit("; ".join(
+            ([f"prefix reuse / n completions: token mismatches: {mismatches}"] if mismatches else [])
+            + ([f"constrained generation problems: {problems}"] if problems else [])
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":

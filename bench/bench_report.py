@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import constraint_bench
 import reuse_bench
 from engine_bench import README
 from engine_bench import update_readme as _update_between
@@ -45,6 +46,8 @@ TARGETS_DOC = {
     "prefix_reuse": f"mean time to first token of 32 requests sharing a 512-token prefix, prefix cache off / on "
     f">= {reuse_bench.TTFT_MIN_RATIO:.0f}, cold and warm",
     "n_completions": f"wall time of 8 separate requests / one with n=8 >= {reuse_bench.N_MIN_RATIO} (clearly above 1)",
+    "constraints": f"tokens/s of 32 requests constrained by one JSON schema / the same requests unconstrained "
+    f"generating as many tokens >= {constraint_bench.THROUGHPUT_MIN_RATIO}",
 }
 
 
@@ -99,6 +102,8 @@ def targets(p: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                              _verdict(r >= need)))  # fmt: skip
     if p.get("reuse"):
         rows += reuse_bench.targets(p["reuse"])
+    if p.get("constraints"):
+        rows += constraint_bench.targets(p["constraints"])
     return rows
 
 
@@ -284,6 +289,11 @@ def markdown(p: dict[str, Any]) -> str:
             "**Prefix reuse and n completions** ([reuse_bench.py](reuse_bench.py); targets in the table above):",
             reuse_bench.report(p["reuse"], with_targets=False),
         ]
+    if p.get("constraints"):
+        parts += [
+            "**Constrained generation** ([constraint_bench.py](constraint_bench.py); target in the table above):",
+            constraint_bench.report(p["constraints"], with_targets=False),
+        ]
     notes = [
         f"HF generate's tokens differ from ours at concurrency {c}"
         for c, same in p["same_tokens_as_hf"].items()
@@ -312,6 +322,10 @@ def summary_cell(p: dict[str, Any]) -> str:
     if reuse:
         cold, n = _get(reuse, "ratios", "cold_ttft_mean_off_over_on"), _get(reuse, "ratios", "separate_over_n_seconds")
         bits.append(f"prefix reuse: TTFT {_f(cold, '.1f')}x shorter; n=8 {_f(n, '.2f')}x faster than 8 requests")
+    constraints = p.get("constraints")
+    if constraints:
+        ratio = _get(constraints, "ratios", "constrained_over_unconstrained")
+        bits.append(f"JSON-schema constrained {_f(ratio, '.2f')}x unconstrained tokens/s")
     rows = targets(p)
     met = sum(r[3] == "met" for r in rows)
     known = sum(r[3] != "n/a" for r in rows)
