@@ -27,6 +27,11 @@ On ``random:gpt2`` (one copy of the weights in one process), greedy, prompt 16 r
    with a new schema vs a cached one, the masks' per-step cost; every constrained output must
    complete and be valid under the schema (a failure makes the run exit 1). ``--no-constraints``
    skips it.
+10. tracing overhead (bench/serving_tracing_overhead.py): gRPC streaming tokens/s at concurrency
+    32 with OpenTelemetry tracing on (every call sampled, spans counted and dropped by the
+    exporter) vs off, one engine behind two servers, ABBA pairs of rounds; the median pair ratio
+    with a bootstrap 95% CI, CPU per token, spans per request (other than 5 per stream, or not
+    continuing the caller's traceparent: the run exits 1). ``--no-tracing`` skips it.
 
 Systems alternate in rounds (the order rotates each round) after a warm-up; throughputs are
 medians over rounds, ratios medians of per-round ratios (a pair shares the machine's speed of the
@@ -69,6 +74,7 @@ import grpc
 import llama_cpp
 import machine
 import reuse_bench
+import serving_tracing_overhead
 from engine_bench import SystemResult, _quiet_transformers, paired_ratio
 from engine_driver import run_batch
 from gpt2_client.proto import generation_pb2_grpc
@@ -472,6 +478,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     results = Results()
     reuse: dict[str, Any] | None = None
     constraints: dict[str, Any] | None = None
+    tracing: dict[str, Any] | None = None
     t = time.perf_counter()
     await bench.start(with_hf=not args.no_hf)
     try:
@@ -489,6 +496,10 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         if not args.no_constraints:  # its own engines too, one at a time
             constraints = await constraint_bench.measure(loaded, constraint_bench.make_plan(plan.quick, args.rounds))
             t = phase("constraints", t)
+        if not args.no_tracing:  # one engine of its own behind two servers (tracing on, off)
+            tracing_plan = serving_tracing_overhead.make_plan(plan.quick, args.rounds)
+            tracing = await serving_tracing_overhead.measure(loaded, tracing_plan)
+            t = phase("tracing", t)
         if not plan.quick:  # the machine's speed drifts: keep the better of two measurements
             again = await in_fresh_thread(lambda: machine.ceilings(loaded.model, repeats=5))
             ceilings = _best_ceilings(ceilings, again)
@@ -532,6 +543,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "deviation": dev,
         **({"reuse": reuse} if reuse is not None else {}),
         **({"constraints": constraints} if constraints is not None else {}),
+        **({"tracing": tracing} if tracing is not None else {}),
         "targets": bench_report.TARGETS_DOC,
         "phases_s": phases,
         "seconds": round(time.perf_counter() - started, 1),
@@ -562,9 +574,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="rounds at every concurrency, of prefix reuse and n completions, and of constrained generation "
-        "(default: 5 at 1, 3 at 8 and 32, 1 above, 4 of reuse, 6 of constraints; quick: 2 at 1, 1 above, 1 of "
-        "reuse and of constraints)",
+        help="rounds at every concurrency, of prefix reuse and n completions, and of constrained generation; "
+        "pairs of tracing on/off, rounded up to even (default: 5 at 1, 3 at 8 and 32, 1 above, 4 of reuse, 6 of "
+        "constraints, 28 tracing pairs; quick: 2 at 1, 1 above, 1 of reuse and of constraints, 4 tracing pairs)",
     )
     parser.add_argument("--checkpoint", type=Path, help="also measure the formats' deviation on this checkpoint")
     parser.add_argument("--llama-cpp-dir", help="llama.cpp build (default: env LLAMA_CPP_DIR; see bench/llama_cpp.py)")
@@ -575,6 +587,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-constraints", action="store_true", help="skip constrained generation (bench/constraint_bench.py)"
+    )
+    parser.add_argument(
+        "--no-tracing", action="store_true", help="skip the tracing overhead (bench/serving_tracing_overhead.py)"
     )
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/bench.json, bench-quick.json)")
     parser.add_argument(
@@ -603,10 +618,12 @@ def main() -> None:
           f"in {payload['seconds']:.0f}s")  # fmt: skip
     mismatches = payload.get("reuse", {}).get("mismatches")
     problems = payload.get("constraints", {}).get("problems")
-    if mismatches or problems:
+    spans = payload.get("tracing", {}).get("spans", {"ok": True})
+    if mismatches or problems or not spans["ok"]:
         sys.exit("; ".join(
             ([f"prefix reuse / n completions: token mismatches: {mismatches}"] if mismatches else [])
             + ([f"constrained generation problems: {problems}"] if problems else [])
+            + ([f"tracing: span check failed: {spans}"] if not spans["ok"] else [])
         ))  # fmt: skip
 
 

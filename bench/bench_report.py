@@ -16,6 +16,7 @@ from typing import Any
 
 import constraint_bench
 import reuse_bench
+import serving_tracing_overhead
 from engine_bench import README
 from engine_bench import update_readme as _update_between
 
@@ -48,6 +49,8 @@ TARGETS_DOC = {
     "n_completions": f"wall time of 8 separate requests / one with n=8 >= {reuse_bench.N_MIN_RATIO} (clearly above 1)",
     "constraints": f"tokens/s of 32 requests constrained by one JSON schema / the same requests unconstrained "
     f"generating as many tokens >= {constraint_bench.THROUGHPUT_MIN_RATIO}",
+    "tracing": f"gRPC streaming tokens/s at concurrency 32 with tracing on (100% sampled) / off >= "
+    f"{serving_tracing_overhead.TARGET_RATIO} (lower bound of the median pair ratio's bootstrap 95% CI)",
 }
 
 
@@ -104,6 +107,8 @@ def targets(p: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows += reuse_bench.targets(p["reuse"])
     if p.get("constraints"):
         rows += constraint_bench.targets(p["constraints"])
+    if p.get("tracing"):
+        rows += serving_tracing_overhead.targets(p["tracing"])
     return rows
 
 
@@ -294,6 +299,12 @@ def markdown(p: dict[str, Any]) -> str:
             "**Constrained generation** ([constraint_bench.py](constraint_bench.py); target in the table above):",
             constraint_bench.report(p["constraints"], with_targets=False),
         ]
+    if p.get("tracing"):
+        parts += [
+            "**Tracing overhead** ([serving_tracing_overhead.py](serving_tracing_overhead.py); target in the table "
+            "above):",
+            serving_tracing_overhead.report(p["tracing"], with_targets=False),
+        ]
     notes = [
         f"HF generate's tokens differ from ours at concurrency {c}"
         for c, same in p["same_tokens_as_hf"].items()
@@ -326,6 +337,10 @@ def summary_cell(p: dict[str, Any]) -> str:
     if constraints:
         ratio = _get(constraints, "ratios", "constrained_over_unconstrained")
         bits.append(f"JSON-schema constrained {_f(ratio, '.2f')}x unconstrained tokens/s")
+    tracing = p.get("tracing")
+    if tracing:
+        ratio = _get(tracing, "tokens_per_s", "median_pair_ratio")
+        bits.append(f"tracing on (100% sampled) {_f(ratio, '.3f')}x off over gRPC at 32")
     rows = targets(p)
     met = sum(r[3] == "met" for r in rows)
     known = sum(r[3] != "n/a" for r in rows)
