@@ -40,6 +40,13 @@ PRIMITIVE_CACHES = {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; the exit status (1 if the model cannot be loaded)."""
+    # torch, gRPC and the rest are imported here, before the signal handlers are installed: imported
+    # after them (in _serve_until), streams pinned to a SIGTERMed server hung through its whole
+    # grace period (tests/test_replicas.py); the mechanism was not pinned down
+    import gpt2_service.api.server
+    import gpt2_service.engine.frontend
+    import gpt2_service.metrics
+    import gpt2_service.model.weights  # noqa: F401
     from gpt2_service.engine.threads import confine_torch_to_the_engine
 
     loop = asyncio.get_running_loop()
