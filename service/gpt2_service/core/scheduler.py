@@ -120,6 +120,13 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.prefill and not self.decode and not self.copies
 
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get a token this step, in the runner's row order: completed prompts
+        (each with its forks), then decodes that are not replays."""
+        completed = [s for c in self.prefill if c.samples for s in (c.seq, *c.forks)]
+        return completed + [s for s in self.decode if s.seq_id not in self.replay]
+
 
 @dataclass
 class PrefixStats:
@@ -259,8 +266,7 @@ class Scheduler:
             self._record_prefix(chunk)
         for seq in plan.decode:
             seq.num_computed += 1
-        decoded = [s for s in plan.decode if s.seq_id not in plan.replay]
-        for seq in [s for c in plan.prefill if c.samples for s in (c.seq, *c.forks)] + decoded:
+        for seq in plan.sampled:
             self._append_token(seq, sampled[seq.seq_id], now, result)
         return result
 

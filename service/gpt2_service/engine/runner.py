@@ -298,9 +298,7 @@ class ModelRunner:
     def _start_masks(self, plan: StepPlan) -> tuple[list[Sequence], Future[np.ndarray]] | None:
         """The sequences this step samples that have a constraint, and their masks being computed
         on the masks' worker thread (None when there are none)."""
-        due = [s for c in plan.prefill if c.samples for s in (c.seq, *c.forks)]
-        due += [s for s in plan.decode if s.seq_id not in plan.replay]
-        constrained = [s for s in due if s.matcher is not None]
+        constrained = [s for s in plan.sampled if s.matcher is not None]
         if not constrained:
             return None
         return constrained, self.masks.start([s.matcher for s in constrained])
