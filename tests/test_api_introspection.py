@@ -159,6 +159,7 @@ async def test_predict_next_equals_the_inspector(stub: Stub, tiny: LoadedModel) 
     same([response.greedy_token], [expected.greedy_token])
     same(response.sampled_tokens, expected.sampled_tokens)
     assert response.seed == 3 and response.entropy == pytest.approx(expected.entropy, rel=1e-5)
+    assert response.sampled_entropy == pytest.approx(expected.sampled_entropy, rel=1e-5)
 
 
 async def test_predict_next_defaults_are_the_inspector_s(stub: Stub) -> None:

@@ -75,6 +75,7 @@ def test_each_step_is_predict_next_on_its_context_with_the_same_seed(
             assert got.after_typical_p == pytest.approx(want.sampled_probability, abs=1e-6)
         assert step.chosen.id == expected.sampled_tokens[-1].id
         assert step.entropy == pytest.approx(expected.entropy, abs=1e-6)
+        assert step.sampled_entropy == pytest.approx(expected.sampled_entropy, abs=1e-5)
         if options["temperature"] == 0:
             assert step.chosen.id == expected.greedy_token.id and step.uniform is None and step.draw_index is None
         else:

@@ -340,6 +340,18 @@ def test_sampled_probabilities_match_hugging_face_warpers(hf_inspector: Inspecto
     kept = [c for c in result.candidates if c.sampled_probability > 0]
     assert 1 <= len(kept) <= 8
     assert sum(c.sampled_probability for c in kept) == pytest.approx(1, abs=TOLERANCE)
+    expected_entropy = float(torch.special.entr(expected).sum())
+    assert abs(result.sampled_entropy - expected_entropy) <= TOLERANCE
+    assert result.sampled_entropy < np.log(8) + TOLERANCE < result.entropy  # top-k 8 bounds it
+
+
+def test_sampled_entropy_is_the_raw_one_without_settings_and_zero_when_greedy(inspector: Inspector) -> None:
+    plain = inspector.predict_next(text=HF_TEXT)
+    assert plain.sampled_entropy == pytest.approx(plain.entropy, abs=1e-5)
+    assert inspector.predict_next(text=HF_TEXT, temperature=0).sampled_entropy == 0
+    hotter = inspector.predict_next(text=HF_TEXT, temperature=2.0)
+    colder = inspector.predict_next(text=HF_TEXT, temperature=0.5)
+    assert colder.sampled_entropy < plain.entropy < hotter.sampled_entropy
 
 
 # -- attention and hidden-state properties --------------------------------------------------------

@@ -88,6 +88,7 @@ class PredictNextResult:
     sampled_tokens: tuple[Candidate, ...]  # in draw order
     seed: int  # the seed of the draws (the server's choice when none was given)
     entropy: float  # of the raw next-token distribution, in nats
+    sampled_entropy: float  # of the distribution the draws use (after temperature and filters); 0 when greedy
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class GenerationStep:
     stop: str | None  # on the last step: "eos", "stop_sequence" or "length"
     shifted: bool  # the context outgrew the window: its earliest tokens were dropped before this step
     entropy: float  # of the raw distribution, in nats
+    sampled_entropy: float  # of the final distribution (after temperature and every filter); 0 when greedy
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ def predict_next_from_proto(m: pb.PredictNextResponse) -> PredictNextResult:
         sampled_tokens=tuple(_candidate(c) for c in m.sampled_tokens),
         seed=m.seed,
         entropy=m.entropy,
+        sampled_entropy=m.sampled_entropy,
     )
 
 
@@ -283,4 +286,5 @@ def generation_step_from_proto(m: pb.GenerationStep) -> GenerationStep:
         stop=m.stop or None,
         shifted=m.shifted,
         entropy=m.entropy,
+        sampled_entropy=m.sampled_entropy,
     )

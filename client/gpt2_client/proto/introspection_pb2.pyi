@@ -661,10 +661,15 @@ class PredictNextResponse(_message.Message):
     SAMPLED_TOKENS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     ENTROPY_FIELD_NUMBER: _builtins.int
+    SAMPLED_ENTROPY_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """The seed of the draws: the request's, or the one the server chose."""
     entropy: _builtins.float
     """Entropy of the raw next-token distribution, in nats."""
+    sampled_entropy: _builtins.float
+    """Entropy of the distribution the draws come from (after temperature and the filters), in nats:
+    beside `entropy`, how much the settings narrow the choice. 0 at temperature 0 (greedy).
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputToken]:
         """The input's tokens."""
@@ -690,10 +695,11 @@ class PredictNextResponse(_message.Message):
         sampled_tokens: _abc.Iterable[Global___Candidate] | None = ...,
         seed: _builtins.int = ...,
         entropy: _builtins.float = ...,
+        sampled_entropy: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["greedy_token", b"greedy_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "entropy", b"entropy", "greedy_token", b"greedy_token", "sampled_tokens", b"sampled_tokens", "seed", b"seed", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "entropy", b"entropy", "greedy_token", b"greedy_token", "sampled_entropy", b"sampled_entropy", "sampled_tokens", b"sampled_tokens", "seed", b"seed", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1153,6 +1159,7 @@ class GenerationStep(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     SHIFTED_FIELD_NUMBER: _builtins.int
     ENTROPY_FIELD_NUMBER: _builtins.int
+    SAMPLED_ENTROPY_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Which step, from 0: step i chooses the (i+1)-th generated token."""
     context_length: _builtins.int
@@ -1185,6 +1192,10 @@ class GenerationStep(_message.Message):
     """
     entropy: _builtins.float
     """Entropy of the raw next-token distribution, in nats."""
+    sampled_entropy: _builtins.float
+    """Entropy of the final distribution (after temperature and every filter), in nats; 0 at
+    temperature 0 (greedy).
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepCandidate]:
         """The num_candidates most probable tokens of the raw distribution, most probable first."""
@@ -1207,10 +1218,11 @@ class GenerationStep(_message.Message):
         stop: _builtins.str = ...,
         shifted: _builtins.bool = ...,
         entropy: _builtins.float = ...,
+        sampled_entropy: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_draw_index", b"_draw_index", "_uniform", b"_uniform", "chosen", b"chosen", "draw_index", b"draw_index", "uniform", b"uniform"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_draw_index", b"_draw_index", "_uniform", b"_uniform", "candidates", b"candidates", "chosen", b"chosen", "context_length", b"context_length", "draw_index", b"draw_index", "entropy", b"entropy", "seed", b"seed", "shifted", b"shifted", "step", b"step", "stop", b"stop", "text_so_far", b"text_so_far", "uniform", b"uniform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_draw_index", b"_draw_index", "_uniform", b"_uniform", "candidates", b"candidates", "chosen", b"chosen", "context_length", b"context_length", "draw_index", b"draw_index", "entropy", b"entropy", "sampled_entropy", b"sampled_entropy", "seed", b"seed", "shifted", b"shifted", "step", b"step", "stop", b"stop", "text_so_far", b"text_so_far", "uniform", b"uniform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__draw_index: _TypeAlias = _typing.Literal["draw_index"]  # noqa: Y015
     _WhichOneofArgType__draw_index: _TypeAlias = _typing.Literal["_draw_index", b"_draw_index"]  # noqa: Y015

@@ -321,6 +321,7 @@ def to_predict_next_response(result: PredictNextResult) -> pb.PredictNextRespons
         sampled_tokens=[_candidate(c) for c in result.sampled_tokens],
         seed=result.seed,
         entropy=result.entropy,
+        sampled_entropy=result.sampled_entropy,
     )
 
 
@@ -384,4 +385,5 @@ def to_generation_step(step: GenerationStep) -> pb.GenerationStep:
         stop=step.stop or "",
         shifted=step.shifted,
         entropy=step.entropy,
+        sampled_entropy=step.sampled_entropy,
     )

@@ -129,6 +129,7 @@ class GenerationTrace:
             stop=stop,
             shifted=shifted,
             entropy=float(torch.special.entr(probs[0]).sum()),
+            sampled_entropy=float(torch.special.entr(stages[-1][0]).sum()),
         )
 
     def _advance(self, token_id: int) -> str | None:

@@ -189,6 +189,7 @@ class ForwardPasses:
             sampled_tokens=tuple(candidate(i) for i in drawn),
             seed=o.seed,
             entropy=float(torch.special.entr(probs[0]).sum()),
+            sampled_entropy=float(torch.special.entr(sampled[0]).sum()),
         )
 
     def _piece_text(self, token_id: int) -> str:

@@ -74,6 +74,7 @@ class PredictNextResult:
     sampled_tokens: tuple[Candidate, ...]  # num_samples independent draws, in draw order
     seed: int  # the seed of the draws (chosen by the server when the request gave none)
     entropy: float  # of the raw next-token distribution, in nats
+    sampled_entropy: float  # of the distribution the draws use (after temperature and filters); 0 when greedy
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class GenerationStep:
     stop: str | None  # "eos", "stop_sequence" or "length" on the last step, else None
     shifted: bool  # the earliest tokens were dropped before this step (a context shift)
     entropy: float  # of the raw distribution, in nats
+    sampled_entropy: float  # of the final distribution (after temperature and every filter); 0 when greedy
 
 
 @dataclass(frozen=True)
