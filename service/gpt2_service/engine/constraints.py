@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -39,6 +40,23 @@ CACHE_SIZE = 256  # compiled constraints kept, least recently used dropped first
 
 Matcher = llguidance.LLMatcher
 
+_token_indexes: weakref.WeakKeyDictionary[GPT2Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
+_token_indexes_lock = threading.Lock()
+
+
+def token_index(tokenizer: GPT2Tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's index of ``tokenizer``'s vocabulary, built once per tokenizer (about 0.25 s
+    for GPT-2) and shared: it is immutable, and an engine restarted over the same loaded model
+    (a drain and restart, every test's fresh engine) need not build it again."""
+    with _token_indexes_lock:
+        index = _token_indexes.get(tokenizer)
+        if index is None:
+            index = llguidance.LLTokenizer(
+                tokenizer.to_json(), n_vocab=tokenizer.vocab_size, eos_token=tokenizer.eos_token_id
+            )
+            _token_indexes[tokenizer] = index
+        return index
+
 
 class Constraints:
     """Compiles constraints into matchers for one tokenizer; thread-safe."""
@@ -53,11 +71,10 @@ class Constraints:
         self.compilations = 0  # cache misses, for tests and logs
 
     def prepare(self) -> None:
-        """Build the vocabulary's token index (about 0.25 s for GPT-2), once."""
+        """Fetch the vocabulary's token index (built once per tokenizer: token_index)."""
         with self._lock:
             if self._llt is None:
-                tok = self._tokenizer
-                self._llt = llguidance.LLTokenizer(tok.to_json(), n_vocab=tok.vocab_size, eos_token=tok.eos_token_id)
+                self._llt = token_index(self._tokenizer)
 
     def is_cached(self, spec: ConstraintSpec) -> bool:
         with self._lock:
