@@ -1,5 +1,6 @@
 """``client.inspect`` (sync and asyncio) and ``gpt2-client inspect`` against a live server: numpy
-results, typed errors, readable tables, and PNGs that an image reader can open."""
+results, typed errors, readable tables that say "random weights" first when so, and PNGs that an
+image reader can open, titled with their settings."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from gpt2_client import AsyncClient, Client, InvalidArgumentError
+from gpt2_client import AsyncClient, Client, InvalidArgumentError, plots
 from gpt2_client.cli import main
 from gpt2_client.inspect import AttentionResult, PredictNextResult
 from gpt2_service.introspection.inspector import Inspector
@@ -168,3 +170,134 @@ async def test_the_console_script_draws_the_lesson_s_next_token_chart(served: Se
     assert process.returncode == 0, err.decode()
     assert out.decode().count("\n") >= 7  # header, title, five candidates, greedy, sample
     _assert_png(path)
+
+
+# -- random weights, titles, every layer ---------------------------------------------------------
+
+TINY_LAYERS, TINY_HEADS = 2, 2  # random:tiny
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The figures the CLI draws, kept as plots._save writes them."""
+    pytest.importorskip("matplotlib")
+    kept: list[Any] = []
+    save = plots._save
+
+    def keep(fig: Any, path: Any) -> Path:
+        kept.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return kept
+
+
+def _titles(fig: Any) -> str:
+    suptitle = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+    return " | ".join([*suptitle, *(ax.get_title() for ax in fig.axes)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["tokens", CAT], "these token ids and pieces are real"),
+        (["embed", CAT], "similarities carry no meaning"),
+        (["attention", CAT], "the causal mask and the arithmetic are real"),
+        (["hidden", CAT], "the norms carry no learned meaning"),
+        (["next", CAT], "nearly flat (entropy "),
+        (["trace", CAT], "nearly flat (entropy "),
+    ],
+    ids=["tokens", "embed", "attention", "hidden", "next", "trace"],
+)
+async def test_random_weights_are_the_first_line_of_every_table_and_absent_from_json(
+    served: Served, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    status, out, err = await _cli(capsys, "--target", served.target, "inspect", *argv)
+    assert status == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("[random weights: an untrained model; ") and first.endswith("]") and says in first
+    status, out, err = await _cli(capsys, "--target", served.target, "--json", "inspect", *argv)
+    assert status == 0, err
+    assert "random weights" not in out
+    json.loads(out)  # one JSON document, nothing before it
+
+
+async def test_hidden_explains_the_final_layer_norm_under_its_table(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = await _cli(capsys, "--target", served.target, "inspect", "hidden", CAT)
+    assert status == 0, err
+    assert "after block 1 + ln_f" in out and "final LayerNorm (ln_f)" in out and "√64 = 8.0" in out
+    status, out, err = await _cli(capsys, "--target", served.target, "inspect", "hidden", CAT, "--layers", "0", "1")
+    assert status == 0, err
+    assert "LayerNorm" not in out  # no state after ln_f asked for
+
+
+async def test_all_layers_prints_a_summary_per_layer(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = await _cli(capsys, "--target", served.target, "inspect", "attention", CAT, "--all-layers")
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[1].startswith("every layer: mean attention per query (4 tokens; uniform attention")
+    assert lines[2].split() == ["layer", "mean", "entropy", "(nats)", "most", "on", "previous", "most", "on", "first",
+                                "token", "most", "on", "self"]  # fmt: skip
+    assert [line.split()[0] for line in lines[3 : 3 + TINY_LAYERS]] == ["0", "1"]
+    assert all(line.count("head ") == 3 for line in lines[3 : 3 + TINY_LAYERS])
+
+
+async def test_all_layers_png_draws_layers_by_heads_titled_with_random_weights(
+    served: Served, capsys: pytest.CaptureFixture[str], tmp_path: Path, figures: list[Any]
+) -> None:
+    path = tmp_path / "overview.png"
+    status, _, err = await _cli(capsys, "--target", served.target, "inspect", "attention", CAT, "--all-layers",
+                                "--png", str(path))  # fmt: skip
+    assert status == 0, err
+    _assert_png(path)
+    (fig,) = figures
+    assert len([ax for ax in fig.axes if ax.get_images()]) == TINY_LAYERS * TINY_HEADS
+    assert "every layer and head, 4 tokens — random weights" in _titles(fig)
+
+
+@pytest.mark.parametrize("flag", [["--head", "0"], ["--layer", "1"]], ids=["head", "layer"])
+async def test_all_layers_with_a_layer_or_head_is_a_usage_error(
+    served: Served, capsys: pytest.CaptureFixture[str], flag: list[str]
+) -> None:
+    status, out, err = await _cli(capsys, "--target", served.target, "inspect", "attention", CAT, "--all-layers", *flag)
+    assert status == 2 and out == ""
+    assert "--all-layers shows every layer and head; it takes neither --layer nor --head" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "title"),
+    [
+        (["attention", CAT, "--layer", "1", "--head", "0"], "attention, layer 1 head 0, 4 tokens — random weights"),
+        (["attention", CAT, "--layer", "1"], "attention by head, layer 1, 4 tokens — random weights"),
+        (["hidden", CAT], "hidden-state norms by layer, 4 tokens — random weights"),
+        (["embed", CAT], "cosine similarity of the input embeddings, 4 tokens — random weights"),
+        (["next", CAT, "--temperature", "0.7", "--top-k", "5", "--seed", "3"],
+         'next token after "cat sat on the": T=0.7, top-k 5, top-p off, seed 3 — random weights: nearly flat'),
+    ],
+    ids=["heatmap", "grid", "norms", "similarity", "top-k"],
+)  # fmt: skip
+async def test_each_picture_s_title_carries_its_settings_and_random_weights(
+    served: Served, capsys: pytest.CaptureFixture[str], tmp_path: Path, figures: list[Any], argv: list[str], title: str
+) -> None:
+    status, _, err = await _cli(capsys, "--target", served.target, "--json", "inspect", *argv,
+                                "--png", str(tmp_path / "out.png"))  # fmt: skip
+    assert status == 0, err
+    (fig,) = figures
+    assert title in _titles(fig)
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["unary", "stream"])
+async def test_generate_notes_random_weights_on_stderr_only(
+    served: Served, capsys: pytest.CaptureFixture[str], stream: list[str]
+) -> None:
+    argv = ["--target", served.target, "generate", CAT, "--max-new-tokens", "3", "--seed", "1", *stream]
+    status, out, err = await _cli(capsys, *argv, "--json")
+    assert status == 0, err
+    text = "".join(json.loads(line)["text"] for line in out.splitlines())
+    assert "random weights" not in out + err
+    status, out, err = await _cli(capsys, *argv)
+    assert status == 0, err
+    assert out == text + "\n"  # stdout is exactly the text
+    assert err.splitlines()[-1] == "[random weights: the model is untrained, so the text is meaningless]"

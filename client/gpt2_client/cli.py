@@ -15,9 +15,9 @@ Connection options have environment twins: GPT2_CLIENT_TARGET, GPT2_CLIENT_TLS_C
 GPT2_CLIENT_TLS_CERT, GPT2_CLIENT_TLS_KEY and GPT2_CLIENT_TOKEN (prefer it to --token, which
 other users of the machine can see in the process list).
 
-Text goes to stdout and a one-line summary to stderr; --json prints JSON instead (one object,
-or one per line with --stream). Exit status: 0 ok, 1 the call failed (or health is not
-SERVING), 2 bad command line.
+Text goes to stdout and a one-line summary to stderr (and under it a note when the model has
+random weights); --json prints JSON instead (one object, or one per line with --stream). Exit
+status: 0 ok, 1 the call failed (or health is not SERVING), 2 bad command line.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 UNSATISFIED_NOTE = "[the output does not match the constraint: it is only the beginning of a match]"
+RANDOM_WEIGHTS_NOTE = "[random weights: the model is untrained, so the text is meaningless]"
 
 
 def _print_summary(summary: str, reason: FinishReason | None) -> None:
@@ -131,6 +132,17 @@ def _print_summary(summary: str, reason: FinishReason | None) -> None:
     print(summary, file=sys.stderr)
     if reason is FinishReason.CONSTRAINT_UNSATISFIED:
         print(UNSATISFIED_NOTE, file=sys.stderr)
+
+
+def _print_random_weights_note(client: Client) -> None:
+    """Under a text-mode generation's summary (stderr): say so when the text comes from random
+    weights. Advisory: if the model cannot be asked, the generation still succeeded."""
+    try:
+        random_weights = client.model_info().random_weights
+    except GPT2Error:
+        return
+    if random_weights:
+        print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
 
 
 def describe_prompt(tokens: Sequence[ScoredToken]) -> str:
@@ -209,6 +221,7 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
             _print_summary(_usage_summary(reason, result.usage, result.seed, result.timing.total_seconds,
                                           result.request_id),
                            result.finish_reason if len(result.choices) == 1 else None)  # fmt: skip
+            _print_random_weights_note(client)
         return 0
     chunks = client.stream(args.prompt, **params)
     if args.json:
@@ -216,7 +229,9 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
             _print_json(chunk)
         return 0
     if (args.n or 1) > 1:
-        return _stream_choices(chunks, args.echo, top_logprobs)
+        status = _stream_choices(chunks, args.echo, top_logprobs)
+        _print_random_weights_note(client)
+        return status
     last: StreamChunk | None = None
     tokens: list[Token] = []
     for chunk in chunks:
@@ -234,6 +249,7 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
         reason = last.finish_reason.name if last.finish_reason is not None else "?"
         _print_summary(_usage_summary(reason, last.usage, last.seed, last.timing.total_seconds, last.request_id),
                        last.finish_reason)  # fmt: skip
+    _print_random_weights_note(client)
     return 0
 
 

@@ -5,13 +5,15 @@
     gpt2-client inspect embed "cat dog king queen apple" --pca --png pca.png
     gpt2-client inspect attention "cat sat on the" --layer 0 --head 1 --scores --png head.png
     gpt2-client inspect attention "cat sat on the" --layer 5 --png heads.png
+    gpt2-client inspect attention "cat sat on the" --all-layers --png overview.png
     gpt2-client inspect hidden "cat sat on the" --png norms.png
     gpt2-client inspect next "cat sat on the" --top-k 50 --temperature 0.7 --seed 1 --png next.png
     gpt2-client inspect trace "cat sat on the"
 
-Tables go to stdout (tokens with visible whitespace: ␣ for a space, ↵ for a newline); --json
-prints the whole result instead; --png FILE also draws it (needs matplotlib: the plot extra,
-pip install 'gpt2-serve[plot]'). --ids reads the input as token ids ("9246 3332 319 262").
+Tables go to stdout (tokens with visible whitespace: ␣ for a space, ↵ for a newline), under a
+first line that says so when the server runs random weights; --json prints the whole result
+instead; --png FILE also draws it (needs matplotlib: the plot extra, pip install
+'gpt2-serve[plot]'). --ids reads the input as token ids ("9246 3332 319 262").
 """
 
 # The docstring above is the help text of "gpt2-client inspect" (plain text: argparse shows it as
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,12 +47,24 @@ from gpt2_client.inspect import (
     TraceResult,
 )
 from gpt2_client.params import Prompt
-from gpt2_client.plots import token_label
+from gpt2_client.plots import final_layer_norm_note, token_label
+from gpt2_client.results import ModelInfo
 from gpt2_client.tensors import TensorDtype
 
 MAX_MATRIX_TOKENS = 16  # wider than this and a [seq, seq] matrix is summarised instead of printed
 MAX_NORM_COLUMNS = 8  # more tokens than this and hidden-state norms are summarised per layer
 TOP_KEYS = 3  # keys listed per query when an attention matrix is too wide to print
+RANDOM_WEIGHTS_TITLE = " — random weights"  # appended to every picture's title when so
+
+# The first line of each inspect table when the server runs random weights: what is still real.
+RANDOM_WEIGHTS_LINES = {
+    "tokens": "the tokenizer is GPT-2's own, so these token ids and pieces are real",
+    "embed": "the token ids and the arithmetic are real; the vectors and their similarities carry no meaning",
+    "attention": "the causal mask and the arithmetic are real; where the heads look carries no meaning",
+    "hidden": "the arithmetic is real; the norms carry no learned meaning",
+    "next": "the token ids and the arithmetic are real, the numbers carry no meaning: the next-token distribution "
+            "is nearly flat{entropy}, so temperatures look alike",
+}  # fmt: skip
 
 AddCommon = Callable[[argparse.ArgumentParser, bool], None]
 
@@ -134,6 +149,26 @@ def _prompt(args: argparse.Namespace) -> Prompt:
         raise SystemExit(2) from None
 
 
+def _model_info(client: Client, args: argparse.Namespace) -> ModelInfo | None:
+    """The served model, asked once per command, when a table or a picture will say random weights."""
+    return client.model_info() if not args.json or args.png is not None else None
+
+
+def _print_random_weights(info: ModelInfo | None, what: str, entropy: float | None = None) -> None:
+    if info is None or not info.random_weights:
+        return
+    near = ""
+    if entropy is not None:
+        near = f" (entropy {entropy:.2f} of at most ln {info.vocab_size} = {math.log(info.vocab_size):.2f} nats)"
+    note = RANDOM_WEIGHTS_LINES[what].format(entropy=near)
+    print(f"[random weights: an untrained model; {note}]")
+
+
+def _titled(title: str, info: ModelInfo | None, why: str = "") -> str:
+    """A picture's title, saying "random weights" (and ``why`` it matters) when so."""
+    return title + (RANDOM_WEIGHTS_TITLE + why if info is not None and info.random_weights else "")
+
+
 # -- commands ------------------------------------------------------------------------------------
 
 
@@ -142,6 +177,7 @@ def cmd_tokens(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({**to_json(result), "token_ids": result.token_ids})
         return 0
+    _print_random_weights(client.model_info(), "tokens")
     print(f"text: {json.dumps(result.text, ensure_ascii=False)}  ({len(result.tokens)} tokens)")
     print(f"ids:  {result.token_ids}")
     rows = [(i, t.id, show(t), t.start, t.end, json.dumps(result.text[t.start : t.end], ensure_ascii=False))
@@ -153,9 +189,11 @@ def cmd_tokens(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_embed(client: Client, args: argparse.Namespace) -> int:
     result: EmbedResult = client.inspect.embed(_prompt(args), dtype=args.dtype)
+    info = _model_info(client, args)
     if args.json:
         _print_json(result)
     else:
+        _print_random_weights(info, "embed")
         _print_embed(result)
     if args.png is None:
         return 0
@@ -165,10 +203,10 @@ def cmd_embed(client: Client, args: argparse.Namespace) -> int:
     if args.pca:
         vectors = {"token": result.token_embeddings, "position": result.position_embeddings,
                    "input": result.input_embeddings}[args.embedding]  # fmt: skip
-        title = f"{args.embedding} embeddings, first two principal components"
+        title = _titled(f"{args.embedding} embeddings, first two principal components", info)
         return _plot(lambda: plots.embedding_pca(vectors, labels, args.png, title=title))
-    return _plot(lambda: plots.similarity_matrix(result.cosine_similarity, labels, args.png,
-                                                 title="cosine similarity of input embeddings"))  # fmt: skip
+    title = _titled(f"cosine similarity of the input embeddings, {len(labels)} tokens", info)
+    return _plot(lambda: plots.similarity_matrix(result.cosine_similarity, labels, args.png, title=title))
 
 
 def _print_embed(result: EmbedResult) -> None:
@@ -200,26 +238,42 @@ def _matrix(matrix: npt.NDArray[np.float32], tokens: Sequence[InputToken]) -> st
 
 
 def cmd_attention(client: Client, args: argparse.Namespace) -> int:
+    if args.all_layers and (args.layer is not None or args.head is not None):
+        print("gpt2-client: --all-layers shows every layer and head; it takes neither --layer nor --head",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    layer = 0 if args.layer is None else args.layer
     heads = [args.head] if args.head is not None else None
     result: AttentionResult = client.inspect.attention(
-        _prompt(args), layers=[args.layer], heads=heads, include_scores=args.scores, dtype=args.dtype
-    )
+        _prompt(args), layers=None if args.all_layers else [layer], heads=heads, include_scores=args.scores,
+        dtype=args.dtype,
+    )  # fmt: skip
+    info = _model_info(client, args)
     if args.json:
         _print_json(result)
-    elif args.head is not None:
-        _print_one_head(result)
     else:
-        _print_heads(result)
+        _print_random_weights(info, "attention")
+        if args.all_layers:
+            _print_layers(result)
+        elif args.head is not None:
+            _print_one_head(result)
+        else:
+            _print_heads(result)
     if args.png is None:
         return 0
     from gpt2_client import plots
 
     labels = _labels(result.tokens)
+    count = f"{len(labels)} tokens"
+    if args.all_layers:
+        title = _titled(f"attention, every layer and head, {count}", info)
+        return _plot(lambda: plots.attention_overview(result.weights, labels, args.png, layers=result.layers,
+                                                      heads=result.heads, title=title))  # fmt: skip
     if args.head is not None:
-        title = f"attention, layer {args.layer} head {args.head}"
+        title = _titled(f"attention, layer {layer} head {args.head}, {count}", info)
         return _plot(lambda: plots.attention_heatmap(result.weights[0, 0], labels, args.png, title=title))
-    return _plot(lambda: plots.attention_grid(result.weights[0], labels, args.png, heads=result.heads,
-                                              title=f"attention by head, layer {args.layer}"))  # fmt: skip
+    title = _titled(f"attention by head, layer {layer}, {count}", info)
+    return _plot(lambda: plots.attention_grid(result.weights[0], labels, args.png, heads=result.heads, title=title))
 
 
 def _print_one_head(result: AttentionResult) -> None:
@@ -242,38 +296,74 @@ def _print_one_head(result: AttentionResult) -> None:
 
 def _print_heads(result: AttentionResult) -> None:
     """Per head of one layer: where attention goes on average, the usual head types' signatures."""
-    weights = result.weights[0]  # (heads, seq, seq)
-    seq = weights.shape[-1]
+    seq = result.weights.shape[-1]
     print(f"layer {result.layers[0]}: mean attention per query, by head ({seq} tokens; --head H for one head)")
-    rows = []
-    for i, head in enumerate(result.heads):
-        w = weights[i].astype(np.float64)
-        entropy = -(w * np.log(np.where(w > 0, w, 1.0))).sum(axis=-1)
-        previous = float(np.diagonal(w, offset=-1).mean()) if seq > 1 else 0.0
-        rows.append((head, float(np.diagonal(w).mean()), previous, float(w[:, 0].mean()), float(entropy.mean())))
+    stats = _head_stats(result.weights[0])
+    rows = [(head, *(float(column[i]) for column in stats)) for i, head in enumerate(result.heads)]
     print(table(["head", "self", "previous", "first token", "entropy (nats)"], rows))
+
+
+def _print_layers(result: AttentionResult) -> None:
+    """Per layer (--all-layers): the heads' mean entropy, and which head attends most to the
+    previous token, to the first token and to itself, with that mean weight."""
+    seq = result.weights.shape[-1]
+    uniform = float(np.mean(np.log(np.arange(1, seq + 1))))
+    print(f"every layer: mean attention per query ({seq} tokens; uniform attention over each prefix would have "
+          f"entropy {uniform:.2f} nats)")  # fmt: skip
+    rows = []
+    for i, layer in enumerate(result.layers):
+        own, previous, first, entropy = _head_stats(result.weights[i])
+
+        def most(values: npt.NDArray[np.float64]) -> str:
+            best = int(np.argmax(values))
+            return f"head {result.heads[best]} ({values[best]:.2f})"
+
+        rows.append((layer, float(entropy.mean()), most(previous), most(first), most(own)))
+    print(table(["layer", "mean entropy (nats)", "most on previous", "most on first token", "most on self"], rows))
+    print("(each cell: the head with the largest mean weight on that token over the queries, and the weight; "
+          "--layer L shows every head of a layer)")  # fmt: skip
+
+
+def _head_stats(weights: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float64], ...]:
+    """For weights [heads, seq, seq]: per head, the mean weight of a query on itself, on the
+    previous token and on the first token, and the mean entropy of its rows (nats)."""
+    w = weights.astype(np.float64)
+    seq = w.shape[-1]
+    own = np.diagonal(w, axis1=-2, axis2=-1).mean(axis=-1)
+    previous = np.diagonal(w, offset=-1, axis1=-2, axis2=-1).mean(axis=-1) if seq > 1 else np.zeros(w.shape[0])
+    first = w[:, :, 0].mean(axis=-1)
+    entropy = -(w * np.log(np.where(w > 0, w, 1.0))).sum(axis=-1).mean(axis=-1)
+    return own, previous, first, entropy
 
 
 def cmd_hidden(client: Client, args: argparse.Namespace) -> int:
     result: HiddenStatesResult = client.inspect.hidden_states(
         _prompt(args), layers=args.layers or None, last_token_only=args.last_token_only, dtype=args.dtype
     )
+    if args.json and args.png is None:
+        _print_json(result)
+        return 0
+    info = client.model_info()  # n_layer names the states, d_model sizes ln_f's norm
     if args.json:
         _print_json(result)
     else:
-        n_layer = client.model_info().n_layer if args.layers else max(result.layers)
-        _print_hidden(result, n_layer)
+        _print_random_weights(info, "hidden")
+        _print_hidden(result, info)
     if args.png is None:
         return 0
     from gpt2_client import plots
 
     labels = [show(result.tokens[p]) for p in result.positions]
-    return _plot(lambda: plots.hidden_state_norms(result.norms, args.png, layers=result.layers, tokens=labels))
+    return _plot(lambda: plots.hidden_state_norms(
+        result.norms, args.png, layers=result.layers, tokens=labels,
+        title=_titled(f"hidden-state norms by layer, {len(result.tokens)} tokens", info),
+        final_layer_norm=result.layers[-1] == info.n_layer, d_model=info.d_model,
+    ))  # fmt: skip
 
 
-def _print_hidden(result: HiddenStatesResult, n_layer: int) -> None:
+def _print_hidden(result: HiddenStatesResult, info: ModelInfo) -> None:
     print("L2 norm of each hidden state (Hugging Face's output_hidden_states indices)")
-    names = [_state_name(layer, n_layer) for layer in result.layers]
+    names = [_state_name(layer, info.n_layer) for layer in result.layers]
     if len(result.positions) <= MAX_NORM_COLUMNS:
         headers = ["state", "", *(f"{p}:{show(result.tokens[p])}" for p in result.positions)]
         rows = [[layer, name, *(float(v) for v in norms)]
@@ -283,6 +373,9 @@ def _print_hidden(result: HiddenStatesResult, n_layer: int) -> None:
         rows = [[layer, name, float(n.mean()), float(n.min()), float(n.max()), float(n[-1])]
                 for layer, name, n in zip(result.layers, names, result.norms, strict=True)]  # fmt: skip
     print(table(headers, rows))
+    if info.n_layer in result.layers:
+        print()
+        print(textwrap.fill(final_layer_norm_note(info.d_model), 100))
 
 
 def _state_name(layer: int, n_layer: int) -> str:
@@ -300,20 +393,28 @@ def cmd_next(client: Client, args: argparse.Namespace) -> int:
         _prompt(args), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         num_samples=args.num_samples, num_candidates=args.candidates,
     )  # fmt: skip
+    info = _model_info(client, args)
+    settings = _trace_settings(_sampling(args), result.seed)
     if args.json:
         _print_json(result)
     else:
-        _print_prediction(result)
+        _print_random_weights(info, "next", result.entropy)
+        _print_prediction(result, settings)
     if args.png is None:
         return 0
     from gpt2_client import plots
 
     labels = [show(c) for c in result.candidates]
+    title = f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)}: {settings}"
     return _plot(lambda: plots.top_k_bar(
         labels, [c.probability for c in result.candidates], args.png,
         sampled_probabilities=[c.sampled_probability for c in result.candidates],
-        title=f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)}",
+        title=_titled(title, info, ": nearly flat"), vocab_size=info.vocab_size if info is not None else None,
     ))  # fmt: skip
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
 
 def _input_text(tokens: Sequence[InputToken]) -> str:
@@ -321,9 +422,9 @@ def _input_text(tokens: Sequence[InputToken]) -> str:
     return text if len(text) <= 40 else "…" + text[-39:]
 
 
-def _print_prediction(result: PredictNextResult) -> None:
+def _print_prediction(result: PredictNextResult, settings: str) -> None:
     print(f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)} "
-          f"({len(result.tokens)} tokens); entropy {result.entropy:.3f} nats")  # fmt: skip
+          f"({len(result.tokens)} tokens): {settings}; entropy {result.entropy:.3f} nats")  # fmt: skip
     rows = [(rank, c.id, show(c), c.logit, c.probability, c.sampled_probability)
             for rank, c in enumerate(result.candidates, start=1)]  # fmt: skip
     print(table(["rank", "id", "token", "logit", "probability", "after temperature/filters"], rows))
@@ -342,6 +443,7 @@ def cmd_trace(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
+    _print_random_weights(client.model_info(), "next", result.prediction.entropy)
     print(f"one forward pass over {len(result.tokens)} tokens: " + " ".join(show(t) for t in result.tokens))
     rows = []
     for stage in result.stages:
@@ -354,7 +456,7 @@ def cmd_trace(client: Client, args: argparse.Namespace) -> int:
     print(table(["stage", "input", "output", "ms", "mean", "std", "l2 norm", "min", "max"], rows))
     print(f"total {result.seconds * 1000:.2f} ms")
     print()
-    _print_prediction(result.prediction)
+    _print_prediction(result.prediction, _trace_settings(_sampling(args), result.prediction.seed))
     return 0
 
 
@@ -493,10 +595,13 @@ def add_inspect_command(commands: Any, add_common: AddCommon) -> None:
                        help="which embeddings the PCA projects (default: token)")  # fmt: skip
     _add_dtype(embed)
 
-    attention = add("attention", "causal self-attention of one layer: one head, or every head", cmd_attention,
-                    "a heatmap of --head, or a grid of every head of --layer")  # fmt: skip
-    attention.add_argument("--layer", type=int, default=0, help="the block (default 0)")
+    attention = add("attention", "causal self-attention: one head, every head of a layer, or every layer",
+                    cmd_attention, "a heatmap of --head, a grid of every head of --layer, or with --all-layers "
+                    "layers x heads small multiples")  # fmt: skip
+    attention.add_argument("--layer", type=int, help="the block (default 0)")
     attention.add_argument("--head", type=int, help="one head (default: every head of the layer)")
+    attention.add_argument("--all-layers", action="store_true",
+                           help="every layer and head: a summary per layer (not with --layer or --head)")  # fmt: skip
     attention.add_argument("--scores", action="store_true", help="also the scaled scores before softmax (masked)")
     _add_dtype(attention)
 
