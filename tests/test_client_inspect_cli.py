@@ -60,6 +60,7 @@ async def test_async_client_predict_next_equals_the_inspector(served: Served, ti
     assert [c.id for c in result.sampled_tokens] == [c.id for c in expected.sampled_tokens]
     assert result.greedy_token.id == expected.greedy_token.id
     assert result.entropy == pytest.approx(expected.entropy, rel=1e-5)
+    assert result.sampled_entropy == pytest.approx(expected.sampled_entropy, rel=1e-5)
     assert hidden.layers == (0, 2) and hidden.vectors is not None and hidden.vectors.shape == (2, 4, 64)
     assert trace.stages[0].name == "tokenizer" and trace.stages[-1].name == "sampling"
     assert trace.stages[1].output_stats is not None and trace.prediction.seed == 5
@@ -108,7 +109,7 @@ def _assert_png(path: Path) -> None:
         (["attention", CAT, "--layer", "0"], ["head", "previous", "entropy"]),
         (["hidden", CAT], ["embeddings", "after block 0", "after block 1 + ln_f"]),
         (["next", CAT, "--top-k", "50", "--temperature", "0.7", "--seed", "1", "--num-samples", "3"],
-         ["rank", "probability", "greedy:", "sampled (3, seed 1)"]),
+         ["rank", "probability", "greedy:", "sampled (3, seed 1)", "nats raw,", "after temperature and filters"]),
         (["trace", CAT], ["block.1.mlp", "final_layer_norm", "lm_head", "sampling", "total"]),
     ],
     ids=["tokens", "ids", "embed", "one-head", "heads", "hidden", "next", "trace"],
@@ -274,7 +275,8 @@ async def test_all_layers_with_a_layer_or_head_is_a_usage_error(
         (["hidden", CAT], "hidden-state norms by layer, 4 tokens — random weights"),
         (["embed", CAT], "cosine similarity of the input embeddings, 4 tokens — random weights"),
         (["next", CAT, "--temperature", "0.7", "--top-k", "5", "--seed", "3"],
-         'next token after "cat sat on the": T=0.7, top-k 5, top-p off, seed 3 — random weights: nearly flat'),
+         'next token after "cat sat on the": T=0.7, top-k 5, top-p off, seed 3; entropy {raw} nats raw, '
+         "{sampled} after temperature and filters — random weights: nearly flat"),
     ],
     ids=["heatmap", "grid", "norms", "similarity", "top-k"],
 )  # fmt: skip
@@ -285,7 +287,11 @@ async def test_each_picture_s_title_carries_its_settings_and_random_weights(
                                 "--png", str(tmp_path / "out.png"))  # fmt: skip
     assert status == 0, err
     (fig,) = figures
-    assert title in _titles(fig)
+    if "{raw}" in title:  # the next-token chart's: both entropies, as PredictNext gives them
+        async with AsyncClient(served.target) as client:
+            result = await client.inspect.predict_next(CAT, temperature=0.7, top_k=5, seed=3)
+        title = title.format(raw=f"{result.entropy:.3f}", sampled=f"{result.sampled_entropy:.3f}")
+    assert " ".join(title.split()) in " ".join(_titles(fig).split())  # long titles wrap
 
 
 @pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["unary", "stream"])

@@ -230,9 +230,9 @@ async def test_generate_trace_prints_a_table_per_step(served: Served, capsys: py
                                   "3", "--temperature", "0.7", "--top-k", "5", "--seed", "1")  # fmt: skip
     assert status == 0, err
     lines = out.splitlines()
-    assert lines[0] == "random weights: the distribution is nearly flat"
+    assert lines[0].startswith("[random weights: an untrained model;") and "nearly flat (entropy " in lines[0]
     assert "T=0.7, top-k 5, top-p off, seed 1" in lines[1]
-    for needle in ["step 0: context 4 tokens", "step 2: context 6 tokens", "p(T=0.7)", "p(top-k)", "raw p",
+    for needle in ["step 0: context 4 tokens, entropy ", "nats raw,", "step 2: context 6 tokens", "p(T=0.7)", "p(top-k)", "raw p",
                    "(draw 0 of seed 1)", "(draw 2 of seed 1)", "[stop: length]", "text so far:"]:  # fmt: skip
         assert needle in out, f"{needle!r} missing from:\n{out}"
     assert "p(top-p)" not in out  # only the filters in use

@@ -155,13 +155,19 @@ def _model_info(client: Client, args: argparse.Namespace) -> ModelInfo | None:
 
 
 def _print_random_weights(info: ModelInfo | None, what: str, entropy: float | None = None) -> None:
+    if (line := random_weights_line(info, what, entropy)) is not None:
+        print(line)
+
+
+def random_weights_line(info: ModelInfo | None, what: str, entropy: float | None = None) -> str | None:
+    """The first line of a table when the model has random weights (``RANDOM_WEIGHTS_LINES``), else None."""
     if info is None or not info.random_weights:
-        return
+        return None
     near = ""
     if entropy is not None:
         near = f" (entropy {entropy:.2f} of at most ln {info.vocab_size} = {math.log(info.vocab_size):.2f} nats)"
     note = RANDOM_WEIGHTS_LINES[what].format(entropy=near)
-    print(f"[random weights: an untrained model; {note}]")
+    return f"[random weights: an untrained model; {note}]"
 
 
 def _titled(title: str, info: ModelInfo | None, why: str = "") -> str:
@@ -405,7 +411,8 @@ def cmd_next(client: Client, args: argparse.Namespace) -> int:
     from gpt2_client import plots
 
     labels = [show(c) for c in result.candidates]
-    title = f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)}: {settings}"
+    title = (f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)}: {settings}; "
+             f"{_entropies(result.entropy, result.sampled_entropy)}")  # fmt: skip
     return _plot(lambda: plots.top_k_bar(
         labels, [c.probability for c in result.candidates], args.png,
         sampled_probabilities=[c.sampled_probability for c in result.candidates],
@@ -422,9 +429,15 @@ def _input_text(tokens: Sequence[InputToken]) -> str:
     return text if len(text) <= 40 else "…" + text[-39:]
 
 
+def _entropies(raw: float, sampled: float) -> str:
+    """The two entropies side by side: how much temperature and the filters narrow the choice."""
+    return f"entropy {raw:.3f} nats raw, {sampled:.3f} after temperature and filters"
+
+
 def _print_prediction(result: PredictNextResult, settings: str) -> None:
     print(f"next token after {json.dumps(_input_text(result.tokens), ensure_ascii=False)} "
-          f"({len(result.tokens)} tokens): {settings}; entropy {result.entropy:.3f} nats")  # fmt: skip
+          f"({len(result.tokens)} tokens): {settings}")  # fmt: skip
+    print(_entropies(result.entropy, result.sampled_entropy))
     rows = [(rank, c.id, show(c), c.logit, c.probability, c.sampled_probability)
             for rank, c in enumerate(result.candidates, start=1)]  # fmt: skip
     print(table(["rank", "id", "token", "logit", "probability", "after temperature/filters"], rows))
@@ -464,9 +477,6 @@ def _shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-RANDOM_WEIGHTS_NOTE = "random weights: the distribution is nearly flat"
-
-
 def _trace_settings(options: dict[str, Any], seed: int | None) -> str:
     """The sampler's settings as a title says them: T, k and p always, min-p and typical-p when set."""
     temperature = options.get("temperature")
@@ -485,7 +495,7 @@ def _trace_settings(options: dict[str, Any], seed: int | None) -> str:
 
 
 def describe_generation_trace(
-    steps: Sequence[GenerationStep], prompt: str, options: dict[str, Any], num_candidates: int, random_weights: bool
+    steps: Sequence[GenerationStep], prompt: str, options: dict[str, Any], num_candidates: int, info: ModelInfo | None
 ) -> str:
     """generate --trace in text mode: a header, then per step the context length, the top
     candidates (logit, raw p, p after temperature, after each filter in use; the chosen token
@@ -504,13 +514,15 @@ def describe_generation_trace(
         columns.append(("p(min-p)", lambda c: c.after_min_p))
     if options.get("typical_p") is not None and options["typical_p"] < 1:
         columns.append(("p(typical-p)", lambda c: c.after_typical_p))
-    lines = [RANDOM_WEIGHTS_NOTE] if random_weights else []
+    note = random_weights_line(info, "next", steps[0].entropy if steps else None)
+    lines = [note] if note is not None else []
     seed = steps[0].seed if steps else None
     shown = json.dumps(prompt if len(prompt) <= 40 else "…" + prompt[-39:], ensure_ascii=False)
     lines.append(f"generation trace of {shown}: {_trace_settings(options, seed)}")
     for step in steps:
         lines.append("")
-        lines.append(f"step {step.step}: context {step.context_length} tokens, entropy {step.entropy:.3f} nats")
+        lines.append(f"step {step.step}: context {step.context_length} tokens, "
+                     f"{_entropies(step.entropy, step.sampled_entropy)}")  # fmt: skip
         if step.shifted:
             lines.append(f"  [context shift: the window was full; the earliest tokens were dropped, the model "
                          f"now sees the last {step.context_length}]")  # fmt: skip
@@ -541,11 +553,11 @@ def cmd_generation_trace(
     """``gpt2-client generate ... --trace``: TraceGeneration with the prompt and the sampling flags."""
     num_candidates = 5 if candidates is None else candidates
     steps = client.inspect.trace_generation(prompt, num_candidates=num_candidates, **options)
-    random_weights = client.model_info().random_weights
+    info = client.model_info()
     if as_json:
         _print_json(steps)
     else:
-        print(describe_generation_trace(steps, prompt, options, num_candidates, random_weights), flush=True)
+        print(describe_generation_trace(steps, prompt, options, num_candidates, info), flush=True)
     if png is None or not steps:
         return 0
     from gpt2_client import plots
@@ -557,8 +569,7 @@ def cmd_generation_trace(
     rows = [f"{step.step}: ctx {step.context_length}" + (" (shift)" if step.shifted else "")
             + ("" if i is not None else f" → {show(step.chosen.text)} rank {step.chosen.rank}")
             for step, i in zip(steps, chosen, strict=True)]  # fmt: skip
-    title = f"generation step by step: {_trace_settings(options, steps[0].seed)}"
-    title += " (random weights: nearly flat)" if random_weights else ""
+    title = _titled(f"generation step by step: {_trace_settings(options, steps[0].seed)}", info, ": nearly flat")
     return _plot(lambda: plots.generation_steps(
         [[c.after_typical_p for c in step.candidates] for step in steps],
         [[show(c.text) for c in step.candidates] for step in steps], chosen, png, step_labels=rows, title=title,
