@@ -63,7 +63,7 @@ RANDOM_WEIGHTS_LINES = {
     "attention": "the causal mask and the arithmetic are real; where the heads look carries no meaning",
     "hidden": "the arithmetic is real; the norms carry no learned meaning",
     "next": "the token ids and the arithmetic are real, the numbers carry no meaning: the next-token distribution "
-            "is nearly flat{entropy}, so temperatures look alike",
+            "is nearly flat{entropy}, so temperatures near 1 look alike",
 }  # fmt: skip
 
 AddCommon = Callable[[argparse.ArgumentParser, bool], None]
