@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 
-.PHONY: run test check fuzz proto bench soak demo clean
+.PHONY: run test check fuzz proto bench soak demo lesson clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ FUZZ_EXAMPLES ?= 3000
 DETERMINISM_SCENARIOS ?= 200
 fuzz: $(STAMP)  ## minutes of property-based fuzzing of every RPC, the hostile-request suite (FUZZ_EXAMPLES per test), and the determinism property over DETERMINISM_SCENARIOS random scenarios per weight format
 	GPT2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GPT2_DETERMINISM_SCENARIOS=$(DETERMINISM_SCENARIOS) $(PY) -m pytest -p no:cacheprovider tests/test_fuzz.py tests/test_adversarial.py tests/test_determinism.py $(PYTEST_ARGS)
+
+lesson: $(STAMP)  ## rerun docs/lesson.md's commands against gpt2-serve --model random:gpt2 and write their output (and pictures) into it; LESSON_ARGS=--check only compares
+	$(PY) tools/lesson.py $(LESSON_ARGS)
 
 proto: $(STAMP)  ## regenerate client/gpt2_client/proto/ from proto/gpt2/v1/*.proto (tests fail when it is stale)
 	$(PY) proto/generate_python.py
