@@ -14,6 +14,7 @@ from gpt2_service.config import EngineConfig
 from gpt2_service.core.request import SamplingParams
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.engine.sampler import RowState, Sampler
+from gpt2_service.model.gpt2 import Conv1D
 from gpt2_service.model.kernels import (
     KernelMode,
     PackedLinear,
@@ -48,23 +49,56 @@ def test_linear_rows_are_bitwise_the_same_for_any_row_count(n_in: int, n_out: in
             assert torch.equal(linear(x[5][None, None], weight, bias)[0, 0], full[5])  # any leading shape
 
 
-@pytest.mark.parametrize("weights", ["float16", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
 @pytest.mark.parametrize(("n_in", "n_out"), [(768, 2304), (3072, 768), (64, 50257)])
 def test_packed_linear_rows_are_bitwise_the_same_for_any_row_count(weights: str, n_in: int, n_out: int) -> None:
-    """FBGEMM's fp16 kernel, and the int8 kernel fed rows of their own scale, compute a row alike
-    whether it is alone or anywhere in a batch of any size, whatever the other rows hold."""
+    """oneDNN's kernel on prepacked float32 weights (one row padded to two, as unpacked), FBGEMM's
+    fp16 kernel, and the int8 kernel fed rows of their own scale compute a row alike whether it is
+    alone or anywhere in a batch of any size, whatever the other rows hold."""
     gen = torch.Generator().manual_seed(n_out)
     weight = torch.randn(n_out, n_in, generator=gen) * 0.02
     packed = PackedLinear(weight, torch.randn(n_out, generator=gen) * 0.01, weights)
     x = torch.randn(300, n_in, generator=gen) * torch.rand(300, 1, generator=gen) * 4  # rows of unequal scale
     for threads in (1, torch.get_num_threads()):
         torch.set_num_threads(threads)
-        full = packed(x)
-        for rows in (1, 2, 3, 7, 64, 257):
-            assert torch.equal(packed(x[:rows]), full[:rows]), f"{rows} rows, {threads} threads"
-        assert torch.equal(packed(x[[5]]), full[[5]])
-        assert torch.equal(packed(torch.cat([x[[5]], x[200:] * 100]))[0], full[5])  # louder neighbours
-        assert torch.equal(packed(x[5][None, None])[0, 0], full[5])  # any leading shape
+        with kernel_mode(KernelMode(weights, batch_invariant=True)):
+            _check_rows(packed, x)
+
+
+def test_prepacked_float32_weights_change_no_number() -> None:
+    """The packed float32 copy is only a layout: every row bitwise what ``linear`` computes from
+    the plain weight, in batch-invariant mode, so packing changes no result."""
+    gen = torch.Generator().manual_seed(3)
+    for n_in, n_out in [(768, 2304), (3072, 768), (768, 50257)]:
+        weight, bias = torch.randn(n_out, n_in, generator=gen) * 0.02, torch.randn(n_out, generator=gen) * 0.01
+        packed = PackedLinear(weight, bias, "float32")
+        x = torch.randn(40, n_in, generator=gen)
+        with kernel_mode(KernelMode(batch_invariant=True)):
+            for rows in (1, 2, 5, 40):
+                assert torch.equal(packed(x[:rows]), linear(x[:rows], weight, bias)), (n_in, n_out, rows)
+
+
+async def test_the_engine_prepacks_float32_weights_at_warm_up() -> None:
+    loaded = load_model("random:tiny")  # a model of its own: a packed copy stays
+    model = loaded.model
+    assert model.packed_bytes("float32") == 0
+    engine = Engine(loaded, EngineConfig(model="random:tiny"))
+    await engine.start()
+    await engine.shutdown()
+    linears = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert all("float32" in m.packed for m in linears) and "float32" in model.lm_head_packed
+    weights = sum(m.weight.numel() for m in linears) + model.transformer.wte.weight.numel()
+    assert model.packed_bytes("float32") == 4 * weights
+
+
+def _check_rows(packed: PackedLinear, x: torch.Tensor) -> None:
+    """Each row of ``packed(x)`` is bitwise the same in any batch it is computed in."""
+    full = packed(x)
+    for rows in (1, 2, 3, 7, 64, 257):
+        assert torch.equal(packed(x[:rows]), full[:rows]), f"{rows} rows, {torch.get_num_threads()} threads"
+    assert torch.equal(packed(x[[5]]), full[[5]])
+    assert torch.equal(packed(torch.cat([x[[5]], x[200:] * 100]))[0], full[5])  # louder neighbours
+    assert torch.equal(packed(x[5][None, None])[0, 0], full[5])  # any leading shape
 
 
 def test_packed_linear_stays_close_to_float32() -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2_service.core.pieces import Pieces, run_to_end
-from gpt2_service.model.kernels import WEIGHT_FORMATS, PackedLinear, attention, project
+from gpt2_service.model.kernels import WEIGHT_FORMATS, PackedLinear, attention, prepacks_float32, project
 from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
 from gpt2_service.model.kv_cache import KeyValues, KVCache
 
@@ -309,13 +309,15 @@ class GPT2(nn.Module):
         return out
 
     def prepare_weights(self, weights: str) -> None:
-        """Make the reduced weight format ``weights`` (``kernels.WEIGHT_FORMATS``) available to
-        forward passes run under ``kernels.kernel_mode``: every linear layer and the LM head get a
-        packed copy (kept beside the float32 weights, which embeddings and introspection read).
-        Idempotent; float32 needs nothing."""
+        """Make the weight format ``weights`` (``kernels.WEIGHT_FORMATS``) available to forward
+        passes run under ``kernels.kernel_mode``: every linear layer and the LM head get a packed
+        copy, kept beside the float32 weights (which embeddings read, and which stay the model's
+        parameters). float32 gets one where oneDNN can prepack it (CPU, float32 parameters): the
+        same numbers, faster (kernels.py). Idempotent."""
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
-        if weights == "float32" or weights in self.lm_head_packed:
+        plain = weights == "float32" and not prepacks_float32(self.transformer.wte.weight)
+        if plain or weights in self.lm_head_packed:
             return
         for module in self.modules():
             if isinstance(module, Conv1D):
@@ -323,8 +325,8 @@ class GPT2(nn.Module):
         self.lm_head_packed[weights] = PackedLinear(self.transformer.wte.weight, None, weights)
 
     def packed_bytes(self, weights: str) -> int:
-        """Bytes of the packed copies of ``weights`` (0 for float32, which is not copied)."""
-        if weights == "float32":
+        """Bytes of the packed copies of ``weights`` (0 for float32 where it is not copied)."""
+        if weights not in self.lm_head_packed:
             return 0
         layers = [m.packed[weights] for m in self.modules() if isinstance(m, Conv1D)]
         return sum(p.nbytes for p in [*layers, self.lm_head_packed[weights]])
