@@ -243,6 +243,7 @@ class Bench:
             max_batch_size=top,
             kv_cache_slots=top,
             max_queue_size=max(256, 2 * top),
+            max_queued_per_tenant=max(64, 2 * top),  # every request comes from one tenant, all at once
             context_window=PROMPT_TOKENS + self.plan.new_tokens,
         )
 

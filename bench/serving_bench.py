@@ -168,7 +168,13 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
     new_tokens = 16 if args.quick else 64
     repetitions = 1 if args.quick else args.repetitions
     loaded = load_model(args.model)
-    config = EngineConfig(model=args.model, max_batch_size=max(levels), max_queue_size=1024, stage_timing=False)
+    config = EngineConfig(
+        model=args.model,
+        max_batch_size=max(levels),
+        max_queue_size=1024,
+        max_queued_per_tenant=1024,
+        stage_timing=False,
+    )
     engine = Engine(loaded, config)
     await engine.start()
     server = GenerationServer(ServerConfig(host="127.0.0.1", port=0, reflection=False))
