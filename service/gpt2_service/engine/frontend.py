@@ -191,6 +191,7 @@ class Engine:
         self._thread.post(Stop())
         await asyncio.to_thread(self._thread.join)
         self.runner.masks.close()
+        self.cache.release()  # the engine thread is gone: nothing reads the cache again
         self._streams.end_all(EngineUnavailableError("engine shut down"))
         self._streams.cancel_waiters(EngineUnavailableError("engine shut down"))
 

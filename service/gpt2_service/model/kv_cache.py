@@ -84,6 +84,14 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def release(self) -> None:
+        """Give the keys' and values' memory back at once (the engine has stopped; nothing reads
+        the cache after): an engine object kept alive by a reference cycle until the garbage
+        collector runs would otherwise hold it (measured: 0.6 GB per stopped engine in a
+        benchmark that starts one per run, until the process ran out of memory)."""
+        self.k = self.k.new_empty((self.k.shape[0], 0, *self.k.shape[2:]))
+        self.v = self.v.new_empty((self.v.shape[0], 0, *self.v.shape[2:]))
+
     @property
     def bytes_per_slot(self) -> int:
         return self.nbytes // self.num_slots
