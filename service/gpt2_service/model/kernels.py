@@ -90,13 +90,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
     out: Tensor
     if onednn_applies(rows) and weight.is_contiguous():
-        if rows.shape[0] == 1 and _MODE.get().batch_invariant:  # see the module docstring
-            out = _onednn_linear(torch.cat([rows, torch.zeros_like(rows)]), weight, bias)[:1]
-        else:
-            out = _onednn_linear(rows, weight, bias)
+        out = _onednn_rows(rows, weight, bias)
     else:
         out = F.linear(rows, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])  # (..., out)
+
+
+def _onednn_rows(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """oneDNN's product of rows (N, in) with a plain or prepacked weight; in batch-invariant mode
+    one row is padded to two (see the module docstring)."""
+    if rows.shape[0] == 1 and _MODE.get().batch_invariant:
+        return _onednn_linear(torch.cat([rows, torch.zeros_like(rows)]), weight, bias)[:1]
+    return _onednn_linear(rows, weight, bias)
 
 
 def _onednn_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -161,10 +166,7 @@ class PackedLinear:
             rows = rows.float().contiguous()
         out: Tensor
         if self.weights == "float32":
-            if rows.shape[0] == 1 and _MODE.get().batch_invariant:  # one row takes another path here too
-                out = _onednn_linear(torch.cat([rows, torch.zeros_like(rows)]), self._packed, self.bias)[:1]
-            else:
-                out = _onednn_linear(rows, self._packed, self.bias)
+            out = _onednn_rows(rows, self._packed, self.bias)
         elif self.weights == "float16":
             out = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
         else:
