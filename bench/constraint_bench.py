@@ -68,7 +68,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_bench import SystemResult, paired_ratio, update_readme
+import standalone
+from engine_bench import SystemResult, paired_ratio
 from gpt2_service.config import EngineConfig
 from gpt2_service.core.request import (
     ConstraintSpec,
@@ -82,7 +83,8 @@ from gpt2_service.engine.constraints import Constraints, Masks, advance
 from gpt2_service.engine.events import StepEvent
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.engine.stream import GenerationStream
-from gpt2_service.model.weights import LoadedModel, load_model
+from gpt2_service.model.weights import LoadedModel
+from standalone import dated_report, table, yes
 
 MODEL = "random:gpt2"
 SLOTS = 32
@@ -678,14 +680,6 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [(label, _f(value, ".2f", "x"), f">= {need:.2f}x", verdict)]
 
 
-def _table(header: list[str], rows: list[list[str]], align: str) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", align, *("| " + " | ".join(row) + " |" for row in rows)])
-
-
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "**NO**"
-
-
 def report(r: dict[str, Any], with_targets: bool = True) -> str:
     """The tables (no heading): throughput, per-step cost, TTFT, the targets (bench_report puts
     them in its own table), the checks."""
@@ -701,7 +695,7 @@ def report(r: dict[str, Any], with_targets: bool = True) -> str:
             f"{x['tokens']:.0f}", f"{x['engine_steps']:.0f}", _f(ratio, ".2f", "x") if first else "",
             _f(best, ".2f", "x") if first else "",
         ])  # fmt: skip
-    part_a = _table(
+    part_a = table(
         ["system", "tokens/s", "best run tokens/s", "submit to last token s", "tokens", "engine steps",
          "constrained / unconstrained", "best / best"],
         rows, "|:---|---:|---:|---:|---:|---:|---:|---:|",
@@ -715,12 +709,12 @@ def report(r: dict[str, Any], with_targets: bool = True) -> str:
     cost = r["step_cost_ms"]
     rows.append(["difference", "", _f(cost.get("step_ms"), "+.2f"), _f(cost.get("forward_ms"), "+.2f"),
                  _f(cost.get("sampling_ms"), "+.2f")])  # fmt: skip
-    part_c = _table(
+    part_c = table(
         ["system", "steps (per run)", "step ms", "forward ms", "sampling stage ms"], rows, "|:---|---:|---:|---:|---:|"
     )
     replay = r["replay"]
     rows = [[TTFT_LABELS[key], _f(t[key]["ttft_ms"], ".1f"), _f(t[key]["ttft_wall_ms"], ".1f")] for key in TTFT_KEYS]
-    part_b = _table(["request", "TTFT ms (median)", "submit to first output ms"], rows, "|:---|---:|---:|")
+    part_b = table(["request", "TTFT ms (median)", "submit to first output ms"], rows, "|:---|---:|---:|")
     burst = t["burst_compilations"]
     lines = [
         f"`{w['model']}`, deterministic mode, `max_batch_size` {w['engine']['max_batch_size']}, a fresh engine per "
@@ -753,13 +747,13 @@ def report(r: dict[str, Any], with_targets: bool = True) -> str:
         f"Checks: CONSTRAINT_COMPLETE {checks['constraint_complete']} of {checks['outputs']} constrained outputs "
         f"({100 * checks['constraint_complete'] / max(checks['outputs'], 1):.0f}%), valid JSON under the schema "
         f"{checks['valid_json']} of {checks['outputs']}; the same token counts every run: "
-        f"{_yes(checks['same_counts_every_run'])}; unconstrained requests generated exactly those counts: "
-        f"{_yes(checks['unconstrained_exact_counts'])}; each new schema compiled once, cached and unconstrained "
-        f"requests none: {_yes(checks['compiled_once_per_new_schema'])}.",
+        f"{yes(checks['same_counts_every_run'])}; unconstrained requests generated exactly those counts: "
+        f"{yes(checks['unconstrained_exact_counts'])}; each new schema compiled once, cached and unconstrained "
+        f"requests none: {yes(checks['compiled_once_per_new_schema'])}.",
     ]
     if with_targets:
         target_rows = [list(row) for row in targets(r)]
-        lines.insert(3, _table(["target", "measured", "target", "verdict"], target_rows, "|:---|---:|---:|:---|"))
+        lines.insert(3, table(["target", "measured", "target", "verdict"], target_rows, "|:---|---:|---:|:---|"))
     if r["problems"]:
         lines.append("\n".join(f"- **PROBLEM**: {p}" for p in r["problems"]))
     return "\n\n".join(lines)
@@ -770,20 +764,7 @@ def standalone_report(payload: dict[str, Any]) -> str:
 
     .venv/bin/python -c 'import json, constraint_bench as c; print(c.standalone_report(json.load(open("results/constraints.json"))))'
     """
-    from machine import short_description
-
-    return f"Run of {payload['date']}: {short_description(payload['machine'])}.\n\n{report(payload)}"
-
-
-async def _standalone(plan: ConstraintPlan) -> dict[str, Any]:
-    import machine
-    from gpt2_service.engine.threads import confine_torch_to_the_engine
-
-    confine_torch_to_the_engine(asyncio.get_running_loop())  # as gpt2-serve does
-    env = machine.describe()
-    loaded = load_model(MODEL)
-    result = await measure(loaded, plan)
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": env, **result}
+    return dated_report(payload, report)
 
 
 def main() -> None:
@@ -803,17 +784,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("gpt2_service").setLevel(logging.WARNING)
     plan = make_plan(args.quick, args.rounds, args.requests, args.schemas)
-    payload = asyncio.run(_standalone(plan))
+    payload = asyncio.run(standalone.run(MODEL, measure, plan))
     text = standalone_report(payload)
     print()
     print(text)
     out: Path = args.out or RESULTS / f"constraints{'-quick' if plan.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
     readme = args.readme if args.readme is not None else not plan.quick and args.out is None
-    if readme:
-        update_readme(text, README_START, README_END)
-    print(f"\nwrote {out}{' and bench/README.md' if readme else ''} in {payload['seconds']:.0f}s")
+    standalone.write(payload, text, out, readme, (README_START, README_END))
     if payload["problems"]:
         sys.exit(f"constrained generation problems: {payload['problems']}")
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import logging
 import statistics
 import sys
@@ -53,13 +52,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_bench import update_readme
+import standalone
 from gpt2_service.config import EngineConfig
 from gpt2_service.core.request import GenerationRequest, SamplingParams, StoppingCriteria
 from gpt2_service.core.sequence import Finished
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.engine.stream import GenerationStream
-from gpt2_service.model.weights import LoadedModel, load_model
+from gpt2_service.model.weights import LoadedModel
+from standalone import dated_report, table, yes
 
 MODEL = "random:gpt2"
 PREFIX_TOKENS = 512
@@ -452,14 +452,6 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _table(header: list[str], rows: list[list[str]], align: str) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", align, *("| " + " | ".join(row) + " |" for row in rows)])
-
-
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "**NO**"
-
-
 def report(r: dict[str, Any], with_targets: bool = True) -> str:
     """The tables (no heading): part A, part B, the targets (bench_report puts them in its own
     table), the checks."""
@@ -477,7 +469,7 @@ def report(r: dict[str, Any], with_targets: bool = True) -> str:
             _f(ratio, ".1f", "x") if cache == "on" else "", _f(p50, ".1f", "x") if cache == "on" else "",
             _f(x["seconds"]), f"{x['steps']:.0f}",
         ])  # fmt: skip
-    part_a = _table(
+    part_a = table(
         ["variant", "prefix cache", "TTFT mean s", "p50 s", "p90 s", "max s", "cached prompt tokens (sum)",
          "off / on, mean", "off / on, p50", "all done s", "engine steps"],
         rows, "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -494,7 +486,7 @@ def report(r: dict[str, Any], with_targets: bool = True) -> str:
             LABELS[key], _f(x["seconds"]), _f(ratio, ".2f", "x") if key != "n" else "", _f(x["ttft_mean_s"]),
             _f(x["ttft_max_s"]), f"{x['cached_prompt_tokens']:.0f}", f"{x['steps']:.0f}",
         ])  # fmt: skip
-    part_b = _table(
+    part_b = table(
         ["system", "wall s, submit to last token", "separate / n", "TTFT mean s", "TTFT max s",
          "cached prompt tokens (sum)", "engine steps"],
         rows, "|:---|---:|---:|---:|---:|---:|---:|",
@@ -517,13 +509,13 @@ def report(r: dict[str, Any], with_targets: bool = True) -> str:
         f"{w.get('n_engine_slots', N_CHOICES)} slots:",
         part_b,
         "Checks: tokens bitwise equal with and without the prefix cache: cold "
-        f"{_yes(checks['cold_on_equals_off'])}, warm {_yes(checks['warm_on_equals_off'])}; every round and variant the "
-        f"same tokens: {_yes(checks['every_round_equal'])}; choice i of n = the separate request with seed + i: "
-        f"{_yes(checks['n_choices_equal_separate'])} (seeds {_yes(checks['n_seeds'])}, choices differ "
-        f"{_yes(checks['choices_differ'])}).",
+        f"{yes(checks['cold_on_equals_off'])}, warm {yes(checks['warm_on_equals_off'])}; every round and variant the "
+        f"same tokens: {yes(checks['every_round_equal'])}; choice i of n = the separate request with seed + i: "
+        f"{yes(checks['n_choices_equal_separate'])} (seeds {yes(checks['n_seeds'])}, choices differ "
+        f"{yes(checks['choices_differ'])}).",
     ]
     if with_targets:
-        lines.insert(-1, _table(["target", "measured", "target", "verdict"], target_rows, "|:---|---:|---:|:---|"))
+        lines.insert(-1, table(["target", "measured", "target", "verdict"], target_rows, "|:---|---:|---:|:---|"))
     if r["mismatches"]:
         lines.append("\n".join(f"- **MISMATCH**: {m}" for m in r["mismatches"]))
     return "\n\n".join(lines)
@@ -534,20 +526,7 @@ def standalone_report(payload: dict[str, Any]) -> str:
 
     .venv/bin/python -c 'import json, reuse_bench; print(reuse_bench.standalone_report(json.load(open("results/reuse.json"))))'
     """
-    from machine import short_description
-
-    return f"Run of {payload['date']}: {short_description(payload['machine'])}.\n\n{report(payload)}"
-
-
-async def _standalone(plan: ReusePlan) -> dict[str, Any]:
-    import machine
-    from gpt2_service.engine.threads import confine_torch_to_the_engine
-
-    confine_torch_to_the_engine(asyncio.get_running_loop())  # as gpt2-serve does
-    env = machine.describe()
-    loaded = load_model(MODEL)
-    result = await measure(loaded, plan)
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": env, **result}
+    return dated_report(payload, report)
 
 
 def main() -> None:
@@ -566,17 +545,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("gpt2_service").setLevel(logging.WARNING)
     plan = make_plan(args.quick, args.rounds, args.requests)
-    payload = asyncio.run(_standalone(plan))
+    payload = asyncio.run(standalone.run(MODEL, measure, plan))
     text = standalone_report(payload)
     print()
     print(text)
     out: Path = args.out or RESULTS / f"reuse{'-quick' if plan.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
     readme = args.readme if args.readme is not None else not plan.quick and args.out is None
-    if readme:
-        update_readme(text, README_START, README_END)
-    print(f"\nwrote {out}{' and bench/README.md' if readme else ''} in {payload['seconds']:.0f}s")
+    standalone.write(payload, text, out, readme, (README_START, README_END))
     if payload["mismatches"]:
         sys.exit(f"token mismatches: {payload['mismatches']}")
 
