@@ -114,7 +114,11 @@ class Conv1D(nn.Module):
         self.packed: dict[str, PackedLinear] = {}  # weight format -> prepared copy (GPT2.prepare_weights)
 
     def forward(self, x: Tensor) -> Tensor:
-        return project(x, self.weight.t(), self.bias, self.packed)
+        return project(x, self.out_in, self.bias, self.packed)
+
+    def out_in(self) -> Tensor:
+        """The weight as the kernels read it, (out, in): a view, made only when no packed copy serves."""
+        return self.weight.t()
 
 
 class CausalSelfAttention(nn.Module):
@@ -321,8 +325,8 @@ class GPT2(nn.Module):
             return
         for module in self.modules():
             if isinstance(module, Conv1D):
-                module.packed[weights] = PackedLinear(module.weight.t(), module.bias, weights)
-        self.lm_head_packed[weights] = PackedLinear(self.transformer.wte.weight, None, weights)
+                module.packed[weights] = PackedLinear(module.out_in(), module.bias, weights)
+        self.lm_head_packed[weights] = PackedLinear(self._lm_head_weight(), None, weights)
 
     def packed_bytes(self, weights: str) -> int:
         """Bytes of the packed copies of ``weights`` (0 for float32 where it is not copied)."""
@@ -336,10 +340,13 @@ class GPT2(nn.Module):
         """The tied LM head: (..., d) -> (..., vocab_size), float32."""
         if timer is not None:
             timer.start("lm_head")
-        out = project(hidden, self.transformer.wte.weight, None, self.lm_head_packed).float()
+        out = project(hidden, self._lm_head_weight, None, self.lm_head_packed).float()
         if timer is not None:
             timer.stop()
         return out
+
+    def _lm_head_weight(self) -> Tensor:
+        return self.transformer.wte.weight  # tied: (vocab, d), as the kernels read it
 
     def init_random(self, seed: int) -> None:
         """GPT-2's initialisation (normal(0, 0.02), scaled residual projections), seeded."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -109,17 +109,17 @@ def _onednn_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
-def project(x: Tensor, weight: Tensor, bias: Tensor | None, packed: dict[str, PackedLinear]) -> Tensor:
-    """``x @ weight.T + bias`` in this thread's weight format: its copy in ``packed`` (keyed by
+def project(x: Tensor, weight: Callable[[], Tensor], bias: Tensor | None, packed: dict[str, PackedLinear]) -> Tensor:
+    """``x @ weight().T + bias`` in this thread's weight format: its copy in ``packed`` (keyed by
     format, made by ``GPT2.prepare_weights``; float32 has one where oneDNN can prepack it), or the
-    float32 ``weight`` through ``linear``."""
+    float32 ``weight()`` (out, in) through ``linear``, asked for only then."""
     weights = _MODE.get().weights
     prepared = packed.get(weights)
     if prepared is not None and (weights != "float32" or onednn_applies(x)):
         return prepared(x)
     if weights != "float32":
         raise KeyError(f"no {weights} copy of this weight: GPT2.prepare_weights({weights!r}) first")
-    return linear(x, weight, bias)
+    return linear(x, weight(), bias)
 
 
 def prepacks_float32(weight: Tensor) -> bool:
