@@ -14,6 +14,7 @@ from gpt2_service.config import EngineConfig
 from gpt2_service.core.request import SamplingParams
 from gpt2_service.engine.frontend import Engine
 from gpt2_service.engine.sampler import RowState, Sampler
+from gpt2_service.model import skinny
 from gpt2_service.model.gpt2 import Conv1D
 from gpt2_service.model.kernels import (
     KernelMode,
@@ -87,8 +88,10 @@ async def test_the_engine_prepacks_float32_weights_at_warm_up() -> None:
     await engine.shutdown()
     linears = [m for m in model.modules() if isinstance(m, Conv1D)]
     assert all("float32" in m.packed for m in linears) and "float32" in model.lm_head_packed
-    weights = sum(m.weight.numel() for m in linears) + model.transformer.wte.weight.numel()
-    assert model.packed_bytes("float32") == 4 * weights
+    shapes = [m.out_in().shape for m in linears] + [model.transformer.wte.weight.shape]  # (out, in)
+    onednn = sum(out * n_in for out, n_in in shapes)
+    blocked = sum(skinny.padded(out) * n_in for out, n_in in shapes) if skinny.library() else 0  # test_skinny.py
+    assert model.packed_bytes("float32") == 4 * (onednn + blocked)
 
 
 def _check_rows(packed: PackedLinear, x: torch.Tensor) -> None:

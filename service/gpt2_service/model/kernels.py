@@ -16,12 +16,19 @@ runner's): a decode batch attends over keys padded to a multiple of ``KEY_BLOCK`
 per process by ``padded_decode_attention_is_invariant``), prefill chunks row by row at each row's
 own length (``AttentionLayout.rows``, kv_cache.py).
 
+Products of one to four rows (a decode step of a few sequences) in float32 and float16 go to
+skinny.c's loops instead (skinny.py), which stream the weight at nearly the machine's bandwidth,
+where the general kernel is at about 70%. They are used only where they are bitwise equal to the
+general kernel for that weight, so no number changes with the switch (tests/test_skinny.py).
+
 Batch invariance of each format (tests/test_batch_invariance.py checks every one):
 - float32: oneDNN computes each row bitwise the same for any number of rows >= 2 but takes
   another path for one row, so batch-invariant mode pads one row to two. The weights are
   prepacked into oneDNN's blocked layout (``PackedLinear``; the kernel otherwise reorders a plain
   weight on every call): the same numbers, 15-20% faster for GPT-2's shapes at 1-8 rows.
 - float16: FBGEMM's fp16 kernel computes each row the same for any number of rows, one included.
+  Its weight is padded to whole blocks of 64 outputs: FBGEMM sums a partial last block in another
+  order, which the skinny loops would not match.
 - int8: a dynamically quantized product is batch-invariant only if each row's quantization is its
   own. FBGEMM's dynamic kernel takes one activation scale for the whole input, so each row is
   first divided by its largest magnitude and two constant columns (+1, -1, against zero weights)
@@ -43,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpt2_service.model import skinny
+
 # oneDNN's fp32 linear (what torch.compile's CPU backend calls) beat MKL's sgemm by 1.2-1.7x for
 # 8 to 64 rows and GPT-2's shapes (1.8-2x for the LM head) on the 2-core AMD EPYC we measured, and
 # streamed a one-row product's weights 1.1-1.6x faster than MKL's matrix-vector product. It costs
@@ -60,6 +69,7 @@ class KernelMode:
 
     weights: str = "float32"
     batch_invariant: bool = False
+    skinny: bool = True  # products of 1-4 rows may use skinny.c's loops where they agree (skinny.py)
 
 
 _MODE: ContextVar[KernelMode] = ContextVar("gpt2_kernel_mode", default=KernelMode())  # noqa: B039 (frozen)
@@ -148,7 +158,11 @@ class PackedLinear:
                 raise ValueError("prepacked float32 weights need a CPU torch built with oneDNN")
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w)
         elif weights == "float16":
-            self._packed = torch.ops.quantized.linear_prepack_fp16(w, self.bias)
+            # FBGEMM sums the last (out % 32) outputs in another order (chunks of 512): with whole
+            # blocks of zero outputs added, every output is summed alike, as skinny.c sums it.
+            extra = skinny.padded(self.out_features) - self.out_features
+            bias16 = None if self.bias is None else F.pad(self.bias, (0, extra))
+            self._packed = torch.ops.quantized.linear_prepack_fp16(F.pad(w, (0, 0, 0, extra)), bias16)
         else:
             scales = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
             padded = torch.cat([w, w.new_zeros(w.shape[0], 2)], dim=1)  # the two range columns
@@ -159,16 +173,22 @@ class PackedLinear:
                 self._packed = torch.ops.quantized.linear_prepack(q, None)
             self._range = torch.tensor([1.0, -1.0])
         self.nbytes = w.numel() * {"float32": 4, "float16": 2, "int8": 1}[weights]
+        lib = skinny.library() if weights in skinny.STORAGE else None
+        self._skinny = None if lib is None else skinny.SkinnyWeight(w, weights, lib)
+        if self._skinny is not None:
+            self.nbytes += self._skinny.nbytes
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
         if not rows.is_contiguous() or rows.dtype is not torch.float32:
             rows = rows.float().contiguous()
         out: Tensor
-        if self.weights == "float32":
-            out = _onednn_rows(rows, self._packed, self.bias)
-        elif self.weights == "float16":
-            out = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
+        if self._skinny is not None and rows.shape[0] <= skinny.MAX_ROWS and _MODE.get().skinny:
+            chunk = self._skinny.agrees_with(self._general, self.bias)
+            if chunk is not None:
+                return self._skinny.product(rows, self.bias, chunk).view(*x.shape[:-1], self.out_features)
+        if self.weights in skinny.STORAGE:
+            out = self._general(rows)
         else:
             scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # (N, 1); 10x faster than an inf-norm
             unit = torch.cat([rows / scale, self._range.expand(rows.shape[0], 2)], dim=1)  # each row in [-1, 1]
@@ -177,6 +197,13 @@ class PackedLinear:
             )  # reduce_range: no int16 overflow on AVX2
             out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _general(self, rows: Tensor) -> Tensor:
+        """The float32 or float16 product by the general kernel (oneDNN, FBGEMM): rows (N, in)."""
+        if self.weights == "float32":
+            return _onednn_rows(rows, self._packed, self.bias)
+        out: Tensor = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
+        return out if out.shape[1] == self.out_features else out[:, : self.out_features].contiguous()
 
 
 KEY_BLOCK = 64  # batch-invariant decode attends over a multiple of this many keys

@@ -1,0 +1,193 @@
+"""Products of one to four rows with a weight streamed once: the loops of skinny.c, built on first
+use and checked against the general kernel they stand in for.
+
+What it is: ``library`` (skinny.c compiled with the machine's C compiler into a per-user cache,
+once per source version, about 1 s; ``None`` where that cannot be done, and the general kernels
+stay in place), and ``SkinnyWeight``, a weight in skinny.c's blocked layout (float32, or float16
+with float32 arithmetic) whose ``product`` is bitwise equal to a general kernel's for any rows.
+
+Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
+bandwidth. oneDNN and FBGEMM stream GPT-2's weights at about 70% of this machine's bandwidth at
+one row; skinny.c's loops reach about 95%, which is a quarter off a one-sequence step.
+
+Why it keeps batch invariance: the loops reduce each output in a fixed order (k ascending in
+chunks, skinny.c). ``SkinnyWeight.agrees_with`` finds the chunk that makes them bitwise equal to
+the general kernel for this weight's shape and the current number of threads, on random rows, or
+finds none and declines; ``kernels.PackedLinear`` uses the loops only where it agreed. A row's
+numbers are then the same whichever kernel its batch size selects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 4  # beyond this the general kernels' register tiling wins (bench/kernel_bench.py)
+BLOCK = 64  # outputs per block of the weight layout (skinny.c)
+STORAGE = {"float32": torch.float32, "float16": torch.float16}
+_SOURCE = Path(__file__).with_name("skinny.c")
+_CANDIDATE_CHUNKS = (512, 1024, 256, 128, 64, 2048, 384, 768, 1536, 4096)
+
+
+def padded(out_features: int) -> int:
+    """``out_features`` rounded up to whole blocks of the weight layout."""
+    return -(-out_features // BLOCK) * BLOCK
+
+
+def _torch_openmp() -> Path | None:
+    """torch's own OpenMP runtime (its wheels ship libgomp), which skinny.c must share."""
+    found = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    return found if found.exists() else None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "gpt2-service"
+
+
+_FLAGS = ("-O3", "-fPIC", "-fopenmp")
+
+
+def _library_name() -> str:
+    """The compiled file's name: one per source, flags and torch version."""
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode())
+    return f"skinny-{key.hexdigest()[:16]}.so"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """skinny.c, compiled and loaded: prebuilt beside the source (the container image does that,
+    having no compiler at run time), else from the per-user cache, else built into it. None, with
+    one log line saying why, where it cannot be: no C compiler, no torch libgomp to share, or a
+    CPU with neither AVX-512 nor AVX2 with FMA and F16C."""
+    openmp = _torch_openmp()
+    if openmp is None:
+        log.info("skinny kernels off: this torch has no libgomp.so.1 to share threads with")
+        return None
+    name = _library_name()
+    for where in (_SOURCE.parent, _cache_dir()):
+        if (where / name).exists():
+            return _load(where / name)
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.info("skinny kernels off: no C compiler (cc) to build skinny.c with")
+        return None
+    try:
+        built = build(_cache_dir(), compiler, openmp)
+    except (OSError, subprocess.CalledProcessError) as err:
+        log.warning("skinny kernels off: building skinny.c failed: %s", err)
+        return None
+    return _load(built)
+
+
+def build(directory: Path, compiler: str, openmp: Path) -> Path:
+    """Compile skinny.c into ``directory``, atomically (concurrent builders each write their own
+    temporary file and the last rename wins); the path written."""
+    name = _library_name()
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        obj, lib = Path(tmp) / "skinny.o", Path(tmp) / name
+        subprocess.run([compiler, *_FLAGS, "-c", str(_SOURCE), "-o", str(obj)], check=True, capture_output=True)
+        # Linked to torch's libgomp by its soname, which resolves to the copy torch has loaded.
+        subprocess.run(
+            [compiler, "-shared", str(obj), "-o", str(lib), f"-L{openmp.parent}", "-l:libgomp.so.1"],
+            check=True,
+            capture_output=True,
+        )
+        os.replace(lib, directory / name)
+    log.info("built skinny kernels: %s", directory / name)
+    return directory / name
+
+
+def _load(path: Path) -> ctypes.CDLL | None:
+    lib = ctypes.CDLL(str(path))
+    if not lib.skinny_supported():
+        log.info("skinny kernels off: this CPU has neither AVX-512 nor AVX2 with FMA and F16C")
+        return None
+    pointer, long = ctypes.c_void_p, ctypes.c_long
+    for fn in (lib.skinny_f32, lib.skinny_f16):  # (x, rows, k, w, n, bias, out, kchunk, threads)
+        fn.argtypes = [pointer, long, long, pointer, long, pointer, pointer, long, ctypes.c_int]
+        fn.restype = None
+    return lib
+
+
+class SkinnyWeight:
+    """A weight (out, in) in skinny.c's blocked layout, stored as ``storage`` (float32 or
+    float16; the arithmetic is float32). ``product`` computes a few rows against it."""
+
+    def __init__(self, weight: Tensor, storage: str, lib: ctypes.CDLL) -> None:
+        out_features, in_features = weight.shape
+        blocks = padded(out_features) // BLOCK
+        blocked = weight.new_zeros(blocks * BLOCK, in_features, dtype=STORAGE[storage])
+        blocked[:out_features] = weight
+        # (out/64, 64, in) -> (out/64, in, 64): each block's 64 outputs are one stream over in.
+        self.blocked = blocked.view(blocks, BLOCK, in_features).transpose(1, 2).contiguous()
+        self.in_features, self.out_features = in_features, out_features
+        self.nbytes = self.blocked.numel() * self.blocked.element_size()
+        self._fn = lib.skinny_f32 if storage == "float32" else lib.skinny_f16
+        self._chunks: dict[int, int | None] = {}  # threads -> chunk agreeing with the general kernel
+
+    def product(self, rows: Tensor, bias: Tensor | None, chunk: int) -> Tensor:
+        """rows (M, in) contiguous float32 @ weight.T + bias, each output summed in chunks of
+        ``chunk`` (skinny.c); (M, out) float32."""
+        out = torch.empty(rows.shape[0], self.out_features)
+        self._fn(
+            rows.data_ptr(),
+            rows.shape[0],
+            self.in_features,
+            self.blocked.data_ptr(),
+            self.out_features,
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            chunk,
+            torch.get_num_threads(),
+        )
+        return out
+
+    def agrees_with(self, general: Callable[[Tensor], Tensor], bias: Tensor | None) -> int | None:
+        """The chunk with which ``product`` is bitwise equal to ``general`` (the kernel it stands
+        in for, same weight and bias) for this weight at the current number of threads, or None if
+        no candidate is. Found once per thread count, on 4 random rows (any other order differs
+        in most outputs), and remembered."""
+        threads = torch.get_num_threads()
+        if threads not in self._chunks:
+            rows = torch.randn(MAX_ROWS, self.in_features, generator=torch.Generator().manual_seed(threads))
+            expected = general(rows)
+            agreeing = (c for c in _CANDIDATE_CHUNKS if torch.equal(self.product(rows, bias, c), expected))
+            self._chunks[threads] = next(agreeing, None)
+            if self._chunks[threads] is None:
+                log.warning(
+                    "skinny kernels not used for a %dx%d weight: no chunk order matches the general kernel",
+                    self.out_features,
+                    self.in_features,
+                )
+        return self._chunks[threads]
+
+
+def main() -> None:
+    """``python -m gpt2_service.model.skinny``: build the loops beside their source, for an image
+    that has no compiler at run time (deploy/Dockerfile); fails loudly where they cannot be."""
+    openmp, compiler = _torch_openmp(), shutil.which(os.environ.get("CC", "cc"))
+    if openmp is None or compiler is None:
+        raise SystemExit("skinny.c needs a C compiler (cc) and torch's libgomp.so.1")
+    built = build(_SOURCE.parent, compiler, openmp)
+    if _load(built) is None:
+        raise SystemExit(f"built {built}, but this CPU cannot run it")
+    print(built)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""skinny.c's loops for products of one to four rows (gpt2_service/model/skinny.py): built on this
+machine, used by ``PackedLinear`` for float32 and float16 where they agree bitwise with the general
+kernel (so batch invariance holds across the switch), declined where they do not, and absent
+without harm where they cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gpt2_service.model import skinny
+from gpt2_service.model.kernels import KernelMode, PackedLinear, kernel_mode
+
+# The CI machine (x86-64 Linux with gcc) builds them; a machine without a compiler falls back, and
+# test_without_a_compiler_the_general_kernels_stay checks that path everywhere.
+needs_skinny = pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("cc") is None, reason="skinny.c needs x86-64 and a C compiler"
+)
+
+SHAPES = [(768, 2304), (3072, 768), (768, 50257), (32, 96), (100, 70)]  # (in, out): GPT-2's, tiny, odd
+
+
+@pytest.fixture
+def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """``skinny.library`` forgotten and its cache in ``tmp_path``; restored after."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    skinny.library.cache_clear()
+    yield tmp_path / "gpt2-service"
+    skinny.library.cache_clear()
+
+
+@needs_skinny
+def test_the_loops_are_built_on_this_machine() -> None:
+    assert skinny.library() is not None
+
+
+@needs_skinny
+@pytest.mark.parametrize("weights", ["float32", "float16"])
+@pytest.mark.parametrize(("n_in", "n_out"), SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
+    weights: str, n_in: int, n_out: int, with_bias: bool
+) -> None:
+    """With the loops and without (``KernelMode.skinny``), one to four rows give bitwise the same
+    numbers, and those are the rows of a large batch, which the general kernel computes."""
+    gen = torch.Generator().manual_seed(n_in * n_out)
+    weight = torch.randn(n_out, n_in, generator=gen) * 0.02
+    bias = torch.randn(n_out, generator=gen) * 0.01 if with_bias else None
+    packed = PackedLinear(weight, bias, weights)
+    assert packed._skinny is not None
+    x = torch.randn(64, n_in, generator=gen) * torch.rand(64, 1, generator=gen) * 4
+    with kernel_mode(KernelMode(weights, batch_invariant=True)):
+        full = packed(x)  # 64 rows: the general kernel
+        for rows in range(1, skinny.MAX_ROWS + 1):
+            assert torch.equal(packed(x[:rows]), full[:rows]), rows
+    with kernel_mode(KernelMode(weights, batch_invariant=True, skinny=False)):
+        for rows in range(1, skinny.MAX_ROWS + 1):
+            assert torch.equal(packed(x[:rows]), full[:rows]), rows
+    assert packed._skinny.agrees_with(packed._general, bias) is not None  # it was the loops that agreed
+    exact = F.linear(x, weight.half().float() if weights == "float16" else weight, bias)
+    assert torch.allclose(full, exact, rtol=1e-4, atol=1e-5)
+
+
+@needs_skinny
+def test_the_loops_stream_the_weight_in_the_expected_blocks() -> None:
+    packed = PackedLinear(torch.randn(100, 40), None, "float32")
+    assert packed._skinny is not None
+    assert packed._skinny.blocked.shape == (2, 40, 64)  # 100 outputs padded to 2 blocks of 64
+    assert torch.equal(packed._skinny.blocked[1, :, 36:], torch.zeros(40, 28))
+    assert packed.nbytes == 100 * 40 * 4 + 128 * 40 * 4  # the oneDNN copy and the blocked one
+
+
+@needs_skinny
+def test_a_disagreeing_general_kernel_keeps_the_loops_out(caplog: pytest.LogCaptureFixture) -> None:
+    """Where no summation order of the loops matches the general kernel, they are not used, and
+    the log says so."""
+    gen = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(256, 128, generator=gen), torch.randn(256, generator=gen)
+    packed = PackedLinear(weight, bias, "float32")
+    assert packed._skinny is not None
+    with caplog.at_level(logging.WARNING, logger="gpt2_service.model.skinny"):
+        assert packed._skinny.agrees_with(lambda rows: packed._general(rows) * (1 + 2**-20), bias) is None
+    assert "no chunk order matches" in caplog.text
+
+
+@needs_skinny
+def test_the_build_is_cached_per_user(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert skinny.library() is not None
+    (built,) = fresh_library.glob("skinny-*.so")
+    skinny.library.cache_clear()
+
+    def no_compiling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(skinny, "build", no_compiling)
+    assert skinny.library() is not None
+    assert list(fresh_library.glob("skinny-*.so")) == [built]
+
+
+def test_without_a_compiler_the_general_kernels_stay(
+    fresh_library: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(skinny, "_SOURCE", fresh_library.parent / "elsewhere" / "skinny.c")  # no prebuilt copy
+    (fresh_library.parent / "elsewhere").mkdir()
+    shutil.copy(Path(skinny.__file__).with_name("skinny.c"), fresh_library.parent / "elsewhere" / "skinny.c")
+    with caplog.at_level(logging.INFO, logger="gpt2_service.model.skinny"):
+        assert skinny.library() is None
+    assert "skinny kernels off" in caplog.text
+    gen = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(300, 64, generator=gen), torch.randn(300, generator=gen)
+    x = torch.randn(9, 64, generator=gen)
+    for weights in ("float32", "float16"):
+        packed = PackedLinear(weight, bias, weights)
+        assert packed._skinny is None
+        with kernel_mode(KernelMode(weights, batch_invariant=True)):
+            full = packed(x)
+            assert all(torch.equal(packed(x[:rows]), full[:rows]) for rows in (1, 2, 4))
