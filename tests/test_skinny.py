@@ -1,5 +1,5 @@
 """skinny.c's loops for products of one to four rows (gpt2_service/model/skinny.py): built on this
-machine, used by ``PackedLinear`` for float32 and float16 where they agree bitwise with the general
+machine, used by ``PackedLinear`` in every weight format where they agree bitwise with the general
 kernel (so batch invariance holds across the switch), declined where they do not, and absent
 without harm where they cannot be built."""
 
@@ -41,7 +41,7 @@ def test_the_loops_are_built_on_this_machine() -> None:
 
 
 @needs_skinny
-@pytest.mark.parametrize("weights", ["float32", "float16"])
+@pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
 @pytest.mark.parametrize(("n_in", "n_out"), SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
@@ -62,9 +62,26 @@ def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
     with kernel_mode(KernelMode(weights, batch_invariant=True, skinny=False)):
         for rows in range(1, skinny.MAX_ROWS + 1):
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
-    assert packed._skinny.agrees_with(packed._general, bias) is not None  # it was the loops that agreed
-    exact = F.linear(x, weight.half().float() if weights == "float16" else weight, bias)
-    assert torch.allclose(full, exact, rtol=1e-4, atol=1e-5)
+    assert packed._skinny.agrees_with(packed._general, None if weights == "int8" else bias) is not None
+    if weights != "int8":  # (int8's distance from float32: test_batch_invariance.py)
+        exact = F.linear(x, weight.half().float() if weights == "float16" else weight, bias)
+        assert torch.allclose(full, exact, rtol=1e-4, atol=1e-5)
+
+
+@needs_skinny
+def test_int8_activations_round_as_fbgemm_rounds_them_at_the_ties() -> None:
+    """Through an identity weight each output is one quantized activation: at values one unit in
+    the last place around the ties between two int8 steps, the loops give FBGEMM's numbers; the
+    other rounding formulas they could use do not (this is what picks among them)."""
+    n = 512
+    packed = PackedLinear(torch.eye(n), None, "int8")
+    assert packed._skinny is not None
+    rows = skinny.probe_rows(n, seed=0)
+    expected = packed._general(rows)
+    agreed = packed._skinny.agrees_with(packed._general, None)
+    assert agreed is not None and torch.equal(packed._skinny.product(rows, None, agreed), expected)
+    others = [v for v in range(6) if v != agreed]
+    assert all(not torch.equal(packed._skinny.product(rows, None, v), expected) for v in others)
 
 
 @needs_skinny
@@ -86,7 +103,7 @@ def test_a_disagreeing_general_kernel_keeps_the_loops_out(caplog: pytest.LogCapt
     assert packed._skinny is not None
     with caplog.at_level(logging.WARNING, logger="gpt2_service.model.skinny"):
         assert packed._skinny.agrees_with(lambda rows: packed._general(rows) * (1 + 2**-20), bias) is None
-    assert "no chunk order matches" in caplog.text
+    assert "no order of theirs matches" in caplog.text
 
 
 @needs_skinny
@@ -116,7 +133,7 @@ def test_without_a_compiler_the_general_kernels_stay(
     gen = torch.Generator().manual_seed(2)
     weight, bias = torch.randn(300, 64, generator=gen), torch.randn(300, generator=gen)
     x = torch.randn(9, 64, generator=gen)
-    for weights in ("float32", "float16"):
+    for weights in ("float32", "float16", "int8"):
         packed = PackedLinear(weight, bias, weights)
         assert packed._skinny is None
         with kernel_mode(KernelMode(weights, batch_invariant=True)):

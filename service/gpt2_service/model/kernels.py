@@ -16,10 +16,11 @@ runner's): a decode batch attends over keys padded to a multiple of ``KEY_BLOCK`
 per process by ``padded_decode_attention_is_invariant``), prefill chunks row by row at each row's
 own length (``AttentionLayout.rows``, kv_cache.py).
 
-Products of one to four rows (a decode step of a few sequences) in float32 and float16 go to
-skinny.c's loops instead (skinny.py), which stream the weight at nearly the machine's bandwidth,
-where the general kernel is at about 70%. They are used only where they are bitwise equal to the
-general kernel for that weight, so no number changes with the switch (tests/test_skinny.py).
+Products of one to four rows (a decode step of a few sequences) go to skinny.c's loops instead
+(skinny.py), which stream the weight at nearly the machine's bandwidth, where the general kernels
+are at 60-70%. They are used only where they are bitwise equal to the general kernel for that
+weight (float: the same summation order; int8: FBGEMM's quantization, exact integer sums and its
+scaling), so no number changes with the switch (tests/test_skinny.py).
 
 Batch invariance of each format (tests/test_batch_invariance.py checks every one):
 - float32: oneDNN computes each row bitwise the same for any number of rows >= 2 but takes
@@ -173,8 +174,12 @@ class PackedLinear:
                 self._packed = torch.ops.quantized.linear_prepack(q, None)
             self._range = torch.tensor([1.0, -1.0])
         self.nbytes = w.numel() * {"float32": 4, "float16": 2, "int8": 1}[weights]
-        lib = skinny.library() if weights in skinny.STORAGE else None
-        self._skinny = None if lib is None else skinny.SkinnyWeight(w, weights, lib)
+        lib = skinny.library()
+        self._skinny: skinny.SkinnyWeight | None = None
+        if lib is not None and weights == "int8":
+            self._skinny = skinny.SkinnyWeight(q.int_repr()[:, : self.in_features], weights, lib, scales)
+        elif lib is not None:
+            self._skinny = skinny.SkinnyWeight(w, weights, lib)
         if self._skinny is not None:
             self.nbytes += self._skinny.nbytes
 
@@ -183,27 +188,35 @@ class PackedLinear:
         if not rows.is_contiguous() or rows.dtype is not torch.float32:
             rows = rows.float().contiguous()
         out: Tensor
-        if self._skinny is not None and rows.shape[0] <= skinny.MAX_ROWS and _MODE.get().skinny:
-            chunk = self._skinny.agrees_with(self._general, self.bias)
-            if chunk is not None:
-                return self._skinny.product(rows, self.bias, chunk).view(*x.shape[:-1], self.out_features)
-        if self.weights in skinny.STORAGE:
-            out = self._general(rows)
-        else:
+        if self.weights == "int8":
             scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # (N, 1); 10x faster than an inf-norm
-            unit = torch.cat([rows / scale, self._range.expand(rows.shape[0], 2)], dim=1)  # each row in [-1, 1]
-            out = torch.ops.quantized.linear_dynamic(
-                unit, self._packed, True
-            )  # reduce_range: no int16 overflow on AVX2
+            out = self._product(rows / scale, None)  # each row in [-1, 1]
             out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
+        else:
+            out = self._product(rows, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def _product(self, rows: Tensor, bias: Tensor | None) -> Tensor:
+        """rows (N, in) times the weight: by skinny.c's loops for one to four rows where they
+        agree with the general kernel, else by it."""
+        if self._skinny is not None and rows.shape[0] <= skinny.MAX_ROWS and _MODE.get().skinny:
+            order = self._skinny.agrees_with(self._general, bias)
+            if order is not None:
+                return self._skinny.product(rows, bias, order)
+        return self._general(rows)
+
     def _general(self, rows: Tensor) -> Tensor:
-        """The float32 or float16 product by the general kernel (oneDNN, FBGEMM): rows (N, in)."""
+        """The product by the general kernel: oneDNN (float32, with the bias), FBGEMM's fp16 (with
+        the bias), FBGEMM's dynamic int8 (rows in [-1, 1], without the bias); rows (N, in)."""
+        out: Tensor
         if self.weights == "float32":
             return _onednn_rows(rows, self._packed, self.bias)
-        out: Tensor = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
-        return out if out.shape[1] == self.out_features else out[:, : self.out_features].contiguous()
+        if self.weights == "float16":
+            out = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
+            return out if out.shape[1] == self.out_features else out[:, : self.out_features].contiguous()
+        unit = torch.cat([rows, self._range.expand(rows.shape[0], 2)], dim=1)  # the range columns fix the scale
+        out = torch.ops.quantized.linear_dynamic(unit, self._packed, True)  # reduce_range: no int16 overflow on AVX2
+        return out
 
 
 KEY_BLOCK = 64  # batch-invariant decode attends over a multiple of this many keys

@@ -19,8 +19,10 @@
  * Compiled for plain x86-64; the AVX-512 and AVX2 loops are chosen at run time. Elsewhere
  * skinny_supported() returns 0 and skinny.py leaves the general kernels in place.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 64
@@ -28,6 +30,7 @@
 int skinny_supported(void);
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads);
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads);
+void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, float *out, long variant, int threads);
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -144,10 +147,103 @@ AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
 SKINNY(skinny_f32, float, block512_f32, block256_f32)
 SKINNY(skinny_f16, uint16_t, block512_f16, block256_f16)
 
+/* int8: FBGEMM's dynamic int8 product, reproduced for rows already scaled into [-1, 1] (kernels.py
+ * appends the columns +1 and -1, so FBGEMM always picks scale 2/127 and zero point 64 for them,
+ * with its 7-bit activation range). Each activation is quantized to 0..127 as FBGEMM does, the
+ * integer sums against the int8 weight are exact (any order gives the same), and the float result
+ * is FBGEMM's: (sum - 64 * colsum[n]) times the two scales. `variant` picks among the ways FBGEMM
+ * might round (bit 0: the two scales multiplied first; bits 1-2: quantize as round(x / s) + zp,
+ * round(x * (1 / s)) + zp, or round(fma(x, 1 / s, zp))); skinny.py keeps the one that agrees.
+ *
+ * The weight is blocked (N/64, K/4, 64, 4): for each group of 4 k, 64 outputs' 4 bytes each, so
+ * one 64-byte line is 16 outputs' 4 products (what VNNI's dot product reads). */
+#define I8_ZERO_POINT 64
+
+static void quantize_row(const float *x, long k, long kpad, long variant, uint8_t *q)
+{
+    const float scale = (float)(2.0 / 127.0), inverse = 1.0f / scale;
+    for (long i = 0; i < k; i++) {
+        float r;
+        switch (variant >> 1) {
+        case 0: r = nearbyintf(x[i] / scale) + I8_ZERO_POINT; break;
+        case 1: r = nearbyintf(x[i] * inverse) + I8_ZERO_POINT; break;
+        default: r = nearbyintf(fmaf(x[i], inverse, (float)I8_ZERO_POINT)); break;
+        }
+        q[i] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r); /* FBGEMM clamps to the byte, not to 7 bits: 1.0 gives 128 */
+    }
+    for (long i = k; i < kpad; i++) q[i] = 0;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void block512_i8(const uint8_t *q, long groups, const int8_t *wb, int32_t *sums)
+{
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    const int8_t *w = wb;
+    for (long g = 0; g < groups; g++, w += 4 * BLOCK) {
+        int32_t four;
+        memcpy(&four, q + 4 * g, 4);
+        __m512i xv = _mm512_set1_epi32(four);
+        a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(w));
+        a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(w + 64));
+        a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512(w + 128));
+        a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512(w + 192));
+    }
+    _mm512_storeu_si512(sums, a0), _mm512_storeu_si512(sums + 16, a1);
+    _mm512_storeu_si512(sums + 32, a2), _mm512_storeu_si512(sums + 48, a3);
+}
+
+/* AVX2: unsigned x signed byte pairs into int16 (no saturation: 2 * 127 * 127 < 32767), pairs of
+ * those into int32. */
+__attribute__((target("avx2"))) static void block256_i8(const uint8_t *q, long groups, const int8_t *wb, int32_t *sums)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
+    const int8_t *w = wb;
+    for (long g = 0; g < groups; g++, w += 4 * BLOCK) {
+        int32_t four;
+        memcpy(&four, q + 4 * g, 4);
+        __m256i xv = _mm256_set1_epi32(four);
+        for (int j = 0; j < 8; j++) {
+            __m256i pairs = _mm256_maddubs_epi16(xv, _mm256_loadu_si256((const __m256i *)(w + 32 * j)));
+            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));
+        }
+    }
+    for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(sums + 8 * j), acc[j]);
+}
+
+void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale,
+               float *out, long variant, int threads)
+{
+    long kpad = (k + 3) / 4 * 4, blocks = (n + BLOCK - 1) / BLOCK;
+    uint8_t *q = malloc((size_t)(rows * kpad));
+    if (!q) return;
+    for (long r = 0; r < rows; r++) quantize_row(x + r * k, k, kpad, variant, q + r * kpad);
+    const float a_scale = (float)(2.0 / 127.0);
+    int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (long b = 0; b < blocks; b++) {
+        int32_t sums[BLOCK];
+        long n0 = b * BLOCK, ncols = n - n0 < BLOCK ? n - n0 : BLOCK;
+        for (long r = 0; r < rows; r++) {
+            if (vnni)
+                block512_i8(q + r * kpad, kpad / 4, w + b * kpad * BLOCK, sums);
+            else
+                block256_i8(q + r * kpad, kpad / 4, w + b * kpad * BLOCK, sums);
+            float *o = out + r * n + n0;
+            for (long j = 0; j < ncols; j++) {
+                int32_t raw = sums[j] - I8_ZERO_POINT * colsum[n0 + j];
+                o[j] = (variant & 1) ? (float)raw * (a_scale * wscale[n0 + j]) : (float)raw * a_scale * wscale[n0 + j];
+            }
+        }
+    }
+    free(q);
+}
+
 #else /* not x86-64: nothing here; skinny.py keeps the general kernels */
 
 int skinny_supported(void) { return 0; }
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads) {}
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads) {}
+void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, float *out, long variant, int threads) {}
 
 #endif

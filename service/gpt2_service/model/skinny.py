@@ -31,13 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 4  # beyond this the general kernels' register tiling wins (bench/kernel_bench.py)
 BLOCK = 64  # outputs per block of the weight layout (skinny.c)
-STORAGE = {"float32": torch.float32, "float16": torch.float16}
+STORAGE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 _SOURCE = Path(__file__).with_name("skinny.c")
 _CANDIDATE_CHUNKS = (512, 1024, 256, 128, 64, 2048, 384, 768, 1536, 4096)
 
@@ -103,7 +104,7 @@ def build(directory: Path, compiler: str, openmp: Path) -> Path:
         subprocess.run([compiler, *_FLAGS, "-c", str(_SOURCE), "-o", str(obj)], check=True, capture_output=True)
         # Linked to torch's libgomp by its soname, which resolves to the copy torch has loaded.
         subprocess.run(
-            [compiler, "-shared", str(obj), "-o", str(lib), f"-L{openmp.parent}", "-l:libgomp.so.1"],
+            [compiler, "-shared", str(obj), "-o", str(lib), f"-L{openmp.parent}", "-l:libgomp.so.1", "-lm"],
             check=True,
             capture_output=True,
         )
@@ -121,60 +122,91 @@ def _load(path: Path) -> ctypes.CDLL | None:
     for fn in (lib.skinny_f32, lib.skinny_f16):  # (x, rows, k, w, n, bias, out, kchunk, threads)
         fn.argtypes = [pointer, long, long, pointer, long, pointer, pointer, long, ctypes.c_int]
         fn.restype = None
+    # (x, rows, k, w, n, colsum, scales, out, variant, threads)
+    lib.skinny_i8.argtypes = [pointer, long, long, pointer, long, pointer, pointer, pointer, long, ctypes.c_int]
+    lib.skinny_i8.restype = None
     return lib
 
 
+def probe_rows(in_features: int, seed: int) -> Tensor:
+    """``MAX_ROWS`` rows in [-1, 1], each with an element at 1: two random, and two made of the
+    values that int8 quantization rounds hardest (ties between two steps of 2/127, one unit in
+    the last place either side), where one rounding formula differs from another."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(MAX_ROWS, in_features, generator=gen)
+    step = torch.tensor(2.0 / 127.0)
+    ties = (torch.arange(-64, 64, dtype=torch.float32) + 0.5) * step
+    near = torch.cat([torch.nextafter(ties, ties - 1), ties, torch.nextafter(ties, ties + 1)])
+    rows /= rows.abs().amax(dim=1, keepdim=True)
+    for r in range(2, MAX_ROWS):
+        rows[r] = near[torch.randint(len(near), (in_features,), generator=gen)].clamp(-1, 1)
+    rows[:, 0] = 1.0
+    return rows
+
+
 class SkinnyWeight:
-    """A weight (out, in) in skinny.c's blocked layout, stored as ``storage`` (float32 or
-    float16; the arithmetic is float32). ``product`` computes a few rows against it."""
+    """A weight (out, in) in skinny.c's blocked layout, stored as ``storage``: float32 or float16
+    (float32 arithmetic), or int8 (FBGEMM's dynamic int8 product, given the weight's integers and
+    its scale per output). ``product`` computes a few rows against it, in a summation or rounding
+    ``order`` that ``agrees_with`` finds."""
 
-    def __init__(self, weight: Tensor, storage: str, lib: ctypes.CDLL) -> None:
+    def __init__(self, weight: Tensor, storage: str, lib: ctypes.CDLL, scales: Tensor | None = None) -> None:
         out_features, in_features = weight.shape
+        self.in_features, self.out_features, self.storage = in_features, out_features, storage
         blocks = padded(out_features) // BLOCK
-        blocked = weight.new_zeros(blocks * BLOCK, in_features, dtype=STORAGE[storage])
-        blocked[:out_features] = weight
-        # (out/64, 64, in) -> (out/64, in, 64): each block's 64 outputs are one stream over in.
-        self.blocked = blocked.view(blocks, BLOCK, in_features).transpose(1, 2).contiguous()
-        self.in_features, self.out_features = in_features, out_features
+        if storage == "int8":
+            if scales is None:
+                raise ValueError("int8 weights need their scale per output")
+            groups = -(-in_features // 4)  # of 4 inputs, what one VNNI step reads per output
+            blocked = weight.new_zeros(blocks * BLOCK, groups * 4, dtype=torch.int8)
+            blocked[:out_features, :in_features] = weight
+            # (out/64, 64, in/4, 4) -> (out/64, in/4, 64, 4)
+            self.blocked = blocked.view(blocks, BLOCK, groups, 4).transpose(1, 2).contiguous()
+            self.colsum = F.pad(weight.sum(dim=1, dtype=torch.int32), (0, blocks * BLOCK - out_features))
+            self.scales = F.pad(scales.float(), (0, blocks * BLOCK - out_features))
+            self._fn, self._orders = lib.skinny_i8, range(6)
+        else:
+            blocked = weight.new_zeros(blocks * BLOCK, in_features, dtype=STORAGE[storage])
+            blocked[:out_features] = weight
+            # (out/64, 64, in) -> (out/64, in, 64): each block's 64 outputs are one stream over in.
+            self.blocked = blocked.view(blocks, BLOCK, in_features).transpose(1, 2).contiguous()
+            self._fn = lib.skinny_f32 if storage == "float32" else lib.skinny_f16
+            self._orders = _CANDIDATE_CHUNKS
         self.nbytes = self.blocked.numel() * self.blocked.element_size()
-        self._fn = lib.skinny_f32 if storage == "float32" else lib.skinny_f16
-        self._chunks: dict[int, int | None] = {}  # threads -> chunk agreeing with the general kernel
+        self._agreed: dict[int, int | None] = {}  # threads -> order agreeing with the general kernel
 
-    def product(self, rows: Tensor, bias: Tensor | None, chunk: int) -> Tensor:
-        """rows (M, in) contiguous float32 @ weight.T + bias, each output summed in chunks of
-        ``chunk`` (skinny.c); (M, out) float32."""
+    def product(self, rows: Tensor, bias: Tensor | None, order: int) -> Tensor:
+        """rows (M, in) contiguous float32 @ weight.T (+ bias; not for int8, whose rows must lie
+        in [-1, 1], see skinny.c), each output summed in chunks of ``order`` (float) or rounded
+        the ``order``-th way (int8); (M, out) float32."""
         out = torch.empty(rows.shape[0], self.out_features)
-        self._fn(
-            rows.data_ptr(),
-            rows.shape[0],
-            self.in_features,
-            self.blocked.data_ptr(),
-            self.out_features,
-            None if bias is None else bias.data_ptr(),
-            out.data_ptr(),
-            chunk,
-            torch.get_num_threads(),
-        )
+        m, k, w, n = rows.shape[0], self.in_features, self.blocked.data_ptr(), self.out_features
+        if self.storage == "int8":
+            extra = (self.colsum.data_ptr(), self.scales.data_ptr())
+        else:
+            extra = (None if bias is None else bias.data_ptr(),)
+        self._fn(rows.data_ptr(), m, k, w, n, *extra, out.data_ptr(), order, torch.get_num_threads())
         return out
 
     def agrees_with(self, general: Callable[[Tensor], Tensor], bias: Tensor | None) -> int | None:
-        """The chunk with which ``product`` is bitwise equal to ``general`` (the kernel it stands
+        """The order with which ``product`` is bitwise equal to ``general`` (the kernel it stands
         in for, same weight and bias) for this weight at the current number of threads, or None if
-        no candidate is. Found once per thread count, on 4 random rows (any other order differs
-        in most outputs), and remembered."""
+        no candidate is. Found once per thread count, on ``probe_rows`` (any other summation
+        order differs in most outputs; any other rounding, at the ties), and remembered."""
         threads = torch.get_num_threads()
-        if threads not in self._chunks:
-            rows = torch.randn(MAX_ROWS, self.in_features, generator=torch.Generator().manual_seed(threads))
+        if threads not in self._agreed:
+            rows = probe_rows(self.in_features, seed=threads)
             expected = general(rows)
-            agreeing = (c for c in _CANDIDATE_CHUNKS if torch.equal(self.product(rows, bias, c), expected))
-            self._chunks[threads] = next(agreeing, None)
-            if self._chunks[threads] is None:
+            agreeing = (c for c in self._orders if torch.equal(self.product(rows, bias, c), expected))
+            self._agreed[threads] = next(agreeing, None)
+            if self._agreed[threads] is None:
                 log.warning(
-                    "skinny kernels not used for a %dx%d weight: no chunk order matches the general kernel",
+                    "skinny kernels not used for a %dx%d %s weight: no order of theirs matches the general kernel",
                     self.out_features,
                     self.in_features,
+                    self.storage,
                 )
-        return self._chunks[threads]
+        return self._agreed[threads]
 
 
 def main() -> None:
