@@ -164,7 +164,7 @@ class SkinnyWeight:
             self.blocked = blocked.view(blocks, BLOCK, groups, 4).transpose(1, 2).contiguous()
             self.colsum = F.pad(weight.sum(dim=1, dtype=torch.int32), (0, blocks * BLOCK - out_features))
             self.scales = F.pad(scales.float(), (0, blocks * BLOCK - out_features))
-            self._fn, self._orders = lib.skinny_i8, range(6)
+            self._fn, self._orders = lib.skinny_i8, tuple(range(6))  # skinny.c's int8 variants
         else:
             blocked = weight.new_zeros(blocks * BLOCK, in_features, dtype=STORAGE[storage])
             blocked[:out_features] = weight
@@ -181,6 +181,7 @@ class SkinnyWeight:
         the ``order``-th way (int8); (M, out) float32."""
         out = torch.empty(rows.shape[0], self.out_features)
         m, k, w, n = rows.shape[0], self.in_features, self.blocked.data_ptr(), self.out_features
+        extra: tuple[int | None, ...]
         if self.storage == "int8":
             extra = (self.colsum.data_ptr(), self.scales.data_ptr())
         else:
