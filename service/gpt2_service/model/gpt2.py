@@ -140,10 +140,8 @@ class CausalSelfAttention(nn.Module):
         capture: Capture | None,
     ) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        # query, key and value side by side, each split into heads: (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # The KV-cache stores this step's keys and values and returns those to attend over;
         # without one (introspection, reference checks) the input attends to itself.
         attended = [KeyValues(k, v)] if cache is None or layout is None else cache.update(self.layer, layout, k, v)

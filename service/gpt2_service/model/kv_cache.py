@@ -77,6 +77,7 @@ class KVCache:
         shape = (n_layer, num_slots, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = tuple(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # views, made once
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -91,6 +92,7 @@ class KVCache:
         benchmark that starts one per run, until the process ran out of memory)."""
         self.k = self.k.new_empty((self.k.shape[0], 0, *self.k.shape[2:]))
         self.v = self.v.new_empty((self.v.shape[0], 0, *self.v.shape[2:]))
+        self._layers = ()
 
     @property
     def bytes_per_slot(self) -> int:
@@ -111,7 +113,7 @@ class KVCache:
 
     def write(self, layer: int, layout: AttentionLayout, k: Tensor, v: Tensor) -> None:
         """k, v (B, nh, T, hs) into their (slot, position); padding tokens are not written."""
-        k_cache, v_cache = self.k[layer], self.v[layer]  # (S, nh, L, hs)
+        k_cache, v_cache = self._layers[layer]  # (S, nh, L, hs)
         if layout.write_span is not None:  # every row writes the same positions: copy slices
             start, end = layout.write_span
             if layout.slot_range is not None:
@@ -140,7 +142,7 @@ class KVCache:
     def read(self, layer: int, layout: AttentionLayout) -> tuple[Tensor, Tensor]:
         """Keys and values at positions 0..num_keys-1 of each row's slot, (B, nh, num_keys, hs):
         a view when the slots are consecutive, else a gathered copy."""
-        k_cache, v_cache = self.k[layer], self.v[layer]  # (S, nh, L, hs)
+        k_cache, v_cache = self._layers[layer]  # (S, nh, L, hs)
         n = layout.num_keys
         if layout.slot_range is not None:
             first, end = layout.slot_range
@@ -149,7 +151,8 @@ class KVCache:
 
     def read_slot(self, layer: int, slot: int, num_keys: int) -> tuple[Tensor, Tensor]:
         """One slot's keys and values at positions 0..num_keys-1, (1, nh, num_keys, hs), a view."""
-        return self.k[layer, slot : slot + 1, :, :num_keys], self.v[layer, slot : slot + 1, :, :num_keys]
+        k_cache, v_cache = self._layers[layer]
+        return k_cache[slot : slot + 1, :, :num_keys], v_cache[slot : slot + 1, :, :num_keys]
 
     def copy_slot(self, source: int, targets: list[int], num_positions: int) -> None:
         """Copy positions 0..num_positions-1 of slot ``source`` into each of ``targets`` (every
