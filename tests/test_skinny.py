@@ -62,7 +62,7 @@ def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
     with kernel_mode(KernelMode(weights, batch_invariant=True, skinny=False)):
         for rows in range(1, skinny.MAX_ROWS + 1):
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
-    assert packed._skinny.agrees_with(packed._general, None if weights == "int8" else bias) is not None
+    assert packed._skinny.agrees_with(packed._general, bias) is not None
     if weights != "int8":  # (int8's distance from float32: test_batch_invariance.py)
         exact = F.linear(x, weight.half().float() if weights == "float16" else weight, bias)
         assert torch.allclose(full, exact, rtol=1e-4, atol=1e-5)
@@ -72,7 +72,8 @@ def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
 def test_int8_activations_round_as_fbgemm_rounds_them_at_the_ties() -> None:
     """Through an identity weight each output is one quantized activation: at values one unit in
     the last place around the ties between two int8 steps, the loops give FBGEMM's numbers; the
-    other rounding formulas they could use do not (this is what picks among them)."""
+    other rounding formulas they could use do not (this is what picks among them). The bias's
+    rounding is picked likewise (test_one_to_four_rows_... with and without one)."""
     n = 512
     packed = PackedLinear(torch.eye(n), None, "int8")
     assert packed._skinny is not None
@@ -80,7 +81,8 @@ def test_int8_activations_round_as_fbgemm_rounds_them_at_the_ties() -> None:
     expected = packed._general(rows)
     agreed = packed._skinny.agrees_with(packed._general, None)
     assert agreed is not None and torch.equal(packed._skinny.product(rows, None, agreed), expected)
-    others = [v for v in range(6) if v != agreed]
+    others = [v for v in packed._skinny._orders if v & 7 != agreed & 7]  # (bit 3 is about the bias: none here)
+    assert len(others) == 10
     assert all(not torch.equal(packed._skinny.product(rows, None, v), expected) for v in others)
 
 

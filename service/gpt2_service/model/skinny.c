@@ -30,7 +30,7 @@
 int skinny_supported(void);
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads);
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads);
-void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, float *out, long variant, int threads);
+void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads);
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -147,31 +147,38 @@ AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
 SKINNY(skinny_f32, float, block512_f32, block256_f32)
 SKINNY(skinny_f16, uint16_t, block512_f16, block256_f16)
 
-/* int8: FBGEMM's dynamic int8 product, reproduced for rows already scaled into [-1, 1] (kernels.py
- * appends the columns +1 and -1, so FBGEMM always picks scale 2/127 and zero point 64 for them,
- * with its 7-bit activation range). Each activation is quantized to 0..127 as FBGEMM does, the
- * integer sums against the int8 weight are exact (any order gives the same), and the float result
- * is FBGEMM's: (sum - 64 * colsum[n]) times the two scales. `variant` picks among the ways FBGEMM
- * might round (bit 0: the two scales multiplied first; bits 1-2: quantize as round(x / s) + zp,
- * round(x * (1 / s)) + zp, or round(fma(x, 1 / s, zp))); skinny.py keeps the one that agrees.
+/* int8: kernels.py's int8 product, FBGEMM's dynamic int8 kernel included, reproduced. kernels.py
+ * divides each row by its largest magnitude s (at least 1e-30) and appends the columns +1 and -1,
+ * so FBGEMM always picks scale 2/127 and zero point 64 with its 7-bit activation range; it
+ * quantizes each activation to a byte, sums against the int8 weight in int32 (exact: any order
+ * gives the same), and scales (sum - 64 * colsum[n]) by the two scales; kernels.py multiplies
+ * the row's s back and adds the bias. This does all of it per row. `variant` picks among the
+ * ways each step might round: bit 0, the two scales multiplied first; bits 1-2, quantize as
+ * round(x / step) + 64, round(x * (1 / step)) + 64, or round(fma(x, 1 / step, 64)); bit 3, the
+ * bias added in one fused multiply-add. skinny.py keeps the one that agrees.
  *
  * The weight is blocked (N/64, K/4, 64, 4): for each group of 4 k, 64 outputs' 4 bytes each, so
  * one 64-byte line is 16 outputs' 4 products (what VNNI's dot product reads). */
 #define I8_ZERO_POINT 64
 
-static void quantize_row(const float *x, long k, long kpad, long variant, uint8_t *q)
+/* The row's scale s; its activations quantized into q (kpad bytes, zero past k). */
+static float quantize_row(const float *x, long k, long kpad, long variant, uint8_t *q)
 {
-    const float scale = (float)(2.0 / 127.0), inverse = 1.0f / scale;
+    const float step = (float)(2.0 / 127.0), inverse = 1.0f / step;
+    float s = 0.0f;
+    for (long i = 0; i < k; i++) s = fabsf(x[i]) > s ? fabsf(x[i]) : s;
+    s = s < 1e-30f ? 1e-30f : s;
     for (long i = 0; i < k; i++) {
-        float r;
-        switch (variant >> 1) {
-        case 0: r = nearbyintf(x[i] / scale) + I8_ZERO_POINT; break;
-        case 1: r = nearbyintf(x[i] * inverse) + I8_ZERO_POINT; break;
-        default: r = nearbyintf(fmaf(x[i], inverse, (float)I8_ZERO_POINT)); break;
+        float unit = x[i] / s, r;
+        switch ((variant >> 1) & 3) {
+        case 0: r = nearbyintf(unit / step) + I8_ZERO_POINT; break;
+        case 1: r = nearbyintf(unit * inverse) + I8_ZERO_POINT; break;
+        default: r = nearbyintf(fmaf(unit, inverse, (float)I8_ZERO_POINT)); break;
         }
-        q[i] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r); /* FBGEMM clamps to the byte, not to 7 bits: 1.0 gives 128 */
+        q[i] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r); /* clamped to the byte, not to 7 bits: 1.0 gives 128 */
     }
     for (long i = k; i < kpad; i++) q[i] = 0;
+    return s;
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void block512_i8(const uint8_t *q, long groups, const int8_t *wb, int32_t *sums)
@@ -212,12 +219,16 @@ __attribute__((target("avx2"))) static void block256_i8(const uint8_t *q, long g
 }
 
 void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale,
-               float *out, long variant, int threads)
+               const float *bias, float *out, long variant, int threads)
 {
     long kpad = (k + 3) / 4 * 4, blocks = (n + BLOCK - 1) / BLOCK;
     uint8_t *q = malloc((size_t)(rows * kpad));
-    if (!q) return;
-    for (long r = 0; r < rows; r++) quantize_row(x + r * k, k, kpad, variant, q + r * kpad);
+    float scale[16];
+    if (!q || rows > 16) {
+        free(q);
+        return;
+    }
+    for (long r = 0; r < rows; r++) scale[r] = quantize_row(x + r * k, k, kpad, variant, q + r * kpad);
     const float a_scale = (float)(2.0 / 127.0);
     int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
@@ -232,7 +243,11 @@ void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const
             float *o = out + r * n + n0;
             for (long j = 0; j < ncols; j++) {
                 int32_t raw = sums[j] - I8_ZERO_POINT * colsum[n0 + j];
-                o[j] = (variant & 1) ? (float)raw * (a_scale * wscale[n0 + j]) : (float)raw * a_scale * wscale[n0 + j];
+                float fb = (variant & 1) ? (float)raw * (a_scale * wscale[n0 + j]) : (float)raw * a_scale * wscale[n0 + j];
+                if (!bias)
+                    o[j] = fb * scale[r];
+                else
+                    o[j] = (variant & 8) ? fmaf(fb, scale[r], bias[n0 + j]) : fb * scale[r] + bias[n0 + j];
             }
         }
     }
@@ -244,6 +259,6 @@ void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const
 int skinny_supported(void) { return 0; }
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads) {}
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads) {}
-void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, float *out, long variant, int threads) {}
+void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads) {}
 
 #endif

@@ -59,7 +59,7 @@ def _cache_dir() -> Path:
     return Path(root) / "gpt2-service"
 
 
-_FLAGS = ("-O3", "-fPIC", "-fopenmp")
+_FLAGS = ("-O3", "-fPIC", "-fopenmp", "-ffp-contract=off")  # a * b + c rounds twice, as written
 
 
 def _library_name() -> str:
@@ -122,16 +122,17 @@ def _load(path: Path) -> ctypes.CDLL | None:
     for fn in (lib.skinny_f32, lib.skinny_f16):  # (x, rows, k, w, n, bias, out, kchunk, threads)
         fn.argtypes = [pointer, long, long, pointer, long, pointer, pointer, long, ctypes.c_int]
         fn.restype = None
-    # (x, rows, k, w, n, colsum, scales, out, variant, threads)
-    lib.skinny_i8.argtypes = [pointer, long, long, pointer, long, pointer, pointer, pointer, long, ctypes.c_int]
+    # (x, rows, k, w, n, colsum, scales, bias, out, variant, threads)
+    lib.skinny_i8.argtypes = [pointer, long, long, pointer, long, pointer, pointer, pointer, pointer, long, ctypes.c_int]
     lib.skinny_i8.restype = None
     return lib
 
 
 def probe_rows(in_features: int, seed: int) -> Tensor:
-    """``MAX_ROWS`` rows in [-1, 1], each with an element at 1: two random, and two made of the
-    values that int8 quantization rounds hardest (ties between two steps of 2/127, one unit in
-    the last place either side), where one rounding formula differs from another."""
+    """``MAX_ROWS`` rows: two random, of unequal scale, and two made of the values that int8
+    quantization rounds hardest (ties between two steps of 2/127 of the row's largest magnitude,
+    one unit in the last place either side, scaled by powers of two so that they stay ties),
+    where one rounding formula differs from another."""
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(MAX_ROWS, in_features, generator=gen)
     step = torch.tensor(2.0 / 127.0)
@@ -141,7 +142,7 @@ def probe_rows(in_features: int, seed: int) -> Tensor:
     for r in range(2, MAX_ROWS):
         rows[r] = near[torch.randint(len(near), (in_features,), generator=gen)].clamp(-1, 1)
     rows[:, 0] = 1.0
-    return rows
+    return rows * torch.tensor([3.7, 0.013, 8.0, 0.25])[:MAX_ROWS, None]
 
 
 class SkinnyWeight:
@@ -164,7 +165,8 @@ class SkinnyWeight:
             self.blocked = blocked.view(blocks, BLOCK, groups, 4).transpose(1, 2).contiguous()
             self.colsum = F.pad(weight.sum(dim=1, dtype=torch.int32), (0, blocks * BLOCK - out_features))
             self.scales = F.pad(scales.float(), (0, blocks * BLOCK - out_features))
-            self._fn, self._orders = lib.skinny_i8, tuple(range(6))  # skinny.c's int8 variants
+            self._fn = lib.skinny_i8
+            self._orders = tuple(v for v in range(16) if (v >> 1) & 3 != 3)  # skinny.c's int8 variants
         else:
             blocked = weight.new_zeros(blocks * BLOCK, in_features, dtype=STORAGE[storage])
             blocked[:out_features] = weight
@@ -176,16 +178,14 @@ class SkinnyWeight:
         self._agreed: dict[int, int | None] = {}  # threads -> order agreeing with the general kernel
 
     def product(self, rows: Tensor, bias: Tensor | None, order: int) -> Tensor:
-        """rows (M, in) contiguous float32 @ weight.T (+ bias; not for int8, whose rows must lie
-        in [-1, 1], see skinny.c), each output summed in chunks of ``order`` (float) or rounded
-        the ``order``-th way (int8); (M, out) float32."""
+        """rows (M, in) contiguous float32 @ weight.T + bias, each output summed in chunks of
+        ``order`` (float) or rounded the ``order``-th way (int8: each row quantized on its own
+        scale, as kernels.py does; skinny.c); (M, out) float32."""
         out = torch.empty(rows.shape[0], self.out_features)
         m, k, w, n = rows.shape[0], self.in_features, self.blocked.data_ptr(), self.out_features
-        extra: tuple[int | None, ...]
+        extra: tuple[int | None, ...] = (None if bias is None else bias.data_ptr(),)
         if self.storage == "int8":
-            extra = (self.colsum.data_ptr(), self.scales.data_ptr())
-        else:
-            extra = (None if bias is None else bias.data_ptr(),)
+            extra = (self.colsum.data_ptr(), self.scales.data_ptr(), *extra)
         self._fn(rows.data_ptr(), m, k, w, n, *extra, out.data_ptr(), order, torch.get_num_threads())
         return out
 
