@@ -123,7 +123,19 @@ def _load(path: Path) -> ctypes.CDLL | None:
         fn.argtypes = [pointer, long, long, pointer, long, pointer, pointer, long, ctypes.c_int]
         fn.restype = None
     # (x, rows, k, w, n, colsum, scales, bias, out, variant, threads)
-    lib.skinny_i8.argtypes = [pointer, long, long, pointer, long, pointer, pointer, pointer, pointer, long, ctypes.c_int]
+    lib.skinny_i8.argtypes = [
+        pointer,
+        long,
+        long,
+        pointer,
+        long,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        long,
+        ctypes.c_int,
+    ]
     lib.skinny_i8.restype = None
     return lib
 
