@@ -88,12 +88,12 @@ def _linear_params(model: GPT2) -> tuple[int, int]:
 
 
 def weight_bytes(model: GPT2, weights: str) -> int:
-    """Bytes of weights one decode step reads: every float32 parameter, or the packed copies of a
-    reduced format (``packed_bytes``, the linear layers and the LM head)."""
+    """Bytes of weights one decode step reads: every float32 parameter, or in a reduced format the
+    linear layers and the LM head at its element size. One copy: a format keeps two (the general
+    kernel's and the one-to-four-row loops', ``packed_bytes`` counts both), and a step reads one."""
     if weights == "float32":
         return sum(p.numel() * p.element_size() for p in model.parameters())
-    model.prepare_weights(weights)
-    return model.packed_bytes(weights)
+    return sum(_linear_params(model)) * {"float16": 2, "int8": 1}[weights]
 
 
 def flops_per_request(model: GPT2, prompt_tokens: int, new_tokens: int) -> int:
