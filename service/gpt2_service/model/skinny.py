@@ -3,18 +3,20 @@ use and checked against the general kernel they stand in for.
 
 What it is: ``library`` (skinny.c compiled with the machine's C compiler into a per-user cache,
 once per source version, about 1 s; ``None`` where that cannot be done, and the general kernels
-stay in place), and ``SkinnyWeight``, a weight in skinny.c's blocked layout (float32, or float16
-with float32 arithmetic) whose ``product`` is bitwise equal to a general kernel's for any rows.
+stay in place), and ``SkinnyWeight``, a weight in skinny.c's blocked layout (float32; float16
+with float32 arithmetic; int8 as FBGEMM's dynamic kernel computes it) whose ``product`` is
+bitwise equal to the general kernel's for any rows.
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
-bandwidth. oneDNN and FBGEMM stream GPT-2's weights at about 70% of this machine's bandwidth at
-one row; skinny.c's loops reach about 95%, which is a quarter off a one-sequence step.
+bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
+row; skinny.c's loops come close to all of it (float32: 22.7 of 24.4 GB/s in make bench).
 
 Why it keeps batch invariance: the loops reduce each output in a fixed order (k ascending in
-chunks, skinny.c). ``SkinnyWeight.agrees_with`` finds the chunk that makes them bitwise equal to
-the general kernel for this weight's shape and the current number of threads, on random rows, or
-finds none and declines; ``kernels.PackedLinear`` uses the loops only where it agreed. A row's
-numbers are then the same whichever kernel its batch size selects.
+chunks; for int8, exact integer sums and FBGEMM's roundings, skinny.c).
+``SkinnyWeight.agrees_with`` finds the order that makes them bitwise equal to the general kernel
+for this weight and the current number of threads, on ``probe_rows``, or finds none and
+declines; ``kernels.PackedLinear`` uses the loops only where it agreed. A row's numbers are then
+the same whichever kernel its batch size selects.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 4  # beyond this the general kernels' register tiling wins (bench/kernel_bench.py)
+# Up to this many rows the loops win or tie (engine at batch 2 / 4: float32 1.09x / 1.02x, float16
+# 1.04x / 0.97x, int8 1.17x / 1.24x); at 8 rows oneDNN's register tiling is ahead (GPT-2 small's
+# products: 26 ms against the loops' 28).
+MAX_ROWS = 4
 BLOCK = 64  # outputs per block of the weight layout (skinny.c)
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 _SOURCE = Path(__file__).with_name("skinny.c")
