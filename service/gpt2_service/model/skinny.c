@@ -30,7 +30,7 @@
 int skinny_supported(void);
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads);
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads);
-void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads);
+int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads);
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -218,15 +218,17 @@ __attribute__((target("avx2"))) static void block256_i8(const uint8_t *q, long g
     for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(sums + 8 * j), acc[j]);
 }
 
-void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale,
-               const float *bias, float *out, long variant, int threads)
+/* 0, or -1 (out untouched) where the rows' quantized copy cannot be allocated or there are more
+ * than 16 rows. */
+int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale,
+              const float *bias, float *out, long variant, int threads)
 {
     long kpad = (k + 3) / 4 * 4, blocks = (n + BLOCK - 1) / BLOCK;
     uint8_t *q = malloc((size_t)(rows * kpad));
     float scale[16];
     if (!q || rows > 16) {
         free(q);
-        return;
+        return -1;
     }
     for (long r = 0; r < rows; r++) scale[r] = quantize_row(x + r * k, k, kpad, variant, q + r * kpad);
     const float a_scale = (float)(2.0 / 127.0);
@@ -252,6 +254,7 @@ void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const
         }
     }
     free(q);
+    return 0;
 }
 
 #else /* not x86-64: nothing here; skinny.py keeps the general kernels */
@@ -259,6 +262,6 @@ void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const
 int skinny_supported(void) { return 0; }
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads) {}
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads) {}
-void skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads) {}
+int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads) { return -1; }
 
 #endif

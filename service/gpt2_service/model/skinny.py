@@ -141,7 +141,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
         long,
         ctypes.c_int,
     ]
-    lib.skinny_i8.restype = None
+    lib.skinny_i8.restype = ctypes.c_int  # 0, or -1 where it could not allocate
     return lib
 
 
@@ -203,7 +203,8 @@ class SkinnyWeight:
         extra: tuple[int | None, ...] = (None if bias is None else bias.data_ptr(),)
         if self.storage == "int8":
             extra = (self.colsum.data_ptr(), self.scales.data_ptr(), *extra)
-        self._fn(rows.data_ptr(), m, k, w, n, *extra, out.data_ptr(), order, torch.get_num_threads())
+        if self._fn(rows.data_ptr(), m, k, w, n, *extra, out.data_ptr(), order, torch.get_num_threads()):
+            raise MemoryError(f"skinny.c could not quantize {m} rows of {k}")
         return out
 
     def agrees_with(self, general: Callable[[Tensor], Tensor], bias: Tensor | None) -> int | None:
