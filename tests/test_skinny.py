@@ -35,6 +35,17 @@ def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[P
     skinny.library.cache_clear()
 
 
+@pytest.fixture(params=["native", "avx2"])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The loops this CPU picks, and (on an AVX-512 CPU) the AVX2 ones that CPUs without
+    AVX-512 run, forced."""
+    lib = skinny.library()
+    assert lib is not None
+    lib.skinny_use_avx2_only(request.param == "avx2")
+    yield request.param
+    lib.skinny_use_avx2_only(0)
+
+
 @needs_skinny
 def test_the_loops_are_built_on_this_machine() -> None:
     assert skinny.library() is not None
@@ -45,7 +56,7 @@ def test_the_loops_are_built_on_this_machine() -> None:
 @pytest.mark.parametrize(("n_in", "n_out"), SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
-    weights: str, n_in: int, n_out: int, with_bias: bool
+    weights: str, n_in: int, n_out: int, with_bias: bool, isa: str
 ) -> None:
     """With the loops and without (``KernelMode.skinny``), one to four rows give bitwise the same
     numbers, and those are the rows of a large batch, which the general kernel computes."""
@@ -69,7 +80,7 @@ def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
 
 
 @needs_skinny
-def test_int8_activations_round_as_fbgemm_rounds_them_at_the_ties() -> None:
+def test_int8_activations_round_as_fbgemm_rounds_them_at_the_ties(isa: str) -> None:
     """Through an identity weight each output is one quantized activation: at values one unit in
     the last place around the ties between two int8 steps, the loops give FBGEMM's numbers; the
     other rounding formulas they could use do not (this is what picks among them). The bias's

@@ -28,6 +28,7 @@
 #define BLOCK 64
 
 int skinny_supported(void);
+void skinny_use_avx2_only(int on);
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads);
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads);
 int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads);
@@ -35,9 +36,13 @@ int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+static int avx2_only; /* tests set it to run the AVX2 loops on an AVX-512 machine */
+
+void skinny_use_avx2_only(int on) { avx2_only = on; }
+
 static int use_avx512(void)
 {
-    return __builtin_cpu_supports("avx512f");
+    return !avx2_only && __builtin_cpu_supports("avx512f");
 }
 
 int skinny_supported(void)
@@ -83,34 +88,25 @@ static void finish(const float *sums, const float *bias, float *out, long ncols)
         _mm512_storeu_ps(sums + 32, t2), _mm512_storeu_ps(sums + 48, t3);                              \
     }
 
-/* AVX2 has 16 registers: a block is done as two halves of 32 outputs. */
+/* AVX2 has 16 registers: a chunk's 8 accumulators stay in registers, the running totals in
+ * memory (added once per chunk). */
 #define AVX2_BLOCK(NAME, WTYPE, LOAD)                                                                    \
     __attribute__((target("avx2,fma,f16c"))) static void NAME(const float *xr, long k, const WTYPE *wb, \
                                                               long kchunk, float *sums)                \
     {                                                                                                  \
-        for (int half = 0; half < 2; half++) {                                                         \
-            __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;                                \
-            for (long k0 = 0; k0 < k; k0 += kchunk) {                                                  \
-                long k1 = k0 + kchunk < k ? k0 + kchunk : k;                                           \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                            \
-                const WTYPE *w = wb + k0 * BLOCK + half * 32;                                          \
-                for (long i = k0; i < k1; i++, w += BLOCK) {                                           \
-                    __m256 xv = _mm256_set1_ps(xr[i]);                                                 \
-                    a0 = _mm256_fmadd_ps(xv, LOAD(w), a0);                                             \
-                    a1 = _mm256_fmadd_ps(xv, LOAD(w + 8), a1);                                         \
-                    a2 = _mm256_fmadd_ps(xv, LOAD(w + 16), a2);                                        \
-                    a3 = _mm256_fmadd_ps(xv, LOAD(w + 24), a3);                                        \
-                }                                                                                      \
-                if (k0 == 0) {                                                                         \
-                    t0 = a0, t1 = a1, t2 = a2, t3 = a3;                                                \
-                } else {                                                                               \
-                    t0 = _mm256_add_ps(t0, a0), t1 = _mm256_add_ps(t1, a1);                            \
-                    t2 = _mm256_add_ps(t2, a2), t3 = _mm256_add_ps(t3, a3);                            \
-                }                                                                                      \
+        for (long k0 = 0; k0 < k; k0 += kchunk) {                                                      \
+            long k1 = k0 + kchunk < k ? k0 + kchunk : k;                                               \
+            __m256 a[8];                                                                               \
+            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();                                    \
+            const WTYPE *w = wb + k0 * BLOCK;                                                          \
+            for (long i = k0; i < k1; i++, w += BLOCK) {                                               \
+                __m256 xv = _mm256_set1_ps(xr[i]);                                                     \
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(xv, LOAD(w + 8 * j), a[j]);         \
             }                                                                                          \
-            float *s = sums + half * 32;                                                               \
-            _mm256_storeu_ps(s, t0), _mm256_storeu_ps(s + 8, t1);                                      \
-            _mm256_storeu_ps(s + 16, t2), _mm256_storeu_ps(s + 24, t3);                                \
+            for (int j = 0; j < 8; j++) {                                                              \
+                __m256 t = k0 == 0 ? a[j] : _mm256_add_ps(_mm256_loadu_ps(sums + 8 * j), a[j]);        \
+                _mm256_storeu_ps(sums + 8 * j, t);                                                     \
+            }                                                                                          \
         }                                                                                              \
     }
 
@@ -232,7 +228,7 @@ int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const 
     }
     for (long r = 0; r < rows; r++) scale[r] = quantize_row(x + r * k, k, kpad, variant, q + r * kpad);
     const float a_scale = (float)(2.0 / 127.0);
-    int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+    int vnni = use_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (long b = 0; b < blocks; b++) {
         int32_t sums[BLOCK];
@@ -260,6 +256,7 @@ int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const 
 #else /* not x86-64: nothing here; skinny.py keeps the general kernels */
 
 int skinny_supported(void) { return 0; }
+void skinny_use_avx2_only(int on) {}
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads) {}
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads) {}
 int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads) { return -1; }

@@ -142,6 +142,8 @@ def _load(path: Path) -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.skinny_i8.restype = ctypes.c_int  # 0, or -1 where it could not allocate
+    lib.skinny_use_avx2_only.argtypes = [ctypes.c_int]  # for tests: the AVX2 loops on an AVX-512 CPU
+    lib.skinny_use_avx2_only.restype = None
     return lib
 
 
