@@ -107,16 +107,32 @@ def test_the_loops_stream_the_weight_in_the_expected_blocks() -> None:
 
 
 @needs_skinny
-def test_a_disagreeing_general_kernel_keeps_the_loops_out(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_disagreeing_general_kernel_keeps_the_loops_out(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where no summation order of the loops matches the general kernel, they are not used, and
-    the log says so."""
+    the log says so, once per shape."""
+    monkeypatch.setattr(skinny, "_DISAGREEING", set())
     gen = torch.Generator().manual_seed(7)
     weight, bias = torch.randn(256, 128, generator=gen), torch.randn(256, generator=gen)
     packed = PackedLinear(weight, bias, "float32")
     assert packed._skinny is not None
     with caplog.at_level(logging.WARNING, logger="gpt2_service.model.skinny"):
         assert packed._skinny.agrees_with(lambda rows: packed._general(rows) * (1 + 2**-20), bias) is None
-    assert "no order of theirs matches" in caplog.text
+        assert "no order of theirs matches" in caplog.text
+        caplog.clear()
+        another = PackedLinear(weight * 2, bias, "float32")  # the same shape: said once, not per layer
+        assert another._skinny is not None
+        assert another._skinny.agrees_with(lambda rows: another._general(rows) + 1, bias) is None
+        assert caplog.text == ""
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise AssertionError("the loops were used")
+
+    packed._skinny.product = refuse  # type: ignore[method-assign]
+    x = torch.randn(1, 128, generator=gen)
+    with kernel_mode(KernelMode("float32", batch_invariant=True)):
+        assert torch.equal(packed(x), packed._general(x))
 
 
 @needs_skinny

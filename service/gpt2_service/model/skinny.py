@@ -46,6 +46,7 @@ BLOCK = 64  # outputs per block of the weight layout (skinny.c)
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 _SOURCE = Path(__file__).with_name("skinny.c")
 _CANDIDATE_CHUNKS = (512, 1024, 256, 128, 64, 2048, 384, 768, 1536, 4096)
+_DISAGREEING: set[tuple[str, int, int, int]] = set()  # shapes already logged as declined
 
 
 def padded(out_features: int) -> int:
@@ -220,12 +221,13 @@ class SkinnyWeight:
             expected = general(rows)
             agreeing = (c for c in self._orders if torch.equal(self.product(rows, bias, c), expected))
             self._agreed[threads] = next(agreeing, None)
-            if self._agreed[threads] is None:
+            shape = (self.storage, self.out_features, self.in_features, threads)
+            if self._agreed[threads] is None and shape not in _DISAGREEING:  # one line per shape, not per layer
+                _DISAGREEING.add(shape)
                 log.warning(
-                    "skinny kernels not used for a %dx%d %s weight: no order of theirs matches the general kernel",
-                    self.out_features,
-                    self.in_features,
-                    self.storage,
+                    "skinny kernels not used for %s weights of %dx%d at %d threads: no order of theirs matches "
+                    "the general kernel, which keeps these products (same numbers, slower at one sequence)",
+                    *shape,
                 )
         return self._agreed[threads]
 
