@@ -179,7 +179,7 @@ class SkinnyWeight:
             if scales is None:
                 raise ValueError("int8 weights need their scale per output")
             groups = -(-in_features // 4)  # of 4 inputs, what one VNNI step reads per output
-            blocked = weight.new_zeros(blocks * BLOCK, groups * 4, dtype=torch.int8)
+            blocked = weight.new_zeros(blocks * BLOCK, groups * 4, dtype=STORAGE[storage])
             blocked[:out_features, :in_features] = weight
             # (out/64, 64, in/4, 4) -> (out/64, in/4, 64, 4)
             self.blocked = blocked.view(blocks, BLOCK, groups, 4).transpose(1, 2).contiguous()
