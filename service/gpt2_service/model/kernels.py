@@ -24,9 +24,10 @@ scaling), so no number changes with the switch (tests/test_skinny.py).
 
 Batch invariance of each format (tests/test_batch_invariance.py checks every one):
 - float32: oneDNN computes each row bitwise the same for any number of rows >= 2 but takes
-  another path for one row, so batch-invariant mode pads one row to two. The weights are
-  prepacked into oneDNN's blocked layout (``PackedLinear``; the kernel otherwise reorders a plain
-  weight on every call): the same numbers, 15-20% faster for GPT-2's shapes at 1-8 rows.
+  another path for one row, so batch-invariant mode pads one row to two (where the skinny loops
+  do not take it). The weights are prepacked into oneDNN's blocked layout (``PackedLinear``; the
+  kernel otherwise reorders a plain weight on every call): the same numbers, 15-20% faster for
+  GPT-2's shapes at 2-8 rows.
 - float16: FBGEMM's fp16 kernel computes each row the same for any number of rows, one included.
   Its weight is padded to whole blocks of 64 outputs: FBGEMM sums a partial last block in another
   order, which the skinny loops would not match.

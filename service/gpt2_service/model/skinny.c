@@ -1,20 +1,21 @@
 /* Products of a few rows with a weight streamed once from memory: out = x @ W.T (+ bias).
  *
  * At one to four rows a linear layer is bound by how fast its weight streams from memory, not by
- * arithmetic. The general kernels (oneDNN, FBGEMM) reach about 70% of this machine's bandwidth
- * there; these loops reach about 95%, which is most of a one-sequence decode step.
+ * arithmetic. The general kernels (oneDNN, FBGEMM) reach 60-70% of this machine's bandwidth
+ * there; these loops come close to all of it (float32: 22.7 of 24.4 GB/s in make bench).
  *
- * Each output is reduced in a fixed order that depends only on the weight's shape, never on the
- * number of rows: k ascending with fused multiply-adds, in chunks of `kchunk` (each chunk summed
- * from zero, then added to the running total), the bias added last. skinny.py picks the chunk
- * that makes these loops bitwise equal to the general kernel for the same weight (oneDNN float32
- * sums 512- or 1024-wide chunks, FBGEMM float16 one chunk), and checks it, so a row gets the
- * same bits from either kernel and batch invariance survives the switch between them.
+ * float32 and float16: each output is reduced in a fixed order that depends only on the weight's
+ * shape, never on the number of rows: k ascending with fused multiply-adds, in chunks of `kchunk`
+ * (each chunk summed from zero, then added to the running total), the bias added last. int8
+ * (below): exact integer sums and FBGEMM's roundings. skinny.py picks the chunk (or rounding
+ * variant) that makes these loops bitwise equal to the general kernel for the same weight
+ * (oneDNN float32 sums 512- or 1024-wide chunks, FBGEMM float16 one chunk), and checks it, so a
+ * row gets the same bits from either kernel and batch invariance survives the switch.
  *
- * The weight is blocked: (N/64, K, 64), N padded with zero columns to a multiple of 64, so a
- * block's 64 outputs read one contiguous stream of K * 64 values. float32 or IEEE half (converted
- * to float32 in registers; the arithmetic is float32). Blocks are shared among OpenMP threads;
- * linked against torch's own libgomp, these are torch's threads, not a second team.
+ * float weights are blocked (N/64, K, 64), N padded with zero columns to a multiple of 64, so a
+ * block's 64 outputs read one contiguous stream of K * 64 values: float32, or IEEE half converted
+ * to float32 in registers. Blocks are shared among OpenMP threads; linked against torch's own
+ * libgomp, these are torch's threads, not a second team.
  *
  * Compiled for plain x86-64; the AVX-512 and AVX2 loops are chosen at run time. Elsewhere
  * skinny_supported() returns 0 and skinny.py leaves the general kernels in place.
