@@ -2,7 +2,8 @@
 depend, to the last bit, on what else shares its batch. Built from properties tested here: every
 weight format's linear kernel computes each row the same for any row count (float32 padding one
 row to two), the sampler treats rows independently, and attention runs row by row; then the
-engine-level property over several scenarios (and over many in tests/test_determinism.py)."""
+engine-level property over several scenarios (and over many in tests/test_determinism.py), with
+decode attention by skinny.c (invariant by construction, tests/test_skinny.py) and by SDPA."""
 
 from __future__ import annotations
 
@@ -143,9 +144,16 @@ def test_the_sampler_treats_each_row_on_its_own() -> None:
         logits = logits + torch.randn(logits.shape, generator=gen) * 0.01
 
 
-@pytest.fixture
-async def invariant_engine(tiny: LoadedModel) -> Engine:
+@pytest.fixture(params=["skinny.c attention", "padded SDPA"])
+async def invariant_engine(tiny: LoadedModel, request: pytest.FixtureRequest) -> Engine:
+    """The batch-invariant engine, decoding with skinny.c's attention (where it is built) or, as
+    without it, with SDPA over keys padded to whole blocks."""
     eng = Engine(tiny, EngineConfig(model="random:tiny", max_batch_size=8, max_prefill_tokens=64, batch_invariant=True))
+    if request.param == "padded SDPA":
+        eng.runner.one_query = False
+    elif skinny.library() is None:
+        pytest.skip("skinny.c is not built on this machine (no C compiler or CPU support)")
+    assert eng.runner.one_query == (request.param == "skinny.c attention")
     await eng.start()
     yield eng  # type: ignore[misc]
     await eng.shutdown()
@@ -181,6 +189,7 @@ async def test_decode_attends_row_by_row_where_padded_attention_is_not_invariant
 
     monkeypatch.setattr(runner_module, "padded_decode_attention_is_invariant", lambda: False)
     eng = Engine(tiny, EngineConfig(model="random:tiny", max_batch_size=8, max_prefill_tokens=64))
+    eng.runner.one_query = False  # as without skinny.c
     assert eng.runner.batch_invariant and not eng.runner.padded_decode
     await eng.start()
     try:

@@ -56,10 +56,11 @@ def test_gpt2_small_has_the_paper_s_parameter_count() -> None:
 
 
 def cached_step(
-    slots: list[int], starts: list[int], lengths: list[int], by_row: bool
+    slots: list[int], starts: list[int], lengths: list[int], by_row: bool, one_query: bool = False
 ) -> tuple[torch.Tensor, AttentionLayout]:
     """Positions (B, T) and the layout of one step that writes lengths[b] tokens from starts[b]
-    into slots[b], right-padded, as the runner builds them."""
+    into slots[b], right-padded, as the runner builds them; ``one_query``: a step of one token per
+    row attends by skinny.c's decode attention."""
     B, T = len(slots), max(lengths)
     positions = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, T, dtype=torch.bool)
@@ -83,18 +84,23 @@ def cached_step(
         mask=mask,
         write_span=(starts[0], starts[0] + T) if aligned else None,
         rows=tuple(zip(slots, starts, lengths, strict=True)) if by_row else None,
+        one_query=one_query and T == 1,
     )
 
 
-@pytest.mark.parametrize("by_row", [False, True], ids=["batched", "row-by-row"])
+@pytest.mark.parametrize("mode", ["batched", "row-by-row", "one-query"])
 @pytest.mark.parametrize("lengths", [[8, 8], [6, 9]], ids=["aligned", "padded"])
 @pytest.mark.parametrize("slots", [[0, 1], [3, 1]], ids=["consecutive-slots", "scattered-slots"])
 def test_attention_over_the_kv_cache_gives_the_full_forward_s_logits(
-    tiny: LoadedModel, slots: list[int], lengths: list[int], by_row: bool
+    tiny: LoadedModel, slots: list[int], lengths: list[int], mode: str
 ) -> None:
     """Two prefill chunks and two decodes through ``KVCache.update``, over each way of writing
-    (slice copy, index copy, scatter) and reading (view, gather, one row at a time)."""
+    (slice copy, index copy, scatter) and reading (view, gather, one row at a time); and the
+    decodes by skinny.c's attention (``KVCache.attend_one``)."""
     model, c = tiny.model, tiny.model.config
+    by_row, one_query = mode == "row-by-row", mode == "one-query"
+    if one_query and not KVCache(1, 1, 1, 1, 1).attends_one_query:
+        pytest.skip("skinny.c is not built on this machine (no C compiler or CPU support)")
     gen = torch.Generator().manual_seed(sum(lengths))
     tokens = [torch.randint(0, c.vocab_size, (n + 2,), generator=gen) for n in lengths]
     cache = KVCache(c.n_layer, 4, c.n_head, 32, c.head_dim)
@@ -102,7 +108,7 @@ def test_attention_over_the_kv_cache_gives_the_full_forward_s_logits(
     steps = [([0, 0], half), (half, [n - h for n, h in zip(lengths, half, strict=True)]), (lengths, [1, 1])]
     steps.append(([n + 1 for n in lengths], [1, 1]))
     for starts, counts in steps:
-        positions, layout = cached_step(slots, starts, counts, by_row)
+        positions, layout = cached_step(slots, starts, counts, by_row, one_query)
         ids = torch.zeros_like(positions)
         for b, (start, n) in enumerate(zip(starts, counts, strict=True)):
             ids[b, :n] = tokens[b][start : start + n]
@@ -118,4 +124,13 @@ def test_attention_weights_are_captured_only_for_the_whole_batch_at_once(tiny: L
     positions, layout = cached_step([0, 1], [0, 0], [3, 5], by_row=True)
     cache = KVCache(c.n_layer, 2, c.n_head, 8, c.head_dim)
     with pytest.raises(ValueError, match="whole batch at once"):
+        tiny.model(torch.zeros_like(positions), positions, layout, cache, capture=Capture(attention_weights=True))
+
+
+def test_attention_weights_are_not_captured_by_the_one_query_path(tiny: LoadedModel) -> None:
+    c = tiny.model.config
+    positions, layout = cached_step([0, 1], [3, 5], [1, 1], by_row=False, one_query=True)
+    assert layout.one_query
+    cache = KVCache(c.n_layer, 2, c.n_head, 8, c.head_dim)
+    with pytest.raises(ValueError, match="without one_query"):
         tiny.model(torch.zeros_like(positions), positions, layout, cache, capture=Capture(attention_weights=True))

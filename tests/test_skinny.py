@@ -1,7 +1,8 @@
 """skinny.c's loops for products of one to four rows (gpt2_service/model/skinny.py): built on this
 machine, used by ``PackedLinear`` in every weight format where they agree bitwise with the general
 kernel (so batch invariance holds across the switch), declined where they do not, and absent
-without harm where they cannot be built."""
+without harm where they cannot be built. And its decode attention (``skinny.attend``): SDPA's
+numbers within rounding, bitwise the same for a row in any batch."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from gpt2_service.model import skinny
 from gpt2_service.model.kernels import KernelMode, PackedLinear, kernel_mode
+from gpt2_service.model.kv_cache import KVCache
+from torch import Tensor
 
 # The CI machine (x86-64 Linux with gcc) builds them; a machine without a compiler falls back, and
 # test_without_a_compiler_the_general_kernels_stay checks that path everywhere.
@@ -168,3 +171,84 @@ def test_without_a_compiler_the_general_kernels_stay(
         with kernel_mode(KernelMode(weights, batch_invariant=True)):
             full = packed(x)
             assert all(torch.equal(packed(x[:rows]), full[:rows]) for rows in (1, 2, 4))
+    assert not KVCache(1, 2, 2, 8, 4).attends_one_query  # decode attention falls back to SDPA too
+
+
+# -- decode attention (skinny.attend) ----------------------------------------------------------
+
+
+def _attend_case(
+    gen: torch.Generator, rows: int, n_head: int, head_dim: int, max_len: int = 96
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """qkv (rows, 3C), caches of 2 * rows slots holding random keys and values, each row's slot
+    (every other one, backwards) and position."""
+    qkv = torch.randn(rows, 3 * n_head * head_dim, generator=gen)
+    k_cache = torch.randn(2 * rows, n_head, max_len, head_dim, generator=gen)
+    v_cache = torch.randn(2 * rows, n_head, max_len, head_dim, generator=gen)
+    slots = torch.arange(2 * rows - 1, -1, -2)
+    positions = torch.randint(0, max_len, (rows,), generator=gen)
+    positions[0] = 0  # a first token, which sees only itself
+    return qkv, k_cache, v_cache, slots, positions
+
+
+@needs_skinny
+@pytest.mark.parametrize(("n_head", "head_dim"), [(12, 64), (2, 8), (3, 24), (1, 5)])
+def test_decode_attention_writes_the_new_keys_and_attends_as_sdpa(n_head: int, head_dim: int, isa: str) -> None:
+    """Every row's key and value land at its (slot, position), nothing else in the cache changes,
+    and its query's attention over keys 0..position is SDPA's within float32 rounding."""
+    lib = skinny.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(n_head * head_dim)
+    qkv, k_cache, v_cache, slots, positions = _attend_case(gen, 5, n_head, head_dim)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = skinny.attend(lib, qkv, k_cache, v_cache, slots, positions)
+    C = n_head * head_dim
+    for r, (slot, position) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
+        q, k, v = qkv[r].view(3, n_head, head_dim)
+        assert torch.equal(k_cache[slot, :, position], k) and torch.equal(v_cache[slot, :, position], v)
+        k_before[slot, :, position], v_before[slot, :, position] = k, v
+        keys, values = k_cache[slot, :, : position + 1], v_cache[slot, :, : position + 1]
+        expected = F.scaled_dot_product_attention(q[:, None], keys, values)[:, 0].reshape(C)
+        torch.testing.assert_close(out[r], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+@needs_skinny
+def test_decode_attention_is_bitwise_the_same_alone_in_any_batch_and_at_any_thread_count() -> None:
+    """A row's output depends on its own query and keys only: alone or among others, at one
+    thread or several, with the AVX-512 or the AVX2 build, the same bits."""
+    lib = skinny.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(7)
+    qkv, k_cache, v_cache, slots, positions = _attend_case(gen, 7, 12, 64, max_len=1024)
+    positions[1] = 1023
+    threads = torch.get_num_threads()
+    batch = skinny.attend(lib, qkv, k_cache.clone(), v_cache.clone(), slots, positions)
+    try:
+        for setting in ((1, 0), (threads, 1), (1, 1)):
+            torch.set_num_threads(setting[0])
+            lib.skinny_use_avx2_only(setting[1])
+            for r in range(qkv.shape[0]):
+                alone = skinny.attend(lib, qkv[r : r + 1], k_cache, v_cache, slots[r : r + 1], positions[r : r + 1])
+                assert torch.equal(alone[0], batch[r]), (r, setting)
+    finally:
+        torch.set_num_threads(threads)
+        lib.skinny_use_avx2_only(0)
+
+
+@needs_skinny
+def test_decode_attention_refuses_what_does_not_fit_the_cache() -> None:
+    lib = skinny.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(3)
+    qkv, k_cache, v_cache, slots, positions = _attend_case(gen, 2, 2, 8, max_len=16)
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match="outside the cache's 4 slots of 16 positions"):
+        skinny.attend(lib, qkv, k_cache, v_cache, slots, torch.tensor([3, 16]))
+    with pytest.raises(ValueError, match="outside"):
+        skinny.attend(lib, qkv, k_cache, v_cache, torch.tensor([0, 4]), positions)
+    assert torch.equal(k_cache, before)  # nothing written
+    with pytest.raises(ValueError, match="do not fit"):
+        skinny.attend(lib, qkv[:, :-1], k_cache, v_cache, slots, positions)
+    with pytest.raises(ValueError, match="do not fit"):
+        skinny.attend(lib, qkv, k_cache, v_cache, slots.int(), positions)

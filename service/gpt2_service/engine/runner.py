@@ -12,8 +12,10 @@ clients from a small machine; see EngineConfig.num_threads.
 Kernel mode (``mode``, a ``kernels.KernelMode``): the weight format of the matrix products, and
 batch invariance, in which every row's numbers are bitwise independent of the rest of its batch:
 the linear kernels compute each row alike whatever the row count (see kernels.py), a decode batch
-attends over keys padded to whole ``KEY_BLOCK``s (``kernels.padded_keys``; row by row where this
-machine's kernel is not invariant under that padding), prefill chunks attend row by row at each
+attends by skinny.c's decode attention (``AttentionLayout.one_query``, in both modes: invariant by
+construction) or, where skinny.c is not built, over keys padded to whole ``KEY_BLOCK``s
+(``kernels.padded_keys``; row by row where this machine's kernel is not invariant under that
+padding), prefill chunks attend row by row at each
 row's exact size (``AttentionLayout.rows``), and the scheduler keeps prefill chunk boundaries
 independent of the batch. Forward passes of other work on the engine thread
 (introspection, warm-up) run in the same mode through ``run``.
@@ -83,6 +85,8 @@ class ModelRunner:
         self.mode = mode or KernelMode()
         # batch-invariant decode over padded keys where this machine's attention kernel allows it
         self.padded_decode = self.batch_invariant and padded_decode_attention_is_invariant()
+        # decode attention by skinny.c, one call per layer, invariant by construction (both modes)
+        self.one_query = self.mode.skinny and cache.attends_one_query
         self.sampler = Sampler()
         self.masks = Masks(model.config.vocab_size)  # constrained rows' next-token masks
         self._generators: dict[int, torch.Generator] = {}
@@ -213,6 +217,19 @@ class ModelRunner:
         position = max(positions_l)
         aligned = min(positions_l) == position  # every row writes the same position: a slice copy
         num_keys = position + 1
+        slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
+        if self.one_query:  # each row attends over its own keys in skinny.c: no mask, no padding
+            layout = AttentionLayout(
+                slots=slot_tensor,
+                slot_range=_slot_range(slot_list),
+                valid=None,
+                write_slots=slot_tensor,
+                write_positions=positions,
+                num_keys=num_keys,
+                mask=None,
+                one_query=True,
+            )
+            return self.model(ids, positions[:, None], layout, self.cache, timer=timer)  # type: ignore[no-any-return]
         needs_mask = not aligned  # every row sees every key otherwise
         rows = None
         if self.padded_decode:
@@ -225,7 +242,6 @@ class ModelRunner:
         mask = None
         if needs_mask:
             mask = decode_mask(positions, num_keys)
-        slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
         layout = AttentionLayout(
             slots=slot_tensor,
             slot_range=_slot_range(slot_list),

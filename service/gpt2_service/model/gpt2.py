@@ -140,8 +140,14 @@ class CausalSelfAttention(nn.Module):
         capture: Capture | None,
     ) -> Tensor:
         B, T, C = x.shape
-        # query, key and value side by side, each split into heads: (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.c_attn(x)  # (B, T, 3C): query, key and value side by side
+        if layout is not None and layout.one_query and cache is not None:  # a decode step, in one call
+            if capture is not None and capture.wants_attention(self.layer):
+                raise ValueError("capturing attention weights needs a layout without one_query")
+            y = cache.attend_one(self.layer, layout, qkv.view(B, 3 * C))  # (B, C), the heads side by side
+            return self.c_proj(y.view(B, 1, C))  # type: ignore[no-any-return]
+        # each split into heads: (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # The KV-cache stores this step's keys and values and returns those to attend over;
         # without one (introspection, reference checks) the input attends to itself.
         attended = [KeyValues(k, v)] if cache is None or layout is None else cache.update(self.layer, layout, k, v)

@@ -11,10 +11,13 @@ by all layers, says where the batch's tokens go and what each query sees.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from gpt2_service.model import skinny
 
 
 @dataclass
@@ -28,6 +31,9 @@ class AttentionLayout:
     (B, 1, T, num_keys): True where the key is visible. ``mask`` is None when causality alone
     decides and T == 1 or T == num_keys: every row decodes at position num_keys-1, or every row
     prefills positions 0..T-1.
+
+    ``one_query`` (decode steps, where ``KVCache.attends_one_query``): each row's one query
+    attends by skinny.c's decode attention, which is batch-invariant by construction.
 
     ``rows`` (batch-invariant mode) lists each row's (slot, first position, real tokens): attention
     then runs row by row at the row's exact size, so padding and neighbours cannot change a bit of
@@ -43,6 +49,9 @@ class AttentionLayout:
     mask: Tensor | None  # (B, 1, T, num_keys) bool
     write_span: tuple[int, int] | None = None
     rows: tuple[tuple[int, int, int], ...] | None = None
+    # every row is one query at its write position, attending over its slot's keys up to there:
+    # ``KVCache.attend_one`` writes and attends in one call (``mask``, ``rows`` unused)
+    one_query: bool = False
     # row indices of the written (slot, head, position)s in a cache layer seen as (S*nh*L, hs),
     # made by the first layer's write and reused by the others
     flat_write_index: Tensor | None = None
@@ -93,6 +102,21 @@ class KVCache:
         self.k = self.k.new_empty((self.k.shape[0], 0, *self.k.shape[2:]))
         self.v = self.v.new_empty((self.v.shape[0], 0, *self.v.shape[2:]))
         self._layers = ()
+
+    @functools.cached_property
+    def attends_one_query(self) -> bool:
+        """Whether ``attend_one`` serves: float32 on the CPU, where skinny.c is built."""
+        return self.k.device.type == "cpu" and self.k.dtype == torch.float32 and skinny.library() is not None
+
+    def attend_one(self, layer: int, layout: AttentionLayout, qkv: Tensor) -> Tensor:
+        """A decode step's attention in ``layer``: qkv (B, 3 * C) holds each row's query, key and
+        value (heads side by side); the key and value go to the row's (write slot, write position),
+        and the query attends over that slot's keys up to there. (B, C). Needs
+        ``attends_one_query``; see ``skinny.attend``."""
+        k_cache, v_cache = self._layers[layer]
+        lib = skinny.library()
+        assert lib is not None, "attend_one needs skinny.c (KVCache.attends_one_query)"
+        return skinny.attend(lib, qkv, k_cache, v_cache, layout.write_slots, layout.write_positions)
 
     @property
     def bytes_per_slot(self) -> int:

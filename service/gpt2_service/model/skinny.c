@@ -1,4 +1,5 @@
-/* Products of a few rows with a weight streamed once from memory: out = x @ W.T (+ bias).
+/* Products of a few rows with a weight streamed once from memory: out = x @ W.T (+ bias); and a
+ * decode step's attention (skinny_attend, below).
  *
  * At one to four rows a linear layer is bound by how fast its weight streams from memory, not by
  * arithmetic. The general kernels (oneDNN, FBGEMM) reach 60-70% of this machine's bandwidth
@@ -33,6 +34,136 @@ void skinny_use_avx2_only(int on);
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads);
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads);
 int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads);
+int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float *k_cache, float *v_cache, long max_len, long num_slots, const int64_t *slots, const int64_t *positions, float scale, float *out, int threads);
+
+
+/* Decode attention: each row's one new query over its slot's cached keys and values.
+ *
+ * qkv is (rows, 3 * C), C = n_head * head_dim: the row's query, key and value, heads side by
+ * side. The caches are one layer's (slots, n_head, max_len, head_dim). For each row and head this
+ * writes the new key and value at the row's position, then computes softmax(q k^T * scale) v over
+ * positions 0..position into out (rows, C).
+ *
+ * Batch invariance by construction: one thread computes a (row, head) from start to end, in an
+ * order that depends only on the row's own length (dot products in 16 lanes summed by a fixed
+ * tree, keys ascending), so neither the batch nor the number of threads changes a bit. The loops
+ * are plain C, vectorised by the compiler without reassociation (-ffp-contract=off): the AVX-512
+ * and AVX2 builds below give the same bits. exp is our own (Cephes' polynomial), for the same
+ * reason: a libm's vector exp may differ from its scalar one. */
+#define LANES 16
+
+static inline __attribute__((always_inline)) float lanes_sum(float *acc)
+{
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
+}
+
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, long n)
+{
+    float acc[LANES] = {0};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; i + j < n; j++) acc[j] += a[i + j] * b[i + j];
+    return lanes_sum(acc);
+}
+
+/* exp(x) for x <= 0, within 2 ulp; below -87 (where exp is under 2^-125) it gives exp(-87). */
+static inline __attribute__((always_inline)) float exp_nonpositive(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union {
+        int32_t i;
+        float f;
+    } two_n = {.i = ((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
+
+#define ATTEND_ONE(NAME, TARGET)                                                                        \
+    TARGET static void NAME(const float *q, const float *kn, const float *vn, float *kc, float *vc,      \
+                            long pos, long hd, float scale, float *p, float *acc, float *out)           \
+    {                                                                                                  \
+        memcpy(kc + pos * hd, kn, (size_t)hd * sizeof(float));                                         \
+        memcpy(vc + pos * hd, vn, (size_t)hd * sizeof(float));                                         \
+        long n = pos + 1;                                                                              \
+        float m = -INFINITY;                                                                           \
+        for (long j = 0; j < n; j++) {                                                                 \
+            p[j] = dot(q, kc + j * hd, hd) * scale;                                                    \
+            m = p[j] > m ? p[j] : m;                                                                   \
+        }                                                                                              \
+        for (long j = 0; j < n; j++) p[j] = exp_nonpositive(p[j] - m);                                 \
+        float lanes[LANES] = {0};                                                                      \
+        long j = 0;                                                                                    \
+        for (; j + LANES <= n; j += LANES)                                                             \
+            for (int l = 0; l < LANES; l++) lanes[l] += p[j + l];                                      \
+        for (int l = 0; j + l < n; l++) lanes[l] += p[j + l];                                          \
+        float sum = lanes_sum(lanes);                                                                  \
+        for (long d = 0; d < hd; d++) acc[d] = 0.0f;                                                   \
+        for (long j = 0; j < n; j++)                                                                   \
+            for (long d = 0; d < hd; d++) acc[d] += p[j] * vc[j * hd + d];                             \
+        for (long d = 0; d < hd; d++) out[d] = acc[d] / sum;                                           \
+    }
+
+#if defined(__x86_64__)
+ATTEND_ONE(attend512, __attribute__((target("avx512f"))))
+ATTEND_ONE(attend256, __attribute__((target("avx2"))))
+static int use_avx512(void);
+#else
+ATTEND_ONE(attend_plain, )
+#endif
+
+/* 0; -1 where a thread's scratch could not be allocated (out then incomplete); -2, with nothing
+ * written, where a position is outside 0..max_len-1 or a slot outside 0..slots-1. */
+int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float *k_cache, float *v_cache, long max_len,
+                  long num_slots, const int64_t *slots, const int64_t *positions, float scale, float *out, int threads)
+{
+    long C = n_head * head_dim;
+    int failed = 0;
+    for (long r = 0; r < rows; r++)
+        if (positions[r] < 0 || positions[r] >= max_len || slots[r] < 0 || slots[r] >= num_slots) return -2;
+#if defined(__x86_64__)
+    int wide = use_avx512();
+#endif
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        float *p = malloc((size_t)max_len * sizeof(float)), *acc = malloc((size_t)head_dim * sizeof(float));
+        if (!p || !acc) {
+            _Pragma("omp atomic write") failed = 1;
+        }
+        _Pragma("omp for schedule(static)")
+        for (long t = 0; t < rows * n_head; t++) {
+            if (!p || !acc) continue;
+            long r = t / n_head, h = t % n_head;
+            const float *q = qkv + r * 3 * C + h * head_dim;
+            long cached = (slots[r] * n_head + h) * max_len * head_dim;
+#if defined(__x86_64__)
+            if (wide)
+                attend512(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
+                          out + r * C + h * head_dim);
+            else
+                attend256(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
+                          out + r * C + h * head_dim);
+#else
+            attend_plain(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
+                         out + r * C + h * head_dim);
+#endif
+        }
+        free(p);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
 
 #if defined(__x86_64__)
 #include <immintrin.h>

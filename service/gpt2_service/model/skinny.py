@@ -5,7 +5,8 @@ What it is: ``library`` (skinny.c compiled with the machine's C compiler into a 
 once per source version, about 1 s; ``None`` where that cannot be done, and the general kernels
 stay in place), and ``SkinnyWeight``, a weight in skinny.c's blocked layout (float32; float16
 with float32 arithmetic; int8 as FBGEMM's dynamic kernel computes it) whose ``product`` is
-bitwise equal to the general kernel's for any rows.
+bitwise equal to the general kernel's for any rows. And ``attend``, a decode step's attention
+(each row's one query over its slot's cached keys), invariant by construction (skinny.c).
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
 bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
@@ -143,6 +144,10 @@ def _load(path: Path) -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.skinny_i8.restype = ctypes.c_int  # 0, or -1 where it could not allocate
+    # (qkv, rows, n_head, head_dim, k_cache, v_cache, max_len, num_slots, slots, positions, scale, out, threads)
+    lib.skinny_attend.argtypes = [pointer, long, long, long, pointer, pointer, long, long, pointer, pointer]
+    lib.skinny_attend.argtypes += [ctypes.c_float, pointer, ctypes.c_int]
+    lib.skinny_attend.restype = ctypes.c_int  # 0; -1 where it could not allocate; -2 for a bad slot or position
     lib.skinny_use_avx2_only.argtypes = [ctypes.c_int]  # for tests: the AVX2 loops on an AVX-512 CPU
     lib.skinny_use_avx2_only.restype = None
     return lib
@@ -230,6 +235,33 @@ class SkinnyWeight:
                     *shape,
                 )
         return self._agreed[threads]
+
+
+def attend(lib: ctypes.CDLL, qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+    """Decode attention by skinny.c: each row's one query, key and value in ``qkv`` (B, 3 * C),
+    heads side by side; the new key and value written into ``k_cache`` / ``v_cache`` (one layer's,
+    (S, nh, L, hs), contiguous float32) at the row's slot and position; the query attends over
+    that slot's positions 0..position. (B, C), the heads side by side. Each (row, head) is
+    computed alone in a fixed order: bitwise the same in any batch, at any number of threads."""
+    num_slots, n_head, max_len, head_dim = k_cache.shape
+    rows = qkv.shape[0]
+    fits = qkv.shape[1] == 3 * n_head * head_dim and slots.shape == positions.shape == (rows,)
+    fits = fits and qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    fits = (
+        fits and slots.dtype == positions.dtype == torch.int64 and slots.is_contiguous() and positions.is_contiguous()
+    )
+    if not fits or qkv.dtype != k_cache.dtype or k_cache.dtype != torch.float32 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"qkv {tuple(qkv.shape)}, slots and positions do not fit a cache of {tuple(k_cache.shape)}")
+    out = torch.empty(rows, n_head * head_dim)
+    args = (qkv.data_ptr(), rows, n_head, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), max_len, num_slots)
+    status = lib.skinny_attend(
+        *args, slots.data_ptr(), positions.data_ptr(), head_dim**-0.5, out.data_ptr(), torch.get_num_threads()
+    )
+    if status == -2:
+        raise ValueError(f"a slot or position is outside the cache's {num_slots} slots of {max_len} positions")
+    if status:
+        raise MemoryError(f"skinny.c could not allocate attention scratch for {max_len} keys")
+    return out
 
 
 def main() -> None:
