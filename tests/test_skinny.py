@@ -252,3 +252,93 @@ def test_decode_attention_refuses_what_does_not_fit_the_cache() -> None:
         skinny.attend(lib, qkv[:, :-1], k_cache, v_cache, slots, positions)
     with pytest.raises(ValueError, match="do not fit"):
         skinny.attend(lib, qkv, k_cache, v_cache, slots.int(), positions)
+
+
+# -- layer norm, GELU and the one-call block ---------------------------------------------------
+
+
+@needs_skinny
+@pytest.mark.parametrize("n", [768, 64, 37])
+def test_layer_norm_is_torch_s_within_rounding_and_bitwise_the_same_for_a_row_anywhere(n: int, isa: str) -> None:
+    lib = skinny.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(40, n, generator=gen) * 3 + 1
+    residual = torch.randn(40, n, generator=gen)
+    weight, bias = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    same, y = skinny.layer_norm(lib, x, None, weight, bias, 1e-5)
+    assert same is x
+    torch.testing.assert_close(y, F.layer_norm(x, (n,), weight, bias, 1e-5), rtol=1e-5, atol=2e-6)
+    total, y_sum = skinny.layer_norm(lib, x, residual, weight, bias, 1e-5)
+    assert torch.equal(total, x + residual)  # the add is IEEE's, as torch's
+    assert torch.equal(y_sum, skinny.layer_norm(lib, x + residual, None, weight, bias, 1e-5)[1])
+    threads = torch.get_num_threads()
+    try:
+        for setting in (1, threads):
+            torch.set_num_threads(setting)
+            for r in (0, 17, 39):
+                assert torch.equal(skinny.layer_norm(lib, x[r : r + 1], None, weight, bias, 1e-5)[1][0], y[r])
+                alone = skinny.layer_norm(lib, x[r], residual[r], weight, bias, 1e-5)
+                assert torch.equal(alone[1], y_sum[r]) and torch.equal(alone[0], total[r])
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="does not fit"):
+        skinny.layer_norm(lib, x, None, weight[:-1], bias, 1e-5)
+
+
+@needs_skinny
+def test_gelu_is_torch_s_tanh_gelu_within_rounding_and_the_same_for_a_value_anywhere(isa: str) -> None:
+    lib = skinny.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(20000, generator=gen) * 4, torch.linspace(-30, 30, 6001), torch.tensor([0.0, -0.0])])
+    y = skinny.gelu_tanh(lib, x)
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
+    for start, count in ((0, 1), (3, 17), (4095, 3), (12345, 8000)):  # in vector lanes or the tail
+        assert torch.equal(skinny.gelu_tanh(lib, x[start : start + count]), y[start : start + count])
+
+
+@needs_skinny
+@pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
+def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str) -> None:
+    """Decode steps of one to four rows through skinny.c's one-call block (FusedBlock) and through
+    the block op by op (the same products, attention, layer norms and GELU called one at a time):
+    the same logits to the bit, the same keys and values in the cache, and the stage timer still
+    gets the attention and MLP halves."""
+    from gpt2_service.model import gpt2
+    from gpt2_service.model.gpt2 import Block, StageTimer
+    from gpt2_service.model.kv_cache import AttentionLayout
+    from gpt2_service.model.weights import load_model
+
+    model = load_model("random:tiny").model
+    model.prepare_weights(weights)
+    c = model.config
+
+    def decode(fused: bool, rows: int) -> tuple[Tensor, KVCache, StageTimer]:
+        cache, timer = KVCache(c.n_layer, 6, c.n_head, 64, c.head_dim), StageTimer()
+        gen = torch.Generator().manual_seed(rows)
+        logits = []
+        with kernel_mode(KernelMode(weights, batch_invariant=True)), torch.inference_mode():
+            for step in range(12):
+                slots = torch.tensor([4, 0, 2, 5][:rows])
+                positions = torch.tensor([step, step + 3, step + 9, 2 * step][:rows])
+                layout = AttentionLayout(slots, None, None, slots, positions, int(positions.max()) + 1, None)
+                layout.one_query = True
+                ids = torch.randint(0, c.vocab_size, (rows, 1), generator=gen)
+                hidden = model(ids, positions[:, None], layout, cache, timer=timer if step else None)
+                logits.append(model.logits(hidden[:, 0]))
+        return torch.stack(logits), cache, timer
+
+    for rows in range(1, skinny.MAX_ROWS + 1):
+        fused, fused_cache, timer = decode(True, rows)
+        with kernel_mode(KernelMode(weights, batch_invariant=True)):  # the one-call block was used
+            assert all(block._fused_block() is not None for block in model.transformer.h if isinstance(block, Block))
+        original = gpt2.Block._fused_block
+        try:
+            gpt2.Block._fused_block = lambda self: None  # type: ignore[method-assign]
+            op_by_op, op_cache, _ = decode(False, rows)
+        finally:
+            gpt2.Block._fused_block = original  # type: ignore[method-assign]
+        assert torch.equal(fused, op_by_op), rows
+        assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
+        assert timer.seconds["attention"] > 0 and timer.seconds["mlp"] > 0

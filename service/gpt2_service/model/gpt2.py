@@ -21,13 +21,23 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2_service.core.pieces import Pieces, run_to_end
-from gpt2_service.model.kernels import WEIGHT_FORMATS, PackedLinear, attention, prepacks_float32, project
+from gpt2_service.model import skinny
+from gpt2_service.model.kernels import (
+    WEIGHT_FORMATS,
+    PackedLinear,
+    attention,
+    current_mode,
+    gelu,
+    layer_norm,
+    prepacks_float32,
+    project,
+)
 from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
 from gpt2_service.model.kv_cache import KeyValues, KVCache
+from gpt2_service.model.skinny import MAX_ROWS, FusedBlock
 
 
 @dataclass(frozen=True)
@@ -96,8 +106,11 @@ class StageTimer:
         self._start = time.perf_counter()
 
     def stop(self) -> None:
-        elapsed = time.perf_counter() - self._start
-        self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + elapsed
+        self.add(self._stage, time.perf_counter() - self._start)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Time measured elsewhere (skinny.c's fused block times its own halves)."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
 class Conv1D(nn.Module):
@@ -197,7 +210,7 @@ class MLP(nn.Module):
         self.approximate = config.activation
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C)
-        h = F.gelu(self.c_fc(x), approximate=self.approximate)  # (B, T, d_ff)
+        h = gelu(self.c_fc(x), self.approximate)  # (B, T, d_ff)
         out: Tensor = self.c_proj(h)  # (B, T, C)
         return out
 
@@ -209,6 +222,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
+        self._fused: dict[tuple[str, int], FusedBlock | None] = {}  # (format, threads) -> one-call block
 
     def forward(
         self,
@@ -218,26 +232,67 @@ class Block(nn.Module):
         capture: Capture | None,
         timer: StageTimer | None,
     ) -> Tensor:
+        # x + attention(ln_1(x)), then that + mlp(ln_2(that)); the residual add and ln_2 in one call
+        if layout is not None and layout.one_query and cache is not None and capture is None:
+            fused = self._fused_block() if x.shape[0] <= MAX_ROWS else None
+            if fused is not None:  # a decode step of 1-4 rows: the same computation in one call
+                k_cache, v_cache = cache.layer(self.attn.layer)
+                x, attention_s, mlp_s = fused(
+                    x.contiguous(), k_cache, v_cache, layout.write_slots, layout.write_positions
+                )
+                if timer is not None:
+                    timer.add("attention", attention_s)
+                    timer.add("mlp", mlp_s)
+                return x
         if timer is None and capture is None:  # the hot path
-            x = x + self.attn(self.ln_1(x), layout, cache, None)
-            out: Tensor = x + self.mlp(self.ln_2(x))
+            x, h = layer_norm(x, self.ln_2, self.attn(layer_norm(x, self.ln_1)[1], layout, cache, None))
+            out: Tensor = x + self.mlp(h)
             return out
         layer = self.attn.layer
         if timer is not None:
             timer.start("attention")
         attn_in = x
-        x = x + self.attn(self.ln_1(x), layout, cache, capture)
+        attended = self.attn(layer_norm(x, self.ln_1)[1], layout, cache, capture)
         if timer is not None:
             timer.stop()
             timer.start("mlp")
+        x, h = layer_norm(x, self.ln_2, attended)
         mlp_in = x
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self.mlp(h)
         if timer is not None:
             timer.stop()
         if capture is not None and capture.stage_outputs:
             capture.stages.append((f"block.{layer}.attention", attn_in, mlp_in))
             capture.stages.append((f"block.{layer}.mlp", mlp_in, x))
         return x
+
+    def _fused_block(self) -> FusedBlock | None:
+        """This block as one call to skinny.c for this thread's weight format and thread count,
+        where every piece of it runs there (skinny.c built, GPT-2's tanh GELU, all four products
+        taken by the loops): bitwise what the op-by-op path computes (tests/test_skinny.py)."""
+        mode = current_mode()
+        if not mode.skinny:
+            return None
+        key = (mode.weights, torch.get_num_threads())
+        if key not in self._fused:
+            self._fused[key] = self._make_fused(mode.weights)
+        return self._fused[key]
+
+    def _make_fused(self, weights: str) -> FusedBlock | None:
+        lib = skinny.library()
+        convs = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
+        packed = [c.packed.get(weights) for c in convs]
+        if lib is None or self.mlp.approximate != "tanh" or any(p is None for p in packed):
+            return None
+        linears = []
+        for p in packed:
+            assert p is not None
+            agreed = p.skinny_order()
+            if agreed is None:
+                return None
+            linears.append((agreed[0], p.bias, agreed[1]))
+        norms = ((self.ln_1.weight, self.ln_1.bias), (self.ln_2.weight, self.ln_2.bias))
+        return FusedBlock(lib, self.attn.n_head, self.ln_1.eps, norms, tuple(linears))
 
 
 class Transformer(nn.Module):
@@ -306,7 +361,7 @@ class GPT2(nn.Module):
             yield
         if timer is not None:
             timer.start("final_layer_norm")
-        out: Tensor = t.ln_f(x)
+        out = layer_norm(x, t.ln_f)[1]
         if timer is not None:
             timer.stop()
         if capture is not None:

@@ -41,6 +41,7 @@ Batch invariance of each format (tests/test_batch_invariance.py checks every one
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from gpt2_service.model import skinny
 
@@ -190,6 +191,14 @@ class PackedLinear:
             rows = rows.float().contiguous()
         return self._product(rows, self.bias).view(*x.shape[:-1], self.out_features)
 
+    def skinny_order(self) -> tuple[skinny.SkinnyWeight, int] | None:
+        """skinny.c's copy of this weight and the order in which its loops agree with the general
+        kernel at the current thread count, where they do (what ``_product`` uses for 1-4 rows)."""
+        if self._skinny is None:
+            return None
+        order = self._skinny.agrees_with(self._general, self.bias)
+        return None if order is None else (self._skinny, order)
+
     def _product(self, rows: Tensor, bias: Tensor | None) -> Tensor:
         """rows (N, in) times the weight: by skinny.c's loops for one to four rows where they
         agree with the general kernel, else by it."""
@@ -257,6 +266,30 @@ def decode_mask(positions: Tensor, num_keys: int) -> Tensor:
     """(B, 1, 1, num_keys) bool: the query of each decoding row, at ``positions`` (B,), sees the
     keys at its position and before."""
     return (torch.arange(num_keys, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
+
+
+def _row_ops(x: Tensor) -> ctypes.CDLL | None:
+    """skinny.c, where it computes this thread's layer norms and GELUs: float32 on the CPU, with
+    ``KernelMode.skinny``. Elsewhere torch's kernels do, which are row-invariant too but slower
+    per call (each a dispatch of 10-25 us in a decode step, against 2-4 us)."""
+    if x.dtype is not torch.float32 or not x.is_cpu or not _MODE.get().skinny:
+        return None
+    return skinny.library()
+
+
+def layer_norm(x: Tensor, norm: nn.LayerNorm, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``norm`` applied to x + residual (or to x): (x + residual or x, the normalized values)."""
+    lib = _row_ops(x)
+    if lib is not None and norm.weight.dtype is torch.float32:  # (GPT-2's layer norms have weight and bias)
+        return skinny.layer_norm(lib, x, residual, norm.weight, norm.bias, norm.eps)
+    total = x if residual is None else x + residual
+    return total, norm(total)
+
+
+def gelu(x: Tensor, approximate: str) -> Tensor:
+    """``F.gelu(x, approximate=approximate)``; GPT-2's tanh form by skinny.c where it applies."""
+    lib = _row_ops(x) if approximate == "tanh" else None
+    return F.gelu(x, approximate=approximate) if lib is None else skinny.gelu_tanh(lib, x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

@@ -21,11 +21,13 @@
  * Compiled for plain x86-64; the AVX-512 and AVX2 loops are chosen at run time. Elsewhere
  * skinny_supported() returns 0 and skinny.py leaves the general kernels in place.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define BLOCK 64
 
@@ -35,6 +37,8 @@ void skinny_f32(const float *x, long rows, long k, const float *w, long n, const
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads);
 int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads);
 int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float *k_cache, float *v_cache, long max_len, long num_slots, const int64_t *slots, const int64_t *positions, float scale, float *out, int threads);
+void skinny_layer_norm(const float *x, const float *residual, float *sum, long rows, long n, const float *w, const float *b, float eps, float *y, int threads);
+void skinny_gelu_tanh(const float *x, float *y, long count, int threads);
 
 
 /* Decode attention: each row's one new query over its slot's cached keys and values.
@@ -115,13 +119,98 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x)
         for (long d = 0; d < hd; d++) out[d] = acc[d] / sum;                                           \
     }
 
+/* Layer norm and GELU, row by row: each row (each value, for GELU) computed by one thread in an
+ * order fixed by the row's length, so a row's bits do not depend on its batch or the number of
+ * threads; plain C, the same bits from every build, as the attention above. */
+#define NORM_ROW(NAME, TARGET)                                                                          \
+    TARGET static void NAME(const float *x, const float *res, float *sum, long n, const float *w,     \
+                            const float *b, float eps, float *y)                                       \
+    {                                                                                                  \
+        if (res) { /* sum = x + res, normalized */                                                     \
+            for (long i = 0; i < n; i++) sum[i] = x[i] + res[i];                                       \
+            x = sum;                                                                                   \
+        }                                                                                              \
+        float lanes[LANES] = {0};                                                                      \
+        long i = 0;                                                                                    \
+        for (; i + LANES <= n; i += LANES)                                                             \
+            for (int l = 0; l < LANES; l++) lanes[l] += x[i + l];                                      \
+        for (int l = 0; i + l < n; l++) lanes[l] += x[i + l];                                          \
+        float mean = lanes_sum(lanes) / (float)n;                                                      \
+        for (int l = 0; l < LANES; l++) lanes[l] = 0.0f;                                               \
+        for (i = 0; i + LANES <= n; i += LANES)                                                        \
+            for (int l = 0; l < LANES; l++) lanes[l] += (x[i + l] - mean) * (x[i + l] - mean);         \
+        for (int l = 0; i + l < n; l++) lanes[l] += (x[i + l] - mean) * (x[i + l] - mean);             \
+        float rstd = 1.0f / sqrtf(lanes_sum(lanes) / (float)n + eps);                                  \
+        for (i = 0; i < n; i++) y[i] = (x[i] - mean) * rstd * w[i] + b[i];                             \
+    }
+
+/* GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh from exp_nonpositive. */
+#define GELU_SPAN(NAME, TARGET)                                                                         \
+    TARGET static void NAME(const float *x, float *y, long count)                                      \
+    {                                                                                                  \
+        for (long i = 0; i < count; i++) {                                                             \
+            float v = x[i];                                                                            \
+            float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);                               \
+            float a = u < 0.0f ? u : -u; /* -|u| */                                                    \
+            float e = exp_nonpositive(2.0f * a);                                                       \
+            float t = (1.0f - e) / (1.0f + e); /* tanh |u| */                                          \
+            y[i] = 0.5f * v * (1.0f + (u < 0.0f ? -t : t));                                            \
+        }                                                                                              \
+    }
+
 #if defined(__x86_64__)
-ATTEND_ONE(attend512, __attribute__((target("avx512f"))))
-ATTEND_ONE(attend256, __attribute__((target("avx2"))))
+#define WIDE __attribute__((target("avx512f")))
+#define NARROW __attribute__((target("avx2")))
 static int use_avx512(void);
 #else
-ATTEND_ONE(attend_plain, )
+#define WIDE
+#define NARROW
 #endif
+ATTEND_ONE(attend512, WIDE)
+ATTEND_ONE(attend256, NARROW)
+NORM_ROW(norm512, WIDE)
+NORM_ROW(norm256, NARROW)
+GELU_SPAN(gelu512, WIDE)
+GELU_SPAN(gelu256, NARROW)
+
+static int wide_build(void)
+{
+#if defined(__x86_64__)
+    return use_avx512();
+#else
+    return 0;
+#endif
+}
+
+void skinny_layer_norm(const float *x, const float *residual, float *sum, long rows, long n, const float *w, const float *b,
+                       float eps, float *y, int threads)
+{
+    int wide = wide_build();
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows >= 8)")
+    for (long r = 0; r < rows; r++) {
+        const float *res = residual ? residual + r * n : NULL;
+        float *s = residual ? sum + r * n : NULL;
+        if (wide)
+            norm512(x + r * n, res, s, n, w, b, eps, y + r * n);
+        else
+            norm256(x + r * n, res, s, n, w, b, eps, y + r * n);
+    }
+}
+
+#define GELU_CHUNK 4096
+void skinny_gelu_tanh(const float *x, float *y, long count, int threads)
+{
+    int wide = wide_build();
+    long chunks = (count + GELU_CHUNK - 1) / GELU_CHUNK;
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (chunks >= 4)")
+    for (long c = 0; c < chunks; c++) {
+        long start = c * GELU_CHUNK, len = count - start < GELU_CHUNK ? count - start : GELU_CHUNK;
+        if (wide)
+            gelu512(x + start, y + start, len);
+        else
+            gelu256(x + start, y + start, len);
+    }
+}
 
 /* 0; -1 where a thread's scratch could not be allocated (out then incomplete); -2, with nothing
  * written, where a position is outside 0..max_len-1 or a slot outside 0..slots-1. */
@@ -132,9 +221,7 @@ int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float
     int failed = 0;
     for (long r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= max_len || slots[r] < 0 || slots[r] >= num_slots) return -2;
-#if defined(__x86_64__)
-    int wide = use_avx512();
-#endif
+    int wide = wide_build();
     _Pragma("omp parallel num_threads(threads)")
     {
         float *p = malloc((size_t)max_len * sizeof(float)), *acc = malloc((size_t)head_dim * sizeof(float));
@@ -147,17 +234,12 @@ int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float
             long r = t / n_head, h = t % n_head;
             const float *q = qkv + r * 3 * C + h * head_dim;
             long cached = (slots[r] * n_head + h) * max_len * head_dim;
-#if defined(__x86_64__)
             if (wide)
                 attend512(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
                           out + r * C + h * head_dim);
             else
                 attend256(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
                           out + r * C + h * head_dim);
-#else
-            attend_plain(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
-                         out + r * C + h * head_dim);
-#endif
         }
         free(p);
         free(acc);
@@ -394,3 +476,85 @@ void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, co
 int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const int32_t *colsum, const float *wscale, const float *bias, float *out, long variant, int threads) { return -1; }
 
 #endif
+
+/* One GPT-2 block for a decode step of one to four rows, in one call: what gpt2.Block computes
+ * op by op (layer norm, the q/k/v product, skinny_attend, the output product, the residual add
+ * and second layer norm, the MLP's products around GELU, the last residual add), by the same
+ * functions in the same order, so its numbers are bitwise the op-by-op ones; it only saves the
+ * ~20 Python and torch calls per block between them (which, each run from caches the products
+ * have just flushed, cost a decode step about as much as the attention did). x (rows, C) is
+ * updated in place; scratch holds rows * (6 C + d_ff) floats; seconds[0..1] get the wall time of the
+ * attention half and of the MLP half. 0, -1 (out of memory) or -2 (bad slot or position). */
+struct skinny_linear {
+    const void *w;
+    const float *bias;
+    const int32_t *colsum; /* int8 */
+    const float *scales;   /* int8 */
+    long n, k, order;
+    long storage; /* 0 float32, 1 float16, 2 int8 */
+};
+
+struct skinny_block {
+    long n_embd, n_head, head_dim, max_len, num_slots;
+    float eps, scale;
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    struct skinny_linear attn, attn_proj, fc, proj;
+};
+
+int skinny_block_decode(const struct skinny_block *blk, float *x, long rows, float *k_cache, float *v_cache,
+                        const int64_t *slots, const int64_t *positions, float *scratch, double *seconds, int threads);
+
+static int linear(const struct skinny_linear *l, const float *in, long rows, float *out, int threads)
+{
+    if (l->storage == 0)
+        skinny_f32(in, rows, l->k, l->w, l->n, l->bias, out, l->order, threads);
+    else if (l->storage == 1)
+        skinny_f16(in, rows, l->k, l->w, l->n, l->bias, out, l->order, threads);
+    else
+        return skinny_i8(in, rows, l->k, l->w, l->n, l->colsum, l->scales, l->bias, out, l->order, threads);
+    return 0;
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int skinny_block_decode(const struct skinny_block *blk, float *x, long rows, float *k_cache, float *v_cache,
+                        const int64_t *slots, const int64_t *positions, float *scratch, double *seconds, int threads)
+{
+    long C = blk->n_embd;
+    float *h = scratch, *qkv = h + rows * C, *att = qkv + 3 * rows * C, *a = att + rows * C, *f = a + rows * C;
+    int wide = wide_build(), status;
+    double t0 = now();
+    for (long r = 0; r < rows; r++) {
+        if (wide)
+            norm512(x + r * C, NULL, NULL, C, blk->ln1_w, blk->ln1_b, blk->eps, h + r * C);
+        else
+            norm256(x + r * C, NULL, NULL, C, blk->ln1_w, blk->ln1_b, blk->eps, h + r * C);
+    }
+    if ((status = linear(&blk->attn, h, rows, qkv, threads))) return status;
+    status = skinny_attend(qkv, rows, blk->n_head, blk->head_dim, k_cache, v_cache, blk->max_len, blk->num_slots, slots,
+                           positions, blk->scale, att, threads);
+    if (status) return status;
+    if ((status = linear(&blk->attn_proj, att, rows, a, threads))) return status;
+    double t1 = now();
+    for (long r = 0; r < rows; r++) { /* x += a; h = ln_2(x) */
+        if (wide)
+            norm512(x + r * C, a + r * C, x + r * C, C, blk->ln2_w, blk->ln2_b, blk->eps, h + r * C);
+        else
+            norm256(x + r * C, a + r * C, x + r * C, C, blk->ln2_w, blk->ln2_b, blk->eps, h + r * C);
+    }
+    if ((status = linear(&blk->fc, h, rows, f, threads))) return status;
+    if (wide)
+        gelu512(f, f, rows * blk->fc.n);
+    else
+        gelu256(f, f, rows * blk->fc.n);
+    if ((status = linear(&blk->proj, f, rows, a, threads))) return status;
+    for (long i = 0; i < rows * C; i++) x[i] = x[i] + a[i];
+    seconds[0] = t1 - t0;
+    seconds[1] = now() - t1;
+    return 0;
+}

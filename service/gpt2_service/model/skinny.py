@@ -5,8 +5,9 @@ What it is: ``library`` (skinny.c compiled with the machine's C compiler into a 
 once per source version, about 1 s; ``None`` where that cannot be done, and the general kernels
 stay in place), and ``SkinnyWeight``, a weight in skinny.c's blocked layout (float32; float16
 with float32 arithmetic; int8 as FBGEMM's dynamic kernel computes it) whose ``product`` is
-bitwise equal to the general kernel's for any rows. And ``attend``, a decode step's attention
-(each row's one query over its slot's cached keys), invariant by construction (skinny.c).
+bitwise equal to the general kernel's for any rows. And the row-wise operations, invariant by
+construction (skinny.c): ``attend``, a decode step's attention (each row's one query over its
+slot's cached keys); ``layer_norm`` (with the residual add before it); ``gelu_tanh``.
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
 bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
@@ -148,9 +149,42 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.skinny_attend.argtypes = [pointer, long, long, long, pointer, pointer, long, long, pointer, pointer]
     lib.skinny_attend.argtypes += [ctypes.c_float, pointer, ctypes.c_int]
     lib.skinny_attend.restype = ctypes.c_int  # 0; -1 where it could not allocate; -2 for a bad slot or position
+    # (x, residual, sum, rows, n, weight, bias, eps, y, threads)
+    lib.skinny_layer_norm.argtypes = [pointer, pointer, pointer, long, long, pointer, pointer, ctypes.c_float]
+    lib.skinny_layer_norm.argtypes += [pointer, ctypes.c_int]
+    lib.skinny_layer_norm.restype = None
+    lib.skinny_gelu_tanh.argtypes = [pointer, pointer, long, ctypes.c_int]  # (x, y, count, threads)
+    lib.skinny_gelu_tanh.restype = None
+    # (block, x, rows, k_cache, v_cache, slots, positions, scratch, seconds, threads)
+    lib.skinny_block_decode.argtypes = [ctypes.POINTER(_Block), pointer, long, pointer, pointer, pointer, pointer]
+    lib.skinny_block_decode.argtypes += [pointer, pointer, ctypes.c_int]
+    lib.skinny_block_decode.restype = ctypes.c_int  # 0; -1 out of memory; -2 a bad slot or position
     lib.skinny_use_avx2_only.argtypes = [ctypes.c_int]  # for tests: the AVX2 loops on an AVX-512 CPU
     lib.skinny_use_avx2_only.restype = None
     return lib
+
+
+class _Linear(ctypes.Structure):  # skinny.c's struct skinny_linear
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("colsum", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("n", ctypes.c_long),
+        ("k", ctypes.c_long),
+        ("order", ctypes.c_long),
+        ("storage", ctypes.c_long),
+    ]
+
+
+class _Block(ctypes.Structure):  # skinny.c's struct skinny_block
+    _fields_ = [
+        *((name, ctypes.c_long) for name in ("n_embd", "n_head", "head_dim", "max_len", "num_slots")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")),
+        *((name, _Linear) for name in ("attn", "attn_proj", "fc", "proj")),
+    ]
 
 
 def probe_rows(in_features: int, seed: int) -> Tensor:
@@ -262,6 +296,107 @@ def attend(lib: ctypes.CDLL, qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slot
     if status:
         raise MemoryError(f"skinny.c could not allocate attention scratch for {max_len} keys")
     return out
+
+
+def layer_norm(
+    lib: ctypes.CDLL, x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Layer norm over the last dimension of x (..., n), float32, of ``x + residual`` where one is
+    given (same shape): (that sum or x itself, the normalized rows). weight and bias (n,) float32.
+    Each row is computed by one thread in a fixed order (skinny.c): bitwise the same in any batch,
+    at any thread count. (Checks kept to a minimum: this runs 25 times per decode step.)"""
+    n = x.shape[-1]
+    if weight.numel() != n or bias.numel() != n or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"layer_norm: weight, bias or residual does not fit x {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    if residual is None:
+        lib.skinny_layer_norm(x.data_ptr(), None, None, x.numel() // n, n, weight.data_ptr(), bias.data_ptr(), eps,
+                              y.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return x, y
+    total = torch.empty_like(x)
+    lib.skinny_layer_norm(x.data_ptr(), residual.contiguous().data_ptr(), total.data_ptr(), x.numel() // n, n,
+                          weight.data_ptr(), bias.data_ptr(), eps, y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return total, y
+
+
+def gelu_tanh(lib: ctypes.CDLL, x: Tensor) -> Tensor:
+    """GPT-2's GELU, ``F.gelu(x, approximate="tanh")`` within float32 rounding, float32; each value
+    computed alike wherever it sits (skinny.c)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.skinny_gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y
+
+
+class FusedBlock:
+    """A GPT-2 block's decode step for one to ``MAX_ROWS`` rows in one call to skinny.c
+    (``skinny_block_decode``): the same functions, in the same order, as the block computed op by
+    op with skinny.c's row operations and these products, so bitwise the same numbers, without the
+    Python and torch calls between them. ``linears`` are the block's q/k/v, attention output, MLP
+    in and MLP out products, each (its SkinnyWeight, its bias, the order that agreed with the
+    general kernel); ``norms`` ln_1's and ln_2's (weight, bias)."""
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        n_head: int,
+        eps: float,
+        norms: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
+        linears: tuple[tuple[SkinnyWeight, Tensor | None, int], ...],
+    ) -> None:
+        self._lib = lib
+        self._keep = (norms, linears)  # what the structure points into stays alive with it
+        n_embd = norms[0][0].numel()
+        (w1, b1), (w2, b2) = norms
+        if any(t.dtype is not torch.float32 or not t.is_contiguous() or t.numel() != n_embd for t in (w1, b1, w2, b2)):
+            raise ValueError("FusedBlock: the layer norms' weights and biases must be contiguous float32")
+        self.n_embd, self.d_ff = n_embd, linears[2][0].out_features
+        described = []
+        for weight, bias, order in linears:
+            int8 = weight.storage == "int8"
+            described.append(
+                _Linear(
+                    weight.blocked.data_ptr(),
+                    None if bias is None else bias.data_ptr(),
+                    weight.colsum.data_ptr() if int8 else None,
+                    weight.scales.data_ptr() if int8 else None,
+                    weight.out_features,
+                    weight.in_features,
+                    order,
+                    ("float32", "float16", "int8").index(weight.storage),
+                )
+            )
+        head_dim = n_embd // n_head
+        self._block = _Block(n_embd, n_head, head_dim, 0, 0, eps, head_dim**-0.5)
+        self._block.ln1_w, self._block.ln1_b, self._block.ln2_w, self._block.ln2_b = (
+            t.data_ptr() for t in (w1, b1, w2, b2)
+        )
+        self._block.attn, self._block.attn_proj, self._block.fc, self._block.proj = described
+        self._pointer = ctypes.pointer(self._block)
+        self._seconds = (ctypes.c_double * 2)()
+
+    def __call__(
+        self, x: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor
+    ) -> tuple[Tensor, float, float]:
+        """x (rows, 1, C) contiguous float32 through the block, updated in place (the block's
+        input is not kept); each row's key and value written to its (slot, position) of one
+        layer's caches (S, nh, L, hs), as ``attend`` does. (x, seconds of the attention half,
+        seconds of the MLP half)."""
+        rows = x.shape[0]
+        block = self._block
+        if block.max_len != k_cache.shape[2] or block.num_slots != k_cache.shape[0]:
+            block.max_len, block.num_slots = k_cache.shape[2], k_cache.shape[0]
+        scratch = torch.empty(rows * (6 * self.n_embd + self.d_ff))
+        status = self._lib.skinny_block_decode(
+            self._pointer, x.data_ptr(), rows, k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+            positions.data_ptr(), scratch.data_ptr(), self._seconds, torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -2:
+            raise ValueError(f"a slot or position is outside the cache's {block.num_slots} slots of {block.max_len}")
+        if status:
+            raise MemoryError("skinny.c could not allocate a decode step's scratch")
+        return x, self._seconds[0], self._seconds[1]
 
 
 def main() -> None:
