@@ -20,7 +20,9 @@ Products of one to four rows (a decode step of a few sequences) go to skinny.c's
 (skinny.py), which stream the weight at nearly the machine's bandwidth, where the general kernels
 are at 60-70%. They are used only where they are bitwise equal to the general kernel for that
 weight (float: the same summation order; int8: FBGEMM's quantization, exact integer sums and its
-scaling), so no number changes with the switch (tests/test_skinny.py).
+scaling), so no number changes with the switch (tests/test_skinny.py). ``layer_norm`` and
+``gelu`` go to skinny.c wherever it is built (CPU, float32, any batch size): row by row in a
+fixed order, invariant by construction, and a C call instead of a torch dispatch.
 
 Batch invariance of each format (tests/test_batch_invariance.py checks every one):
 - float32: oneDNN computes each row bitwise the same for any number of rows >= 2 but takes
