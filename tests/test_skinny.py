@@ -1,4 +1,4 @@
-"""skinny.c's loops for products of one to four rows (gpt2_service/model/skinny.py): built on this
+"""skinny.c's loops for products of a few rows (gpt2_service/model/skinny.py): built on this
 machine, used by ``PackedLinear`` in every weight format where they agree bitwise with the general
 kernel (so batch invariance holds across the switch), declined where they do not, and absent
 without harm where they cannot be built. And its decode attention (``skinny.attend``): SDPA's
@@ -61,7 +61,7 @@ def test_the_loops_are_built_on_this_machine() -> None:
 def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
     weights: str, n_in: int, n_out: int, with_bias: bool, isa: str
 ) -> None:
-    """With the loops and without (``KernelMode.skinny``), one to four rows give bitwise the same
+    """With the loops and without (``KernelMode.skinny``), one to max_rows rows give bitwise the same
     numbers, and those are the rows of a large batch, which the general kernel computes."""
     gen = torch.Generator().manual_seed(n_in * n_out)
     weight = torch.randn(n_out, n_in, generator=gen) * 0.02
@@ -71,10 +71,10 @@ def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
     x = torch.randn(64, n_in, generator=gen) * torch.rand(64, 1, generator=gen) * 4
     with kernel_mode(KernelMode(weights, batch_invariant=True)):
         full = packed(x)  # 64 rows: the general kernel
-        for rows in range(1, skinny.MAX_ROWS + 1):
+        for rows in range(1, skinny.MAX_ROWS[weights] + 1):
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
     with kernel_mode(KernelMode(weights, batch_invariant=True, skinny=False)):
-        for rows in range(1, skinny.MAX_ROWS + 1):
+        for rows in range(1, skinny.MAX_ROWS[weights] + 1):
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
     assert packed._skinny.agrees_with(packed._general, bias) is not None
     if weights != "int8":  # (int8's distance from float32: test_batch_invariance.py)
@@ -301,7 +301,7 @@ def test_gelu_is_torch_s_tanh_gelu_within_rounding_and_the_same_for_a_value_anyw
 @needs_skinny
 @pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
 def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str) -> None:
-    """Decode steps of one to four rows through skinny.c's one-call block (FusedBlock) and through
+    """Decode steps of one to max_rows rows through skinny.c's one-call block (FusedBlock) and through
     the block op by op (the same products, attention, layer norms and GELU called one at a time):
     the same logits to the bit, the same keys and values in the cache, and the stage timer still
     gets the attention and MLP halves."""
@@ -315,13 +315,13 @@ def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str) -> None:
     c = model.config
 
     def decode(fused: bool, rows: int) -> tuple[Tensor, KVCache, StageTimer]:
-        cache, timer = KVCache(c.n_layer, 6, c.n_head, 64, c.head_dim), StageTimer()
+        cache, timer = KVCache(c.n_layer, 20, c.n_head, 64, c.head_dim), StageTimer()
         gen = torch.Generator().manual_seed(rows)
+        slots = torch.randperm(20, generator=gen)[:rows]
         logits = []
         with kernel_mode(KernelMode(weights, batch_invariant=True)), torch.inference_mode():
             for step in range(12):
-                slots = torch.tensor([4, 0, 2, 5][:rows])
-                positions = torch.tensor([step, step + 3, step + 9, 2 * step][:rows])
+                positions = step + torch.arange(rows) * 3
                 layout = AttentionLayout(slots, None, None, slots, positions, int(positions.max()) + 1, None)
                 layout.one_query = True
                 ids = torch.randint(0, c.vocab_size, (rows, 1), generator=gen)
@@ -329,7 +329,7 @@ def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str) -> None:
                 logits.append(model.logits(hidden[:, 0]))
         return torch.stack(logits), cache, timer
 
-    for rows in range(1, skinny.MAX_ROWS + 1):
+    for rows in range(1, skinny.MAX_ROWS[weights] + 1):
         fused, fused_cache, timer = decode(True, rows)
         with kernel_mode(KernelMode(weights, batch_invariant=True)):  # the one-call block was used
             assert all(block._fused_block() is not None for block in model.transformer.h if isinstance(block, Block))

@@ -37,7 +37,7 @@ from gpt2_service.model.kernels import (
 )
 from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
 from gpt2_service.model.kv_cache import KeyValues, KVCache
-from gpt2_service.model.skinny import MAX_ROWS, FusedBlock
+from gpt2_service.model.skinny import FusedBlock
 
 
 @dataclass(frozen=True)
@@ -234,8 +234,8 @@ class Block(nn.Module):
     ) -> Tensor:
         # x + attention(ln_1(x)), then that + mlp(ln_2(that)); the residual add and ln_2 in one call
         if layout is not None and layout.one_query and cache is not None and capture is None:
-            fused = self._fused_block() if x.shape[0] <= MAX_ROWS else None
-            if fused is not None:  # a decode step of 1-4 rows: the same computation in one call
+            fused = self._fused_block()
+            if fused is not None and x.shape[0] <= fused.max_rows:  # a few rows: the same computation in one call
                 k_cache, v_cache = cache.layer(self.attn.layer)
                 x, attention_s, mlp_s = fused(
                     x.contiguous(), k_cache, v_cache, layout.write_slots, layout.write_positions

@@ -16,7 +16,8 @@ runner's): a decode batch attends over keys padded to a multiple of ``KEY_BLOCK`
 per process by ``padded_decode_attention_is_invariant``), prefill chunks row by row at each row's
 own length (``AttentionLayout.rows``, kv_cache.py).
 
-Products of one to four rows (a decode step of a few sequences) go to skinny.c's loops instead
+Products of a few rows (a decode step of a few sequences: one to four rows, int8 one to sixteen,
+``skinny.MAX_ROWS``) go to skinny.c's loops instead
 (skinny.py), which stream the weight at nearly the machine's bandwidth, where the general kernels
 are at 60-70%. They are used only where they are bitwise equal to the general kernel for that
 weight (float: the same summation order; int8: FBGEMM's quantization, exact integer sums and its
@@ -74,7 +75,7 @@ class KernelMode:
 
     weights: str = "float32"
     batch_invariant: bool = False
-    skinny: bool = True  # products of 1-4 rows may use skinny.c's loops where they agree (skinny.py)
+    skinny: bool = True  # products of a few rows may use skinny.c's loops where they agree (skinny.py)
 
 
 _MODE: ContextVar[KernelMode] = ContextVar("gpt2_kernel_mode", default=KernelMode())  # noqa: B039 (frozen)
@@ -195,16 +196,16 @@ class PackedLinear:
 
     def skinny_order(self) -> tuple[skinny.SkinnyWeight, int] | None:
         """skinny.c's copy of this weight and the order in which its loops agree with the general
-        kernel at the current thread count, where they do (what ``_product`` uses for 1-4 rows)."""
+        kernel at the current thread count, where they do (what ``_product`` uses for a few rows)."""
         if self._skinny is None:
             return None
         order = self._skinny.agrees_with(self._general, self.bias)
         return None if order is None else (self._skinny, order)
 
     def _product(self, rows: Tensor, bias: Tensor | None) -> Tensor:
-        """rows (N, in) times the weight: by skinny.c's loops for one to four rows where they
+        """rows (N, in) times the weight: by skinny.c's loops for a few rows where they
         agree with the general kernel, else by it."""
-        if self._skinny is not None and rows.shape[0] <= skinny.MAX_ROWS and _MODE.get().skinny:
+        if self._skinny is not None and rows.shape[0] <= self._skinny.max_rows and _MODE.get().skinny:
             order = self._skinny.agrees_with(self._general, bias)
             if order is not None:
                 return self._skinny.product(rows, bias, order)

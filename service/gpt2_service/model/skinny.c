@@ -1,7 +1,7 @@
 /* Products of a few rows with a weight streamed once from memory: out = x @ W.T (+ bias); and a
  * decode step's attention (skinny_attend, below).
  *
- * At one to four rows a linear layer is bound by how fast its weight streams from memory, not by
+ * At a few rows a linear layer is bound by how fast its weight streams from memory, not by
  * arithmetic. The general kernels (oneDNN, FBGEMM) reach 60-70% of this machine's bandwidth
  * there; these loops come close to all of it (float32: 22.7 of 24.4 GB/s in make bench).
  *
@@ -477,7 +477,7 @@ int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const 
 
 #endif
 
-/* One GPT-2 block for a decode step of one to four rows, in one call: what gpt2.Block computes
+/* One GPT-2 block for a decode step of a few rows (skinny.MAX_ROWS), in one call: what gpt2.Block computes
  * op by op (layer norm, the q/k/v product, skinny_attend, the output product, the residual add
  * and second layer norm, the MLP's products around GELU, the last residual add), by the same
  * functions in the same order, so its numbers are bitwise the op-by-op ones; it only saves the

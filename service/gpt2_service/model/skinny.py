@@ -1,13 +1,14 @@
-"""Products of one to four rows with a weight streamed once: the loops of skinny.c, built on first
+"""Products of a few rows with a weight streamed once: the loops of skinny.c, built on first
 use and checked against the general kernel they stand in for.
 
 What it is: ``library`` (skinny.c compiled with the machine's C compiler into a per-user cache,
 once per source version, about 1 s; ``None`` where that cannot be done, and the general kernels
 stay in place), and ``SkinnyWeight``, a weight in skinny.c's blocked layout (float32; float16
 with float32 arithmetic; int8 as FBGEMM's dynamic kernel computes it) whose ``product`` is
-bitwise equal to the general kernel's for any rows. And the row-wise operations, invariant by
+bitwise equal to the general kernel's for any rows. The row-wise operations, invariant by
 construction (skinny.c): ``attend``, a decode step's attention (each row's one query over its
-slot's cached keys); ``layer_norm`` (with the residual add before it); ``gelu_tanh``.
+slot's cached keys); ``layer_norm`` (with the residual add before it); ``gelu_tanh``. And
+``FusedBlock``: a decode step's whole block in one call, bitwise the block computed op by op.
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
 bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
@@ -40,10 +41,13 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# Up to this many rows the loops win or tie (engine at batch 2 / 4: float32 1.09x / 1.02x, float16
-# 1.04x / 0.97x, int8 1.17x / 1.24x); at 8 rows oneDNN's register tiling is ahead (GPT-2 small's
-# products: 26 ms against the loops' 28).
-MAX_ROWS = 4
+# Up to this many rows, per format, the loops take a product: GPT-2 small's 48 block products,
+# weights streamed from memory, the loops against the general kernel: float32 18.1 vs 26.3 ms at
+# one row, 24.6 vs 24.3 at four, 29.4 vs 27.5 at eight; float16 12.1 vs 15.4, 17.8 vs 17.7, 23.8
+# vs 22.0; int8 5.2 vs 9.3, 7.6 vs 12.3, 10.7 vs 16.0, 16.3 vs 19.5 at sixteen (skinny.c's int8
+# limit). Beyond four rows oneDNN's and FBGEMM's register tiling catch up in float.
+MAX_ROWS = {"float32": 4, "float16": 4, "int8": 16}
+PROBE_ROWS = 4  # rows of probe_rows
 BLOCK = 64  # outputs per block of the weight layout (skinny.c)
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 _SOURCE = Path(__file__).with_name("skinny.c")
@@ -188,20 +192,20 @@ class _Block(ctypes.Structure):  # skinny.c's struct skinny_block
 
 
 def probe_rows(in_features: int, seed: int) -> Tensor:
-    """``MAX_ROWS`` rows: two random, of unequal scale, and two made of the values that int8
+    """``PROBE_ROWS`` rows: two random, of unequal scale, and two made of the values that int8
     quantization rounds hardest (ties between two steps of 2/127 of the row's largest magnitude,
     one unit in the last place either side, scaled by powers of two so that they stay ties),
     where one rounding formula differs from another."""
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.randn(MAX_ROWS, in_features, generator=gen)
+    rows = torch.randn(PROBE_ROWS, in_features, generator=gen)
     step = torch.tensor(2.0 / 127.0)
     ties = (torch.arange(-64, 64, dtype=torch.float32) + 0.5) * step
     near = torch.cat([torch.nextafter(ties, ties - 1), ties, torch.nextafter(ties, ties + 1)])
     rows /= rows.abs().amax(dim=1, keepdim=True)
-    for r in range(2, MAX_ROWS):
+    for r in range(2, PROBE_ROWS):
         rows[r] = near[torch.randint(len(near), (in_features,), generator=gen)].clamp(-1, 1)
     rows[:, 0] = 1.0
-    return rows * torch.tensor([3.7, 0.013, 8.0, 0.25])[:MAX_ROWS, None]
+    return rows * torch.tensor([3.7, 0.013, 8.0, 0.25])[:PROBE_ROWS, None]
 
 
 class SkinnyWeight:
@@ -234,6 +238,7 @@ class SkinnyWeight:
             self._fn = lib.skinny_f32 if storage == "float32" else lib.skinny_f16
             self._orders = _CANDIDATE_CHUNKS
         self.nbytes = self.blocked.numel() * self.blocked.element_size()
+        self.max_rows = MAX_ROWS[storage]  # products of up to this many rows go to the loops
         self._agreed: dict[int, int | None] = {}  # threads -> order agreeing with the general kernel
 
     def product(self, rows: Tensor, bias: Tensor | None, order: int) -> Tensor:
@@ -330,7 +335,7 @@ def gelu_tanh(lib: ctypes.CDLL, x: Tensor) -> Tensor:
 
 
 class FusedBlock:
-    """A GPT-2 block's decode step for one to ``MAX_ROWS`` rows in one call to skinny.c
+    """A GPT-2 block's decode step for one to ``max_rows`` rows in one call to skinny.c
     (``skinny_block_decode``): the same functions, in the same order, as the block computed op by
     op with skinny.c's row operations and these products, so bitwise the same numbers, without the
     Python and torch calls between them. ``linears`` are the block's q/k/v, attention output, MLP
@@ -352,6 +357,7 @@ class FusedBlock:
         if any(t.dtype is not torch.float32 or not t.is_contiguous() or t.numel() != n_embd for t in (w1, b1, w2, b2)):
             raise ValueError("FusedBlock: the layer norms' weights and biases must be contiguous float32")
         self.n_embd, self.d_ff = n_embd, linears[2][0].out_features
+        self.max_rows = min(weight.max_rows for weight, _, _ in linears)
         described = []
         for weight, bias, order in linears:
             int8 = weight.storage == "int8"
