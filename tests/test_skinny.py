@@ -71,10 +71,10 @@ def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
     x = torch.randn(64, n_in, generator=gen) * torch.rand(64, 1, generator=gen) * 4
     with kernel_mode(KernelMode(weights, batch_invariant=True)):
         full = packed(x)  # 64 rows: the general kernel
-        for rows in range(1, skinny.MAX_ROWS[weights] + 1):
+        for rows in (1, 2, 3, 4, 7, skinny.MAX_ROWS[weights]):
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
     with kernel_mode(KernelMode(weights, batch_invariant=True, skinny=False)):
-        for rows in range(1, skinny.MAX_ROWS[weights] + 1):
+        for rows in (1, 2, 3, 4, 7, skinny.MAX_ROWS[weights]):
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
     assert packed._skinny.agrees_with(packed._general, bias) is not None
     if weights != "int8":  # (int8's distance from float32: test_batch_invariance.py)

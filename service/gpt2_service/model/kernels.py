@@ -16,7 +16,7 @@ runner's): a decode batch attends over keys padded to a multiple of ``KEY_BLOCK`
 per process by ``padded_decode_attention_is_invariant``), prefill chunks row by row at each row's
 own length (``AttentionLayout.rows``, kv_cache.py).
 
-Products of a few rows (a decode step of a few sequences: one to four rows, int8 one to sixteen,
+Products of a few rows (a decode step of up to sixteen sequences,
 ``skinny.MAX_ROWS``) go to skinny.c's loops instead
 (skinny.py), which stream the weight at nearly the machine's bandwidth, where the general kernels
 are at 60-70%. They are used only where they are bitwise equal to the general kernel for that

@@ -41,12 +41,16 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# Up to this many rows, per format, the loops take a product: GPT-2 small's 48 block products,
-# weights streamed from memory, the loops against the general kernel: float32 18.1 vs 26.3 ms at
-# one row, 24.6 vs 24.3 at four, 29.4 vs 27.5 at eight; float16 12.1 vs 15.4, 17.8 vs 17.7, 23.8
-# vs 22.0; int8 5.2 vs 9.3, 7.6 vs 12.3, 10.7 vs 16.0, 16.3 vs 19.5 at sixteen (skinny.c's int8
-# limit). Beyond four rows oneDNN's and FBGEMM's register tiling catch up in float.
-MAX_ROWS = {"float32": 4, "float16": 4, "int8": 16}
+# Up to this many rows the loops take a product (and gpt2.Block runs a decode step's block in one
+# call, FusedBlock). Products alone, GPT-2 small's 48 block products streamed from memory, loops
+# against the general kernel: float32 18.1 vs 26.3 ms at one row, 24.6 vs 24.3 at four, 29.4 vs
+# 27.5 at eight, 39.5 vs 35.2 at sixteen; float16 12.1 vs 15.4 at one, 36.0 vs 34.6 at sixteen;
+# int8 5.2 vs 9.3 at one, 16.3 vs 19.5 at sixteen (skinny.c's int8 limit). Beyond four rows the
+# float loops lose a little on the products but the one-call block more than makes up for it:
+# the engine at 8 / 16 requests, this limit against 4: float32 167 vs 145 / 259 vs 233 tok/s,
+# float16 213 vs 177 / 271 vs 235; at 24 and 32 the general kernels win (float32 324 vs 292, 353
+# vs 311 with a limit of 32).
+MAX_ROWS = {"float32": 16, "float16": 16, "int8": 16}
 PROBE_ROWS = 4  # rows of probe_rows
 BLOCK = 64  # outputs per block of the weight layout (skinny.c)
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
