@@ -90,7 +90,7 @@ def _linear_params(model: GPT2) -> tuple[int, int]:
 def weight_bytes(model: GPT2, weights: str) -> int:
     """Bytes of weights one decode step reads: every float32 parameter, or in a reduced format the
     linear layers and the LM head at its element size. One copy: a format keeps two (the general
-    kernel's and the one-to-four-row loops', ``packed_bytes`` counts both), and a step reads one."""
+    kernel's and the few-row loops', ``packed_bytes`` counts both), and a step reads one."""
     if weights == "float32":
         return sum(p.numel() * p.element_size() for p in model.parameters())
     return sum(_linear_params(model)) * {"float16": 2, "int8": 1}[weights]
