@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -300,13 +300,12 @@ def test_gelu_is_torch_s_tanh_gelu_within_rounding_and_the_same_for_a_value_anyw
 
 @needs_skinny
 @pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
-def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str) -> None:
-    """Decode steps of one to max_rows rows through skinny.c's one-call block (FusedBlock) and through
-    the block op by op (the same products, attention, layer norms and GELU called one at a time):
-    the same logits to the bit, the same keys and values in the cache, and the stage timer still
-    gets the attention and MLP halves."""
-    from gpt2_service.model import gpt2
-    from gpt2_service.model.gpt2 import Block, StageTimer
+def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps of one to max_rows rows through skinny.c's one call for every block
+    (FusedLayers), one call per block (FusedBlock), and the blocks op by op (the same products,
+    attention, layer norms and GELU called one at a time): the same logits to the bit, the same
+    keys and values in the cache, and the stage timer still gets the attention and MLP halves."""
+    from gpt2_service.model.gpt2 import GPT2, Block, StageTimer
     from gpt2_service.model.kv_cache import AttentionLayout
     from gpt2_service.model.weights import load_model
 
@@ -314,7 +313,7 @@ def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str) -> None:
     model.prepare_weights(weights)
     c = model.config
 
-    def decode(fused: bool, rows: int) -> tuple[Tensor, KVCache, StageTimer]:
+    def decode(rows: int) -> tuple[Tensor, KVCache, StageTimer]:
         cache, timer = KVCache(c.n_layer, 20, c.n_head, 64, c.head_dim), StageTimer()
         gen = torch.Generator().manual_seed(rows)
         slots = torch.randperm(20, generator=gen)[:rows]
@@ -329,16 +328,32 @@ def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str) -> None:
                 logits.append(model.logits(hidden[:, 0]))
         return torch.stack(logits), cache, timer
 
+    used = {"layers": 0, "blocks": 0}
+    layers_call, block_call = skinny.FusedLayers.__call__, skinny.FusedBlock.__call__
+
+    def counting(
+        kind: str, call: Callable[..., tuple[Tensor, float, float]]
+    ) -> Callable[..., tuple[Tensor, float, float]]:
+        def counted(*args: object) -> tuple[Tensor, float, float]:
+            used[kind] += 1
+            return call(*args)
+
+        return counted
+
+    monkeypatch.setattr(skinny.FusedLayers, "__call__", counting("layers", layers_call))
+    monkeypatch.setattr(skinny.FusedBlock, "__call__", counting("blocks", block_call))
     for rows in range(1, skinny.MAX_ROWS[weights] + 1):
-        fused, fused_cache, timer = decode(True, rows)
-        with kernel_mode(KernelMode(weights, batch_invariant=True)):  # the one-call block was used
-            assert all(block._fused_block() is not None for block in model.transformer.h if isinstance(block, Block))
-        original = gpt2.Block._fused_block
-        try:
-            gpt2.Block._fused_block = lambda self: None  # type: ignore[method-assign]
-            op_by_op, op_cache, _ = decode(False, rows)
-        finally:
-            gpt2.Block._fused_block = original  # type: ignore[method-assign]
-        assert torch.equal(fused, op_by_op), rows
-        assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
+        with monkeypatch.context() as patch:
+            whole, whole_cache, timer = decode(rows)
+            assert used == {"layers": 12, "blocks": 0}
+            patch.setattr(GPT2, "_fused_layers", lambda *args: None)
+            per_block, block_cache, _ = decode(rows)
+            assert used == {"layers": 12, "blocks": 12 * c.n_layer}
+            patch.setattr(Block, "_fused_block", lambda self: None)
+            op_by_op, op_cache, _ = decode(rows)
+            assert used == {"layers": 12, "blocks": 12 * c.n_layer}
+        used.update(layers=0, blocks=0)
+        assert torch.equal(whole, op_by_op) and torch.equal(per_block, op_by_op), rows
+        for cache in (whole_cache, block_cache):
+            assert torch.equal(cache.k, op_cache.k) and torch.equal(cache.v, op_cache.v)
         assert timer.seconds["attention"] > 0 and timer.seconds["mlp"] > 0

@@ -37,7 +37,7 @@ from gpt2_service.model.kernels import (
 )
 from gpt2_service.model.kv_cache import AttentionLayout as AttentionLayout  # re-exported for bench/, for now
 from gpt2_service.model.kv_cache import KeyValues, KVCache
-from gpt2_service.model.skinny import FusedBlock
+from gpt2_service.model.skinny import FusedBlock, FusedLayers
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,7 @@ class GPT2(nn.Module):
         self.config = config
         self.transformer = Transformer(config)
         self.lm_head_packed: dict[str, PackedLinear] = {}  # weight format -> the tied head, prepared
+        self._fused: dict[tuple[str, int], FusedLayers | None] = {}  # (format, threads) -> all blocks in one call
 
     @torch.inference_mode()
     def forward(
@@ -354,11 +355,19 @@ class GPT2(nn.Module):
             if capture.stage_outputs:
                 capture.stages.append(("embedding", input_ids, x))
         yield
-        for block in t.h:
-            x = block(x, layout, cache, capture, timer)
-            if capture is not None and capture.hidden_states:
-                capture.hidden.append(x)
+        layers = self._fused_layers(x, layout, cache, capture)
+        if layers is not None and cache is not None and layout is not None:  # every block in one call
+            x, attention_s, mlp_s = layers(x.contiguous(), cache.k, cache.v, layout.write_slots, layout.write_positions)
+            if timer is not None:
+                timer.add("attention", attention_s)
+                timer.add("mlp", mlp_s)
             yield
+        else:
+            for block in t.h:
+                x = block(x, layout, cache, capture, timer)
+                if capture is not None and capture.hidden_states:
+                    capture.hidden.append(x)
+                yield
         if timer is not None:
             timer.start("final_layer_norm")
         out = layer_norm(x, t.ln_f)[1]
@@ -370,6 +379,25 @@ class GPT2(nn.Module):
             if capture.stage_outputs:
                 capture.stages.append(("final_layer_norm", x, out))
         return out
+
+    def _fused_layers(
+        self, x: Tensor, layout: AttentionLayout | None, cache: KVCache | None, capture: Capture | None
+    ) -> FusedLayers | None:
+        """Every block of a decode step of a few rows as one call to skinny.c, where each block has
+        its one-call form (``Block._fused_block``) for this thread's format and thread count:
+        bitwise the blocks one by one."""
+        if layout is None or not layout.one_query or cache is None or capture is not None:
+            return None
+        mode = current_mode()
+        if not mode.skinny:
+            return None
+        key = (mode.weights, torch.get_num_threads())
+        if key not in self._fused:
+            blocks = [b._fused_block() for b in self.transformer.h if isinstance(b, Block)]
+            whole = len(blocks) == len(self.transformer.h) and all(b is not None for b in blocks)
+            self._fused[key] = FusedLayers([b for b in blocks if b is not None]) if whole else None
+        layers = self._fused[key]
+        return layers if layers is not None and x.shape[0] <= layers.max_rows else None
 
     def prepare_weights(self, weights: str) -> None:
         """Make the weight format ``weights`` (``kernels.WEIGHT_FORMATS``) available to forward

@@ -558,3 +558,30 @@ int skinny_block_decode(const struct skinny_block *blk, float *x, long rows, flo
     seconds[1] = now() - t1;
     return 0;
 }
+
+/* Every block of a decode step, in one call: skinny_block_decode for blocks[0..n_layers-1] in
+ * turn, layer l's caches at k_cache / v_cache + l * layer_stride. One call rather than one per
+ * block, because each return to Python after a block's products costs 10-20 us more than the
+ * call itself: the products stream megabytes through the caches, and the interpreter's own code
+ * and data come back from memory (measured: 8.6 us into C and 9.6 us back out after a block of
+ * int8 products, against 0.9 and 0.2 us after an empty call). seconds[0..1] sum the blocks'
+ * halves. */
+int skinny_decode_layers(const struct skinny_block *const *blocks, long n_layers, float *x, long rows, float *k_cache,
+                         float *v_cache, long layer_stride, const int64_t *slots, const int64_t *positions, float *scratch,
+                         double *seconds, int threads);
+
+int skinny_decode_layers(const struct skinny_block *const *blocks, long n_layers, float *x, long rows, float *k_cache,
+                         float *v_cache, long layer_stride, const int64_t *slots, const int64_t *positions, float *scratch,
+                         double *seconds, int threads)
+{
+    double halves[2];
+    seconds[0] = seconds[1] = 0.0;
+    for (long l = 0; l < n_layers; l++) {
+        int status = skinny_block_decode(blocks[l], x, rows, k_cache + l * layer_stride, v_cache + l * layer_stride, slots,
+                                         positions, scratch, halves, threads);
+        if (status) return status;
+        seconds[0] += halves[0];
+        seconds[1] += halves[1];
+    }
+    return 0;
+}

@@ -8,7 +8,8 @@ with float32 arithmetic; int8 as FBGEMM's dynamic kernel computes it) whose ``pr
 bitwise equal to the general kernel's for any rows. The row-wise operations, invariant by
 construction (skinny.c): ``attend``, a decode step's attention (each row's one query over its
 slot's cached keys); ``layer_norm`` (with the residual add before it); ``gelu_tanh``. And
-``FusedBlock``: a decode step's whole block in one call, bitwise the block computed op by op.
+``FusedBlock``: a decode step's whole block in one call, bitwise the block computed op by op
+(``FusedLayers``: every block of the step in one call).
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
 bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
@@ -167,6 +168,10 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.skinny_block_decode.argtypes = [ctypes.POINTER(_Block), pointer, long, pointer, pointer, pointer, pointer]
     lib.skinny_block_decode.argtypes += [pointer, pointer, ctypes.c_int]
     lib.skinny_block_decode.restype = ctypes.c_int  # 0; -1 out of memory; -2 a bad slot or position
+    # (blocks, n_layers, x, rows, k_cache, v_cache, layer_stride, slots, positions, scratch, seconds, threads)
+    lib.skinny_decode_layers.argtypes = [pointer, long, pointer, long, pointer, pointer, long, pointer, pointer]
+    lib.skinny_decode_layers.argtypes += [pointer, pointer, ctypes.c_int]
+    lib.skinny_decode_layers.restype = ctypes.c_int  # as skinny_block_decode
     lib.skinny_use_avx2_only.argtypes = [ctypes.c_int]  # for tests: the AVX2 loops on an AVX-512 CPU
     lib.skinny_use_avx2_only.restype = None
     return lib
@@ -404,6 +409,43 @@ class FusedBlock:
         )  # fmt: skip
         if status == -2:
             raise ValueError(f"a slot or position is outside the cache's {block.num_slots} slots of {block.max_len}")
+        if status:
+            raise MemoryError("skinny.c could not allocate a decode step's scratch")
+        return x, self._seconds[0], self._seconds[1]
+
+
+class FusedLayers:
+    """Every block of a decode step in one call to skinny.c (``skinny_decode_layers``): each
+    ``FusedBlock`` in turn, bitwise as one call per block, without returning to Python between
+    blocks (each return after a block's products costs 10-20 us of cold interpreter, skinny.c)."""
+
+    def __init__(self, blocks: list[FusedBlock]) -> None:
+        self._blocks = blocks
+        self._lib = blocks[0]._lib
+        self.max_rows = min(b.max_rows for b in blocks)
+        self._pointers = (ctypes.POINTER(_Block) * len(blocks))(*(b._pointer for b in blocks))
+        self._scratch_per_row = 6 * blocks[0].n_embd + blocks[0].d_ff
+        self._seconds = (ctypes.c_double * 2)()
+
+    def __call__(
+        self, x: Tensor, k: Tensor, v: Tensor, slots: Tensor, positions: Tensor
+    ) -> tuple[Tensor, float, float]:
+        """x (rows, 1, C) contiguous float32 through every block, in place; k, v the whole cache
+        (layers, S, nh, L, hs), contiguous. (x, seconds of the attention halves, of the MLP halves)."""
+        layers, num_slots, _, max_len, _ = k.shape
+        if layers != len(self._blocks):
+            raise ValueError(f"a cache of {layers} layers for {len(self._blocks)} blocks")
+        for block in self._blocks:
+            if block._block.max_len != max_len or block._block.num_slots != num_slots:
+                block._block.max_len, block._block.num_slots = max_len, num_slots
+        rows = x.shape[0]
+        scratch = torch.empty(rows * self._scratch_per_row)
+        status = self._lib.skinny_decode_layers(
+            self._pointers, layers, x.data_ptr(), rows, k.data_ptr(), v.data_ptr(), k[0].numel(), slots.data_ptr(),
+            positions.data_ptr(), scratch.data_ptr(), self._seconds, torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -2:
+            raise ValueError(f"a slot or position is outside the cache's {num_slots} slots of {max_len}")
         if status:
             raise MemoryError("skinny.c could not allocate a decode step's scratch")
         return x, self._seconds[0], self._seconds[1]
