@@ -337,8 +337,9 @@ class GPT2(nn.Module):
         timer: StageTimer | None = None,
     ) -> Pieces[Tensor]:
         """``forward`` in pieces: it yields after the embedding and after each block (so that a
-        long pass can share its thread with other work) and returns what ``forward`` does. It
-        does not enter inference mode itself: run it in a caller that has."""
+        long pass can share its thread with other work; a decode step of a few rows runs every
+        block in one call to skinny.c and yields once after them) and returns what ``forward``
+        does. It does not enter inference mode itself: run it in a caller that has."""
         t = self.transformer
         if timer is not None:
             timer.start("embedding")
