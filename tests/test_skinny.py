@@ -357,3 +357,27 @@ def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str, monkeypa
         for cache in (whole_cache, block_cache):
             assert torch.equal(cache.k, op_cache.k) and torch.equal(cache.v, op_cache.v)
         assert timer.seconds["attention"] > 0 and timer.seconds["mlp"] > 0
+
+
+@needs_skinny
+def test_the_one_call_paths_refuse_a_position_outside_the_cache() -> None:
+    """A bad position reaches skinny.c's checks through the whole-step and the per-block call
+    alike: a ValueError naming the cache's size, and the cache left as it was."""
+    from gpt2_service.model.weights import load_model
+
+    model = load_model("random:tiny").model
+    model.prepare_weights("float32")
+    c = model.config
+    cache = KVCache(c.n_layer, 2, c.n_head, 8, c.head_dim)
+    before = cache.k.clone()
+    with kernel_mode(KernelMode("float32", batch_invariant=True)), torch.inference_mode():
+        block = model.transformer.h[0]._fused_block()
+        layers = skinny.FusedLayers([b._fused_block() for b in model.transformer.h])
+        x = torch.randn(1, 1, c.n_embd)
+        slots, positions = torch.tensor([1]), torch.tensor([8])
+        with pytest.raises(ValueError, match="outside the cache's 2 slots of 8 positions"):
+            layers(x.clone(), cache.k, cache.v, slots, positions)
+        with pytest.raises(ValueError, match="outside the cache's 2 slots of 8 positions"):
+            k, v = cache.layer(0)
+            block(x.clone(), k, v, slots, positions)
+    assert torch.equal(cache.k, before)

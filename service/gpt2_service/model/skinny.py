@@ -305,11 +305,17 @@ def attend(lib: ctypes.CDLL, qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slot
     status = lib.skinny_attend(
         *args, slots.data_ptr(), positions.data_ptr(), head_dim**-0.5, out.data_ptr(), torch.get_num_threads()
     )
+    _check(status, num_slots, max_len, f"attention scratch for {max_len} keys")
+    return out
+
+
+def _check(status: int, num_slots: int, max_len: int, scratch: str) -> None:
+    """Raise for a nonzero status of skinny.c's attention, block or layers call: -2, a slot or
+    position outside the cache (nothing written); -1, ``scratch`` could not be allocated."""
     if status == -2:
         raise ValueError(f"a slot or position is outside the cache's {num_slots} slots of {max_len} positions")
     if status:
-        raise MemoryError(f"skinny.c could not allocate attention scratch for {max_len} keys")
-    return out
+        raise MemoryError(f"skinny.c could not allocate {scratch}")
 
 
 def layer_norm(
@@ -407,10 +413,7 @@ class FusedBlock:
             self._pointer, x.data_ptr(), rows, k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
             positions.data_ptr(), scratch.data_ptr(), self._seconds, torch.get_num_threads(),
         )  # fmt: skip
-        if status == -2:
-            raise ValueError(f"a slot or position is outside the cache's {block.num_slots} slots of {block.max_len}")
-        if status:
-            raise MemoryError("skinny.c could not allocate a decode step's scratch")
+        _check(status, block.num_slots, block.max_len, "a decode step's scratch")
         return x, self._seconds[0], self._seconds[1]
 
 
@@ -444,10 +447,7 @@ class FusedLayers:
             self._pointers, layers, x.data_ptr(), rows, k.data_ptr(), v.data_ptr(), k[0].numel(), slots.data_ptr(),
             positions.data_ptr(), scratch.data_ptr(), self._seconds, torch.get_num_threads(),
         )  # fmt: skip
-        if status == -2:
-            raise ValueError(f"a slot or position is outside the cache's {num_slots} slots of {max_len}")
-        if status:
-            raise MemoryError("skinny.c could not allocate a decode step's scratch")
+        _check(status, num_slots, max_len, "a decode step's scratch")
         return x, self._seconds[0], self._seconds[1]
 
 
