@@ -381,3 +381,31 @@ def test_the_one_call_paths_refuse_a_position_outside_the_cache() -> None:
             k, v = cache.layer(0)
             block(x.clone(), k, v, slots, positions)
     assert torch.equal(cache.k, before)
+
+
+@needs_skinny
+def test_a_block_that_cannot_run_in_one_call_runs_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block with another GELU, or whose weight the loops declined, has no one-call form; the
+    step then runs block by block (that one op by op) instead of all blocks in one call."""
+    from gpt2_service.model.kernels import PackedLinear
+    from gpt2_service.model.kv_cache import AttentionLayout
+    from gpt2_service.model.weights import load_model
+
+    model = load_model("random:tiny").model
+    model.prepare_weights("float32")
+    c = model.config
+    cache = KVCache(c.n_layer, 2, c.n_head, 8, c.head_dim)
+    slots, positions = torch.tensor([0]), torch.tensor([0])
+    layout = AttentionLayout(slots, None, None, slots, positions, 1, None)
+    layout.one_query = True
+    first, second = model.transformer.h[0], model.transformer.h[1]
+    with kernel_mode(KernelMode("float32", batch_invariant=True)), torch.inference_mode():
+        assert model._fused_layers(torch.zeros(1, 1, c.n_embd), layout, cache, None) is not None
+        first.mlp.approximate = "none"
+        original, declined = PackedLinear.skinny_order, second.mlp.c_fc.packed["float32"]
+        monkeypatch.setattr(PackedLinear, "skinny_order", lambda self: None if self is declined else original(self))
+        first._fused.clear(), second._fused.clear(), model._fused.clear()
+        assert first._fused_block() is None and second._fused_block() is None
+        assert model._fused_layers(torch.zeros(1, 1, c.n_embd), layout, cache, None) is None
+        hidden = model(torch.tensor([[5]]), positions[:, None], layout, cache)
+        assert hidden.shape == (1, 1, c.n_embd) and torch.isfinite(hidden).all()
