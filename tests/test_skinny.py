@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -300,12 +300,12 @@ def test_gelu_is_torch_s_tanh_gelu_within_rounding_and_the_same_for_a_value_anyw
 
 @needs_skinny
 @pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
-def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_one_call_step_is_bitwise_the_blocks_op_by_op(weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode steps of one to max_rows rows through skinny.c's one call for every block
-    (FusedLayers), one call per block (FusedBlock), and the blocks op by op (the same products,
-    attention, layer norms and GELU called one at a time): the same logits to the bit, the same
-    keys and values in the cache, and the stage timer still gets the attention and MLP halves."""
-    from gpt2_service.model.gpt2 import GPT2, Block, StageTimer
+    (FusedLayers) and through the blocks op by op (the same products, attention, layer norms and
+    GELU called one at a time): the same logits to the bit, the same keys and values in the cache,
+    and the stage timer still gets the attention and MLP halves."""
+    from gpt2_service.model.gpt2 import GPT2, StageTimer
     from gpt2_service.model.kv_cache import AttentionLayout
     from gpt2_service.model.weights import load_model
 
@@ -328,41 +328,32 @@ def test_the_one_call_block_is_bitwise_the_block_op_by_op(weights: str, monkeypa
                 logits.append(model.logits(hidden[:, 0]))
         return torch.stack(logits), cache, timer
 
-    used = {"layers": 0, "blocks": 0}
-    layers_call, block_call = skinny.FusedLayers.__call__, skinny.FusedBlock.__call__
+    calls = 0
+    one_call = skinny.FusedLayers.__call__
 
-    def counting(
-        kind: str, call: Callable[..., tuple[Tensor, float, float]]
-    ) -> Callable[..., tuple[Tensor, float, float]]:
-        def counted(*args: object) -> tuple[Tensor, float, float]:
-            used[kind] += 1
-            return call(*args)
+    def counted(*args: object) -> tuple[Tensor, float, float]:
+        nonlocal calls
+        calls += 1
+        return one_call(*args)
 
-        return counted
-
-    monkeypatch.setattr(skinny.FusedLayers, "__call__", counting("layers", layers_call))
-    monkeypatch.setattr(skinny.FusedBlock, "__call__", counting("blocks", block_call))
+    monkeypatch.setattr(skinny.FusedLayers, "__call__", counted)
     for rows in range(1, skinny.MAX_ROWS[weights] + 1):
         with monkeypatch.context() as patch:
-            whole, whole_cache, timer = decode(rows)
-            assert used == {"layers": 12, "blocks": 0}
+            fused, fused_cache, timer = decode(rows)
+            assert calls == 12
             patch.setattr(GPT2, "_fused_layers", lambda *args: None)
-            per_block, block_cache, _ = decode(rows)
-            assert used == {"layers": 12, "blocks": 12 * c.n_layer}
-            patch.setattr(Block, "_fused_block", lambda self: None)
             op_by_op, op_cache, _ = decode(rows)
-            assert used == {"layers": 12, "blocks": 12 * c.n_layer}
-        used.update(layers=0, blocks=0)
-        assert torch.equal(whole, op_by_op) and torch.equal(per_block, op_by_op), rows
-        for cache in (whole_cache, block_cache):
-            assert torch.equal(cache.k, op_cache.k) and torch.equal(cache.v, op_cache.v)
+            assert calls == 12
+        calls = 0
+        assert torch.equal(fused, op_by_op), rows
+        assert torch.equal(fused_cache.k, op_cache.k) and torch.equal(fused_cache.v, op_cache.v)
         assert timer.seconds["attention"] > 0 and timer.seconds["mlp"] > 0
 
 
 @needs_skinny
-def test_the_one_call_paths_refuse_a_position_outside_the_cache() -> None:
-    """A bad position reaches skinny.c's checks through the whole-step and the per-block call
-    alike: a ValueError naming the cache's size, and the cache left as it was."""
+def test_the_one_call_step_refuses_a_position_outside_the_cache() -> None:
+    """A bad position reaches skinny.c's checks through the one-call step: a ValueError naming the
+    cache's size, and the cache left as it was."""
     from gpt2_service.model.weights import load_model
 
     model = load_model("random:tiny").model
@@ -371,22 +362,18 @@ def test_the_one_call_paths_refuse_a_position_outside_the_cache() -> None:
     cache = KVCache(c.n_layer, 2, c.n_head, 8, c.head_dim)
     before = cache.k.clone()
     with kernel_mode(KernelMode("float32", batch_invariant=True)), torch.inference_mode():
-        block = model.transformer.h[0]._fused_block()
-        layers = skinny.FusedLayers([b._fused_block() for b in model.transformer.h])
+        blocks = [b.fused("float32") for b in model.transformer.h]
+        layers = skinny.FusedLayers([b for b in blocks if b is not None])
         x = torch.randn(1, 1, c.n_embd)
-        slots, positions = torch.tensor([1]), torch.tensor([8])
         with pytest.raises(ValueError, match="outside the cache's 2 slots of 8 positions"):
-            layers(x.clone(), cache.k, cache.v, slots, positions)
-        with pytest.raises(ValueError, match="outside the cache's 2 slots of 8 positions"):
-            k, v = cache.layer(0)
-            block(x.clone(), k, v, slots, positions)
+            layers(x, cache.k, cache.v, torch.tensor([1]), torch.tensor([8]))
     assert torch.equal(cache.k, before)
 
 
 @needs_skinny
 def test_a_block_that_cannot_run_in_one_call_runs_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block with another GELU, or whose weight the loops declined, has no one-call form; the
-    step then runs block by block (that one op by op) instead of all blocks in one call."""
+    step then runs its blocks op by op instead of in one call."""
     from gpt2_service.model.kernels import PackedLinear
     from gpt2_service.model.kv_cache import AttentionLayout
     from gpt2_service.model.weights import load_model
@@ -404,8 +391,8 @@ def test_a_block_that_cannot_run_in_one_call_runs_op_by_op(monkeypatch: pytest.M
         first.mlp.approximate = "none"
         original, declined = PackedLinear.skinny_order, second.mlp.c_fc.packed["float32"]
         monkeypatch.setattr(PackedLinear, "skinny_order", lambda self: None if self is declined else original(self))
-        first._fused.clear(), second._fused.clear(), model._fused.clear()
-        assert first._fused_block() is None and second._fused_block() is None
+        model._fused.clear()
+        assert first.fused("float32") is None and second.fused("float32") is None
         assert model._fused_layers(torch.zeros(1, 1, c.n_embd), layout, cache, None) is None
         hidden = model(torch.tensor([[5]]), positions[:, None], layout, cache)
         assert hidden.shape == (1, 1, c.n_embd) and torch.isfinite(hidden).all()

@@ -222,7 +222,6 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
-        self._fused: dict[tuple[str, int], FusedBlock | None] = {}  # (format, threads) -> one-call block
 
     def forward(
         self,
@@ -233,17 +232,6 @@ class Block(nn.Module):
         timer: StageTimer | None,
     ) -> Tensor:
         # x + attention(ln_1(x)), then that + mlp(ln_2(that)); the residual add and ln_2 in one call
-        if layout is not None and layout.one_query and cache is not None and capture is None:
-            fused = self._fused_block()
-            if fused is not None and x.shape[0] <= fused.max_rows:  # a few rows: the same computation in one call
-                k_cache, v_cache = cache.layer(self.attn.layer)
-                x, attention_s, mlp_s = fused(
-                    x.contiguous(), k_cache, v_cache, layout.write_slots, layout.write_positions
-                )
-                if timer is not None:
-                    timer.add("attention", attention_s)
-                    timer.add("mlp", mlp_s)
-                return x
         if timer is None and capture is None:  # the hot path
             x, h = layer_norm(x, self.ln_2, self.attn(layer_norm(x, self.ln_1)[1], layout, cache, None))
             out: Tensor = x + self.mlp(h)
@@ -266,19 +254,10 @@ class Block(nn.Module):
             capture.stages.append((f"block.{layer}.mlp", mlp_in, x))
         return x
 
-    def _fused_block(self) -> FusedBlock | None:
-        """This block as one call to skinny.c for this thread's weight format and thread count,
-        where every piece of it runs there (skinny.c built, GPT-2's tanh GELU, all four products
-        taken by the loops): bitwise what the op-by-op path computes (tests/test_skinny.py)."""
-        mode = current_mode()
-        if not mode.skinny:
-            return None
-        key = (mode.weights, torch.get_num_threads())
-        if key not in self._fused:
-            self._fused[key] = self._make_fused(mode.weights)
-        return self._fused[key]
-
-    def _make_fused(self, weights: str) -> FusedBlock | None:
+    def fused(self, weights: str) -> FusedBlock | None:
+        """This block described for skinny.c's one-call decode step, in weight format ``weights``
+        at the current thread count, where every piece of it runs there (skinny.c built, GPT-2's
+        tanh GELU, all four products taken by the loops)."""
         lib = skinny.library()
         convs = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
         packed = [c.packed.get(weights) for c in convs]
@@ -385,8 +364,8 @@ class GPT2(nn.Module):
         self, x: Tensor, layout: AttentionLayout | None, cache: KVCache | None, capture: Capture | None
     ) -> FusedLayers | None:
         """Every block of a decode step of a few rows as one call to skinny.c, where each block has
-        its one-call form (``Block._fused_block``) for this thread's format and thread count:
-        bitwise the blocks one by one."""
+        its one-call form (``Block.fused``) for this thread's format and thread count: bitwise the
+        blocks op by op (tests/test_skinny.py)."""
         if layout is None or not layout.one_query or cache is None or capture is not None:
             return None
         mode = current_mode()
@@ -394,7 +373,7 @@ class GPT2(nn.Module):
             return None
         key = (mode.weights, torch.get_num_threads())
         if key not in self._fused:
-            blocks = [b._fused_block() for b in self.transformer.h if isinstance(b, Block)]
+            blocks = [b.fused(mode.weights) for b in self.transformer.h if isinstance(b, Block)]
             whole = len(blocks) == len(self.transformer.h) and all(b is not None for b in blocks)
             self._fused[key] = FusedLayers([b for b in blocks if b is not None]) if whole else None
         layers = self._fused[key]

@@ -108,10 +108,6 @@ class KVCache:
         """Whether ``attend_one`` serves: float32 on the CPU, where skinny.c is built."""
         return self.k.device.type == "cpu" and self.k.dtype == torch.float32 and skinny.library() is not None
 
-    def layer(self, layer: int) -> tuple[Tensor, Tensor]:
-        """``layer``'s keys and values, (S, nh, L, hs) each, contiguous views of the cache."""
-        return self._layers[layer]
-
     def attend_one(self, layer: int, layout: AttentionLayout, qkv: Tensor) -> Tensor:
         """A decode step's attention in ``layer``: qkv (B, 3 * C) holds each row's query, key and
         value (heads side by side); the key and value go to the row's (write slot, write position),

@@ -173,42 +173,40 @@ NORM_ROW(norm256, NARROW)
 GELU_SPAN(gelu512, WIDE)
 GELU_SPAN(gelu256, NARROW)
 
-static int wide_build(void)
+/* The row operations of the build this CPU runs (the AVX-512 one, or the AVX2 one: the same bits). */
+struct row_ops {
+    void (*attend)(const float *, const float *, const float *, float *, float *, long, long, float, float *, float *,
+                   float *);
+    void (*norm)(const float *, const float *, float *, long, const float *, const float *, float, float *);
+    void (*gelu)(const float *, float *, long);
+};
+
+static struct row_ops row_ops(void)
 {
 #if defined(__x86_64__)
-    return use_avx512();
-#else
-    return 0;
+    if (use_avx512()) return (struct row_ops){attend512, norm512, gelu512};
 #endif
+    return (struct row_ops){attend256, norm256, gelu256};
 }
 
 void skinny_layer_norm(const float *x, const float *residual, float *sum, long rows, long n, const float *w, const float *b,
                        float eps, float *y, int threads)
 {
-    int wide = wide_build();
+    struct row_ops ops = row_ops();
     _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows >= 8)")
-    for (long r = 0; r < rows; r++) {
-        const float *res = residual ? residual + r * n : NULL;
-        float *s = residual ? sum + r * n : NULL;
-        if (wide)
-            norm512(x + r * n, res, s, n, w, b, eps, y + r * n);
-        else
-            norm256(x + r * n, res, s, n, w, b, eps, y + r * n);
-    }
+    for (long r = 0; r < rows; r++)
+        ops.norm(x + r * n, residual ? residual + r * n : NULL, residual ? sum + r * n : NULL, n, w, b, eps, y + r * n);
 }
 
 #define GELU_CHUNK 4096
 void skinny_gelu_tanh(const float *x, float *y, long count, int threads)
 {
-    int wide = wide_build();
+    struct row_ops ops = row_ops();
     long chunks = (count + GELU_CHUNK - 1) / GELU_CHUNK;
     _Pragma("omp parallel for num_threads(threads) schedule(static) if (chunks >= 4)")
     for (long c = 0; c < chunks; c++) {
-        long start = c * GELU_CHUNK, len = count - start < GELU_CHUNK ? count - start : GELU_CHUNK;
-        if (wide)
-            gelu512(x + start, y + start, len);
-        else
-            gelu256(x + start, y + start, len);
+        long start = c * GELU_CHUNK;
+        ops.gelu(x + start, y + start, count - start < GELU_CHUNK ? count - start : GELU_CHUNK);
     }
 }
 
@@ -221,7 +219,7 @@ int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float
     int failed = 0;
     for (long r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= max_len || slots[r] < 0 || slots[r] >= num_slots) return -2;
-    int wide = wide_build();
+    struct row_ops ops = row_ops();
     _Pragma("omp parallel num_threads(threads)")
     {
         float *p = malloc((size_t)max_len * sizeof(float)), *acc = malloc((size_t)head_dim * sizeof(float));
@@ -234,12 +232,8 @@ int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float
             long r = t / n_head, h = t % n_head;
             const float *q = qkv + r * 3 * C + h * head_dim;
             long cached = (slots[r] * n_head + h) * max_len * head_dim;
-            if (wide)
-                attend512(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
-                          out + r * C + h * head_dim);
-            else
-                attend256(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
-                          out + r * C + h * head_dim);
+            ops.attend(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
+                       out + r * C + h * head_dim);
         }
         free(p);
         free(acc);
@@ -477,14 +471,8 @@ int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const 
 
 #endif
 
-/* One GPT-2 block for a decode step of a few rows (skinny.MAX_ROWS), in one call: what gpt2.Block computes
- * op by op (layer norm, the q/k/v product, skinny_attend, the output product, the residual add
- * and second layer norm, the MLP's products around GELU, the last residual add), by the same
- * functions in the same order, so its numbers are bitwise the op-by-op ones; it only saves the
- * ~20 Python and torch calls per block between them (which, each run from caches the products
- * have just flushed, cost a decode step about as much as the attention did). x (rows, C) is
- * updated in place; scratch holds rows * (6 C + d_ff) floats; seconds[0..1] get the wall time of the
- * attention half and of the MLP half. 0, -1 (out of memory) or -2 (bad slot or position). */
+/* A GPT-2 block described for block_decode: its layer norms and its four products (each a
+ * weight in the loops' layout and the order that agreed with the general kernel, skinny.py). */
 struct skinny_linear {
     const void *w;
     const float *bias;
@@ -495,14 +483,11 @@ struct skinny_linear {
 };
 
 struct skinny_block {
-    long n_embd, n_head, head_dim, max_len, num_slots;
+    long n_embd, n_head, head_dim;
     float eps, scale;
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     struct skinny_linear attn, attn_proj, fc, proj;
 };
-
-int skinny_block_decode(const struct skinny_block *blk, float *x, long rows, float *k_cache, float *v_cache,
-                        const int64_t *slots, const int64_t *positions, float *scratch, double *seconds, int threads);
 
 static int linear(const struct skinny_linear *l, const float *in, long rows, float *out, int threads)
 {
@@ -522,66 +507,61 @@ static double now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-int skinny_block_decode(const struct skinny_block *blk, float *x, long rows, float *k_cache, float *v_cache,
-                        const int64_t *slots, const int64_t *positions, float *scratch, double *seconds, int threads)
+/* One block of a decode step of a few rows (skinny.MAX_ROWS): what gpt2.Block computes op by op
+ * (layer norm, the q/k/v product, skinny_attend, the output product, the residual add and second
+ * layer norm, the MLP's products around GELU, the last residual add), by the same functions in
+ * the same order, so its numbers are bitwise the op-by-op ones. x (rows, C) is updated in place;
+ * the caches are this layer's; scratch holds rows * (6 C + d_ff) floats; seconds[0..1] grow by the
+ * wall time of the attention half and of the MLP half. 0, -1 (out of memory) or -2 (bad slot or
+ * position). */
+static int block_decode(const struct skinny_block *blk, struct row_ops ops, float *x, long rows, float *k_cache,
+                        float *v_cache, long max_len, long num_slots, const int64_t *slots, const int64_t *positions,
+                        float *scratch, double *seconds, int threads)
 {
     long C = blk->n_embd;
     float *h = scratch, *qkv = h + rows * C, *att = qkv + 3 * rows * C, *a = att + rows * C, *f = a + rows * C;
-    int wide = wide_build(), status;
+    int status;
     double t0 = now();
-    for (long r = 0; r < rows; r++) {
-        if (wide)
-            norm512(x + r * C, NULL, NULL, C, blk->ln1_w, blk->ln1_b, blk->eps, h + r * C);
-        else
-            norm256(x + r * C, NULL, NULL, C, blk->ln1_w, blk->ln1_b, blk->eps, h + r * C);
-    }
+    for (long r = 0; r < rows; r++) ops.norm(x + r * C, NULL, NULL, C, blk->ln1_w, blk->ln1_b, blk->eps, h + r * C);
     if ((status = linear(&blk->attn, h, rows, qkv, threads))) return status;
-    status = skinny_attend(qkv, rows, blk->n_head, blk->head_dim, k_cache, v_cache, blk->max_len, blk->num_slots, slots,
-                           positions, blk->scale, att, threads);
+    status = skinny_attend(qkv, rows, blk->n_head, blk->head_dim, k_cache, v_cache, max_len, num_slots, slots, positions,
+                           blk->scale, att, threads);
     if (status) return status;
     if ((status = linear(&blk->attn_proj, att, rows, a, threads))) return status;
     double t1 = now();
-    for (long r = 0; r < rows; r++) { /* x += a; h = ln_2(x) */
-        if (wide)
-            norm512(x + r * C, a + r * C, x + r * C, C, blk->ln2_w, blk->ln2_b, blk->eps, h + r * C);
-        else
-            norm256(x + r * C, a + r * C, x + r * C, C, blk->ln2_w, blk->ln2_b, blk->eps, h + r * C);
-    }
+    for (long r = 0; r < rows; r++) /* x += a; h = ln_2(x) */
+        ops.norm(x + r * C, a + r * C, x + r * C, C, blk->ln2_w, blk->ln2_b, blk->eps, h + r * C);
     if ((status = linear(&blk->fc, h, rows, f, threads))) return status;
-    if (wide)
-        gelu512(f, f, rows * blk->fc.n);
-    else
-        gelu256(f, f, rows * blk->fc.n);
+    ops.gelu(f, f, rows * blk->fc.n);
     if ((status = linear(&blk->proj, f, rows, a, threads))) return status;
     for (long i = 0; i < rows * C; i++) x[i] = x[i] + a[i];
-    seconds[0] = t1 - t0;
-    seconds[1] = now() - t1;
+    seconds[0] += t1 - t0;
+    seconds[1] += now() - t1;
     return 0;
 }
 
-/* Every block of a decode step, in one call: skinny_block_decode for blocks[0..n_layers-1] in
- * turn, layer l's caches at k_cache / v_cache + l * layer_stride. One call rather than one per
- * block, because each return to Python after a block's products costs 10-20 us more than the
- * call itself: the products stream megabytes through the caches, and the interpreter's own code
- * and data come back from memory (measured: 8.6 us into C and 9.6 us back out after a block of
- * int8 products, against 0.9 and 0.2 us after an empty call). seconds[0..1] sum the blocks'
- * halves. */
+/* Every block of a decode step, in one call: block_decode for blocks[0..n_layers-1] in turn, the
+ * caches (n_layers, num_slots, n_head, max_len, head_dim). One call rather than one per block,
+ * because each return to Python after a block's products costs 10-20 us more than the call
+ * itself: the products stream megabytes through the caches, and the interpreter's own code and
+ * data come back from memory (measured: 8.6 us into C and 9.6 us back out after a block of int8
+ * products, against 0.9 and 0.2 us after an empty call). seconds[0..1] get the blocks' attention
+ * and MLP halves, summed. */
 int skinny_decode_layers(const struct skinny_block *const *blocks, long n_layers, float *x, long rows, float *k_cache,
-                         float *v_cache, long layer_stride, const int64_t *slots, const int64_t *positions, float *scratch,
-                         double *seconds, int threads);
+                         float *v_cache, long max_len, long num_slots, const int64_t *slots, const int64_t *positions,
+                         float *scratch, double *seconds, int threads);
 
 int skinny_decode_layers(const struct skinny_block *const *blocks, long n_layers, float *x, long rows, float *k_cache,
-                         float *v_cache, long layer_stride, const int64_t *slots, const int64_t *positions, float *scratch,
-                         double *seconds, int threads)
+                         float *v_cache, long max_len, long num_slots, const int64_t *slots, const int64_t *positions,
+                         float *scratch, double *seconds, int threads)
 {
-    double halves[2];
+    struct row_ops ops = row_ops();
+    long layer = num_slots * blocks[0]->n_head * max_len * blocks[0]->head_dim;
     seconds[0] = seconds[1] = 0.0;
     for (long l = 0; l < n_layers; l++) {
-        int status = skinny_block_decode(blocks[l], x, rows, k_cache + l * layer_stride, v_cache + l * layer_stride, slots,
-                                         positions, scratch, halves, threads);
+        int status = block_decode(blocks[l], ops, x, rows, k_cache + l * layer, v_cache + l * layer, max_len, num_slots,
+                                  slots, positions, scratch, seconds, threads);
         if (status) return status;
-        seconds[0] += halves[0];
-        seconds[1] += halves[1];
     }
     return 0;
 }

@@ -8,8 +8,8 @@ with float32 arithmetic; int8 as FBGEMM's dynamic kernel computes it) whose ``pr
 bitwise equal to the general kernel's for any rows. The row-wise operations, invariant by
 construction (skinny.c): ``attend``, a decode step's attention (each row's one query over its
 slot's cached keys); ``layer_norm`` (with the residual add before it); ``gelu_tanh``. And
-``FusedBlock``: a decode step's whole block in one call, bitwise the block computed op by op
-(``FusedLayers``: every block of the step in one call).
+``FusedLayers``: every block of a decode step in one call (each described by a ``FusedBlock``),
+bitwise the blocks computed op by op.
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
 bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
@@ -42,8 +42,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# Up to this many rows the loops take a product (and gpt2.Block runs a decode step's block in one
-# call, FusedBlock). Products alone, GPT-2 small's 48 block products streamed from memory, loops
+# Up to this many rows the loops take a product (and a decode step runs its blocks in one call,
+# FusedLayers). Products alone, GPT-2 small's 48 block products streamed from memory, loops
 # against the general kernel: float32 18.1 vs 26.3 ms at one row, 24.6 vs 24.3 at four, 29.4 vs
 # 27.5 at eight, 39.5 vs 35.2 at sixteen; float16 12.1 vs 15.4 at one, 36.0 vs 34.6 at sixteen;
 # int8 5.2 vs 9.3 at one, 16.3 vs 19.5 at sixteen (skinny.c's int8 limit). Beyond four rows the
@@ -164,14 +164,10 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.skinny_layer_norm.restype = None
     lib.skinny_gelu_tanh.argtypes = [pointer, pointer, long, ctypes.c_int]  # (x, y, count, threads)
     lib.skinny_gelu_tanh.restype = None
-    # (block, x, rows, k_cache, v_cache, slots, positions, scratch, seconds, threads)
-    lib.skinny_block_decode.argtypes = [ctypes.POINTER(_Block), pointer, long, pointer, pointer, pointer, pointer]
-    lib.skinny_block_decode.argtypes += [pointer, pointer, ctypes.c_int]
-    lib.skinny_block_decode.restype = ctypes.c_int  # 0; -1 out of memory; -2 a bad slot or position
-    # (blocks, n_layers, x, rows, k_cache, v_cache, layer_stride, slots, positions, scratch, seconds, threads)
-    lib.skinny_decode_layers.argtypes = [pointer, long, pointer, long, pointer, pointer, long, pointer, pointer]
+    # (blocks, n_layers, x, rows, k_cache, v_cache, max_len, num_slots, slots, positions, scratch, seconds, threads)
+    lib.skinny_decode_layers.argtypes = [pointer, long, pointer, long, pointer, pointer, long, long, pointer, pointer]
     lib.skinny_decode_layers.argtypes += [pointer, pointer, ctypes.c_int]
-    lib.skinny_decode_layers.restype = ctypes.c_int  # as skinny_block_decode
+    lib.skinny_decode_layers.restype = ctypes.c_int  # 0; -1 out of memory; -2 a bad slot or position
     lib.skinny_use_avx2_only.argtypes = [ctypes.c_int]  # for tests: the AVX2 loops on an AVX-512 CPU
     lib.skinny_use_avx2_only.restype = None
     return lib
@@ -192,7 +188,7 @@ class _Linear(ctypes.Structure):  # skinny.c's struct skinny_linear
 
 class _Block(ctypes.Structure):  # skinny.c's struct skinny_block
     _fields_ = [
-        *((name, ctypes.c_long) for name in ("n_embd", "n_head", "head_dim", "max_len", "num_slots")),
+        *((name, ctypes.c_long) for name in ("n_embd", "n_head", "head_dim")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *((name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")),
@@ -310,7 +306,7 @@ def attend(lib: ctypes.CDLL, qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slot
 
 
 def _check(status: int, num_slots: int, max_len: int, scratch: str) -> None:
-    """Raise for a nonzero status of skinny.c's attention, block or layers call: -2, a slot or
+    """Raise for a nonzero status of skinny.c's attention or decode-layers call: -2, a slot or
     position outside the cache (nothing written); -1, ``scratch`` could not be allocated."""
     if status == -2:
         raise ValueError(f"a slot or position is outside the cache's {num_slots} slots of {max_len} positions")
@@ -350,12 +346,11 @@ def gelu_tanh(lib: ctypes.CDLL, x: Tensor) -> Tensor:
 
 
 class FusedBlock:
-    """A GPT-2 block's decode step for one to ``max_rows`` rows in one call to skinny.c
-    (``skinny_block_decode``): the same functions, in the same order, as the block computed op by
-    op with skinny.c's row operations and these products, so bitwise the same numbers, without the
-    Python and torch calls between them. ``linears`` are the block's q/k/v, attention output, MLP
-    in and MLP out products, each (its SkinnyWeight, its bias, the order that agreed with the
-    general kernel); ``norms`` ln_1's and ln_2's (weight, bias)."""
+    """A GPT-2 block described for skinny.c's one-call decode step (``FusedLayers``), which
+    computes it with the same functions, in the same order, as the block op by op with skinny.c's
+    row operations and these products: bitwise the same numbers. ``linears`` are the block's
+    q/k/v, attention output, MLP in and MLP out products, each (its SkinnyWeight, its bias, the
+    order that agreed with the general kernel); ``norms`` ln_1's and ln_2's (weight, bias)."""
 
     def __init__(
         self,
@@ -365,7 +360,7 @@ class FusedBlock:
         norms: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
         linears: tuple[tuple[SkinnyWeight, Tensor | None, int], ...],
     ) -> None:
-        self._lib = lib
+        self.lib = lib
         self._keep = (norms, linears)  # what the structure points into stays alive with it
         n_embd = norms[0][0].numel()
         (w1, b1), (w2, b2) = norms
@@ -389,44 +384,24 @@ class FusedBlock:
                 )
             )
         head_dim = n_embd // n_head
-        self._block = _Block(n_embd, n_head, head_dim, 0, 0, eps, head_dim**-0.5)
+        self._block = _Block(n_embd, n_head, head_dim, eps, head_dim**-0.5)
         self._block.ln1_w, self._block.ln1_b, self._block.ln2_w, self._block.ln2_b = (
             t.data_ptr() for t in (w1, b1, w2, b2)
         )
         self._block.attn, self._block.attn_proj, self._block.fc, self._block.proj = described
-        self._pointer = ctypes.pointer(self._block)
-        self._seconds = (ctypes.c_double * 2)()
-
-    def __call__(
-        self, x: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor
-    ) -> tuple[Tensor, float, float]:
-        """x (rows, 1, C) contiguous float32 through the block, updated in place (the block's
-        input is not kept); each row's key and value written to its (slot, position) of one
-        layer's caches (S, nh, L, hs), as ``attend`` does. (x, seconds of the attention half,
-        seconds of the MLP half)."""
-        rows = x.shape[0]
-        block = self._block
-        if block.max_len != k_cache.shape[2] or block.num_slots != k_cache.shape[0]:
-            block.max_len, block.num_slots = k_cache.shape[2], k_cache.shape[0]
-        scratch = torch.empty(rows * (6 * self.n_embd + self.d_ff))
-        status = self._lib.skinny_block_decode(
-            self._pointer, x.data_ptr(), rows, k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-            positions.data_ptr(), scratch.data_ptr(), self._seconds, torch.get_num_threads(),
-        )  # fmt: skip
-        _check(status, block.num_slots, block.max_len, "a decode step's scratch")
-        return x, self._seconds[0], self._seconds[1]
+        self.pointer = ctypes.pointer(self._block)
 
 
 class FusedLayers:
-    """Every block of a decode step in one call to skinny.c (``skinny_decode_layers``): each
-    ``FusedBlock`` in turn, bitwise as one call per block, without returning to Python between
+    """Every block of a decode step of one to ``max_rows`` rows in one call to skinny.c
+    (``skinny_decode_layers``): each ``FusedBlock`` in turn, without returning to Python between
     blocks (each return after a block's products costs 10-20 us of cold interpreter, skinny.c)."""
 
     def __init__(self, blocks: list[FusedBlock]) -> None:
         self._blocks = blocks
-        self._lib = blocks[0]._lib
+        self._lib = blocks[0].lib
         self.max_rows = min(b.max_rows for b in blocks)
-        self._pointers = (ctypes.POINTER(_Block) * len(blocks))(*(b._pointer for b in blocks))
+        self._pointers = (ctypes.POINTER(_Block) * len(blocks))(*(b.pointer for b in blocks))
         self._scratch_per_row = 6 * blocks[0].n_embd + blocks[0].d_ff
         self._seconds = (ctypes.c_double * 2)()
 
@@ -438,14 +413,11 @@ class FusedLayers:
         layers, num_slots, _, max_len, _ = k.shape
         if layers != len(self._blocks):
             raise ValueError(f"a cache of {layers} layers for {len(self._blocks)} blocks")
-        for block in self._blocks:
-            if block._block.max_len != max_len or block._block.num_slots != num_slots:
-                block._block.max_len, block._block.num_slots = max_len, num_slots
         rows = x.shape[0]
         scratch = torch.empty(rows * self._scratch_per_row)
         status = self._lib.skinny_decode_layers(
-            self._pointers, layers, x.data_ptr(), rows, k.data_ptr(), v.data_ptr(), k[0].numel(), slots.data_ptr(),
-            positions.data_ptr(), scratch.data_ptr(), self._seconds, torch.get_num_threads(),
+            self._pointers, layers, x.data_ptr(), rows, k.data_ptr(), v.data_ptr(), max_len, num_slots,
+            slots.data_ptr(), positions.data_ptr(), scratch.data_ptr(), self._seconds, torch.get_num_threads(),
         )  # fmt: skip
         _check(status, num_slots, max_len, "a decode step's scratch")
         return x, self._seconds[0], self._seconds[1]
