@@ -24,8 +24,10 @@ from gpt2_service.model.kernels import (
     kernel_mode,
     linear,
     onednn_applies,
+    padded_decode_attention_is_invariant,
     padded_keys,
 )
+from gpt2_service.model.kv_cache import KVCache
 from gpt2_service.model.weights import LoadedModel, load_model
 
 from tests.engine_helpers import request, run
@@ -145,15 +147,19 @@ def test_the_sampler_treats_each_row_on_its_own() -> None:
 
 
 @pytest.fixture(params=["skinny.c attention", "padded SDPA"])
-async def invariant_engine(tiny: LoadedModel, request: pytest.FixtureRequest) -> Engine:
+async def invariant_engine(
+    tiny: LoadedModel, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Engine:
     """The batch-invariant engine, decoding with skinny.c's attention (where it is built) or, as
     without it, with SDPA over keys padded to whole blocks."""
-    eng = Engine(tiny, EngineConfig(model="random:tiny", max_batch_size=8, max_prefill_tokens=64, batch_invariant=True))
     if request.param == "padded SDPA":
-        eng.runner.one_query = False
+        monkeypatch.setattr(KVCache, "attends_one_query", False)  # as without skinny.c
     elif skinny.library() is None:
         pytest.skip("skinny.c is not built on this machine (no C compiler or CPU support)")
+    eng = Engine(tiny, EngineConfig(model="random:tiny", max_batch_size=8, max_prefill_tokens=64, batch_invariant=True))
     assert eng.runner.one_query == (request.param == "skinny.c attention")
+    # the padded-key check runs only where skinny.c's attention does not (0.3 s at start-up)
+    assert eng.runner.padded_decode == (request.param == "padded SDPA" and padded_decode_attention_is_invariant())
     await eng.start()
     yield eng  # type: ignore[misc]
     await eng.shutdown()
@@ -188,9 +194,9 @@ async def test_decode_attends_row_by_row_where_padded_attention_is_not_invariant
     import gpt2_service.engine.runner as runner_module
 
     monkeypatch.setattr(runner_module, "padded_decode_attention_is_invariant", lambda: False)
+    monkeypatch.setattr(KVCache, "attends_one_query", False)  # as without skinny.c
     eng = Engine(tiny, EngineConfig(model="random:tiny", max_batch_size=8, max_prefill_tokens=64))
-    eng.runner.one_query = False  # as without skinny.c
-    assert eng.runner.batch_invariant and not eng.runner.padded_decode
+    assert eng.runner.batch_invariant and not eng.runner.one_query and not eng.runner.padded_decode
     await eng.start()
     try:
         await test_a_request_gives_bitwise_the_same_result_alone_and_in_a_batch_of_eight(eng, 0)

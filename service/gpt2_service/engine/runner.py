@@ -83,10 +83,10 @@ class ModelRunner:
         self.stage_timing = stage_timing
         self.num_threads = num_threads or ENGINE_THREADS
         self.mode = mode or KernelMode()
-        # batch-invariant decode over padded keys where this machine's attention kernel allows it
-        self.padded_decode = self.batch_invariant and padded_decode_attention_is_invariant()
-        # decode attention by skinny.c, one call per layer, invariant by construction (both modes)
+        # decode attention by skinny.c, one call per layer, invariant by construction (both modes);
+        # else, batch-invariant decode over padded keys where this machine's SDPA allows it
         self.one_query = self.mode.skinny and cache.attends_one_query
+        self.padded_decode = self.batch_invariant and not self.one_query and padded_decode_attention_is_invariant()
         self.sampler = Sampler()
         self.masks = Masks(model.config.vocab_size)  # constrained rows' next-token masks
         self._generators: dict[int, torch.Generator] = {}
@@ -217,22 +217,11 @@ class ModelRunner:
         position = max(positions_l)
         aligned = min(positions_l) == position  # every row writes the same position: a slice copy
         num_keys = position + 1
-        slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
-        if self.one_query:  # each row attends over its own keys in skinny.c: no mask, no padding
-            layout = AttentionLayout(
-                slots=slot_tensor,
-                slot_range=_slot_range(slot_list),
-                valid=None,
-                write_slots=slot_tensor,
-                write_positions=positions,
-                num_keys=num_keys,
-                mask=None,
-                one_query=True,
-            )
-            return self.model(ids, positions[:, None], layout, self.cache, timer=timer)  # type: ignore[no-any-return]
         needs_mask = not aligned  # every row sees every key otherwise
         rows = None
-        if self.padded_decode:
+        if self.one_query:  # each row attends over its own keys in skinny.c: no mask, no padding
+            needs_mask = False
+        elif self.padded_decode:
             # every row attends over its keys padded to whole KEY_BLOCKs, the batch over its
             # widest row's: extra blocks are masked keys, which the kernel adds as exact zeros
             num_keys, needs_mask = padded_keys(num_keys), True
@@ -242,6 +231,7 @@ class ModelRunner:
         mask = None
         if needs_mask:
             mask = decode_mask(positions, num_keys)
+        slot_tensor = torch.tensor(slot_list, dtype=torch.long).to(self.device)
         layout = AttentionLayout(
             slots=slot_tensor,
             slot_range=_slot_range(slot_list),
@@ -252,6 +242,7 @@ class ModelRunner:
             mask=None if mask is None else mask.to(self.device),
             write_span=(position, position + 1) if aligned else None,
             rows=rows,
+            one_query=self.one_query,
         )
         hidden: Tensor = self.model(
             ids.to(self.device), positions[:, None].to(self.device), layout, self.cache, timer=timer
