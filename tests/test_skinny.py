@@ -58,28 +58,32 @@ def test_the_loops_are_built_on_this_machine() -> None:
 @pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
 @pytest.mark.parametrize(("n_in", "n_out"), SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_one_to_four_rows_are_bitwise_the_general_kernels_rows(
+def test_the_loops_rows_are_bitwise_the_general_kernels_rows(
     weights: str, n_in: int, n_out: int, with_bias: bool, isa: str
 ) -> None:
-    """With the loops and without (``KernelMode.skinny``), one to max_rows rows give bitwise the same
-    numbers, and those are the rows of a large batch, which the general kernel computes."""
+    """With the loops and without (``KernelMode.skinny``), one to max_rows rows (tiles of six rows
+    and their remainders, skinny.c) give bitwise the same numbers, and those are the rows of a
+    larger batch, which the general kernel computes."""
     gen = torch.Generator().manual_seed(n_in * n_out)
     weight = torch.randn(n_out, n_in, generator=gen) * 0.02
     bias = torch.randn(n_out, generator=gen) * 0.01 if with_bias else None
     packed = PackedLinear(weight, bias, weights)
     assert packed._skinny is not None
+    limit = packed._skinny.max_rows
     x = torch.randn(64, n_in, generator=gen) * torch.rand(64, 1, generator=gen) * 4
+    x = torch.cat([x, x[: limit + 8 - 64].flip(1) * 0.5])  # (limit + 8, in)
+    counts = sorted({1, 2, 3, 4, 5, 6, 7, 12, 13, 17, 31, 32, 33, 64, 65, limit} & set(range(1, limit + 1)))
     with kernel_mode(KernelMode(weights, batch_invariant=True)):
-        full = packed(x)  # 64 rows: the general kernel
-        for rows in (1, 2, 3, 4, 7, skinny.MAX_ROWS[weights]):
+        full = packed(x)  # more rows than the loops take: the general kernel
+        for rows in counts:
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
     with kernel_mode(KernelMode(weights, batch_invariant=True, skinny=False)):
-        for rows in (1, 2, 3, 4, 7, skinny.MAX_ROWS[weights]):
+        for rows in counts:
             assert torch.equal(packed(x[:rows]), full[:rows]), rows
     assert packed._skinny.agrees_with(packed._general, bias) is not None
     if weights != "int8":  # (int8's distance from float32: test_batch_invariance.py)
-        exact = F.linear(x, weight.half().float() if weights == "float16" else weight, bias)
-        assert torch.allclose(full, exact, rtol=1e-4, atol=1e-5)
+        exact = F.linear(x[:64], weight.half().float() if weights == "float16" else weight, bias)
+        assert torch.allclose(full[:64], exact, rtol=1e-4, atol=1e-5)
 
 
 @needs_skinny
@@ -314,13 +318,13 @@ def test_the_one_call_step_is_bitwise_the_blocks_op_by_op(weights: str, monkeypa
     c = model.config
 
     def decode(rows: int) -> tuple[Tensor, KVCache, StageTimer]:
-        cache, timer = KVCache(c.n_layer, 20, c.n_head, 64, c.head_dim), StageTimer()
+        cache, timer = KVCache(c.n_layer, 140, c.n_head, 64, c.head_dim), StageTimer()
         gen = torch.Generator().manual_seed(rows)
-        slots = torch.randperm(20, generator=gen)[:rows]
+        slots = torch.randperm(140, generator=gen)[:rows]
         logits = []
         with kernel_mode(KernelMode(weights, batch_invariant=True)), torch.inference_mode():
             for step in range(12):
-                positions = step + torch.arange(rows) * 3
+                positions = step + torch.arange(rows) * 3 % 40
                 layout = AttentionLayout(slots, None, None, slots, positions, int(positions.max()) + 1, None)
                 layout.one_query = True
                 ids = torch.randint(0, c.vocab_size, (rows, 1), generator=gen)
@@ -337,7 +341,8 @@ def test_the_one_call_step_is_bitwise_the_blocks_op_by_op(weights: str, monkeypa
         return one_call(*args)
 
     monkeypatch.setattr(skinny.FusedLayers, "__call__", counted)
-    for rows in range(1, skinny.MAX_ROWS[weights] + 1):
+    limit = skinny.max_rows(skinny.library(), weights)
+    for rows in sorted({*range(1, 18), 24, 31, 32, 33, limit} & set(range(1, limit + 1))):
         with monkeypatch.context() as patch:
             fused, fused_cache, timer = decode(rows)
             assert calls == 12

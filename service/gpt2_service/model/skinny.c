@@ -32,6 +32,7 @@
 #define BLOCK 64
 
 int skinny_supported(void);
+int skinny_wide(void);
 void skinny_use_avx2_only(int on);
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads);
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads);
@@ -253,6 +254,8 @@ static int use_avx512(void)
     return !avx2_only && __builtin_cpu_supports("avx512f");
 }
 
+int skinny_wide(void) { return use_avx512(); }
+
 int skinny_supported(void)
 {
     __builtin_cpu_init();
@@ -268,32 +271,54 @@ static void finish(const float *sums, const float *bias, float *out, long ncols)
     }
 }
 
-/* One row against one block of 64 outputs; WTYPE and LOAD say how the weight is stored. */
-#define AVX512_BLOCK(NAME, WTYPE, LOAD)                                                                  \
-    __attribute__((target("avx512f"))) static void NAME(const float *xr, long k, const WTYPE *wb,     \
-                                                        long kchunk, float *sums)                      \
+/* Up to TILE_ROWS rows against one block of 64 outputs; WTYPE and LOAD say how the weight is
+ * stored. Each weight vector loaded feeds the fused multiply-adds of every row of the tile, so the
+ * block's weight is read once per tile rather than once per row (from L2 after the first tile):
+ * 6 rows x 4 vectors are 24 accumulators of AVX-512's 32 registers. Each output's arithmetic is
+ * the same whatever the tile: per chunk, zero plus x[i] * w[i] fused for i ascending, then added
+ * to the running total (sums, rows x 64, written by the first chunk). R is a constant where the
+ * tile functions below call this, so its loops unroll and the accumulators stay in registers. */
+#define TILE_ROWS 6
+#define AVX512_TILE(NAME, WTYPE, LOAD)                                                                   \
+    __attribute__((target("avx512f"), always_inline)) static inline void NAME(                         \
+        const float *x, long k, const WTYPE *wb, long kchunk, float *sums, const int R, const char *pf, \
+        const char *pf_end, long per)                                                                  \
     {                                                                                                  \
-        __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;                                    \
         for (long k0 = 0; k0 < k; k0 += kchunk) {                                                      \
             long k1 = k0 + kchunk < k ? k0 + kchunk : k;                                               \
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+            __m512 a[TILE_ROWS][4];                                                                    \
+            _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                                        \
+                a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();                           \
             const WTYPE *w = wb + k0 * BLOCK;                                                          \
             for (long i = k0; i < k1; i++, w += BLOCK) {                                               \
-                __m512 xv = _mm512_set1_ps(xr[i]);                                                     \
-                a0 = _mm512_fmadd_ps(xv, LOAD(w), a0);                                                 \
-                a1 = _mm512_fmadd_ps(xv, LOAD(w + 16), a1);                                            \
-                a2 = _mm512_fmadd_ps(xv, LOAD(w + 32), a2);                                            \
-                a3 = _mm512_fmadd_ps(xv, LOAD(w + 48), a3);                                            \
+                for (long l = 0; l < per && pf < pf_end; l++, pf += 64) _mm_prefetch(pf, _MM_HINT_T1); \
+                __m512 w0 = LOAD(w), w1 = LOAD(w + 16), w2 = LOAD(w + 32), w3 = LOAD(w + 48);          \
+                _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) {                                  \
+                    __m512 xv = _mm512_set1_ps(x[r * k + i]);                                          \
+                    a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);                                        \
+                    a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);                                        \
+                    a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);                                        \
+                    a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);                                        \
+                }                                                                                      \
             }                                                                                          \
-            if (k0 == 0) {                                                                             \
-                t0 = a0, t1 = a1, t2 = a2, t3 = a3;                                                    \
-            } else {                                                                                   \
-                t0 = _mm512_add_ps(t0, a0), t1 = _mm512_add_ps(t1, a1);                                \
-                t2 = _mm512_add_ps(t2, a2), t3 = _mm512_add_ps(t3, a3);                                \
+            _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) {          \
+                float *s = sums + r * BLOCK + 16 * j;                                                  \
+                _mm512_storeu_ps(s, k0 == 0 ? a[r][j] : _mm512_add_ps(_mm512_loadu_ps(s), a[r][j]));   \
             }                                                                                          \
         }                                                                                              \
-        _mm512_storeu_ps(sums, t0), _mm512_storeu_ps(sums + 16, t1);                                   \
-        _mm512_storeu_ps(sums + 32, t2), _mm512_storeu_ps(sums + 48, t3);                              \
+    }                                                                                                  \
+    __attribute__((target("avx512f"))) static void NAME##_rows(const float *x, long rows, long k,      \
+                                                               const WTYPE *wb, long kchunk, float *sums, \
+                                                               const char *pf, const char *pf_end, long per) \
+    {                                                                                                  \
+        switch (rows) {                                                                                \
+        case 1: NAME(x, k, wb, kchunk, sums, 1, pf, pf_end, per); break;                               \
+        case 2: NAME(x, k, wb, kchunk, sums, 2, pf, pf_end, per); break;                               \
+        case 3: NAME(x, k, wb, kchunk, sums, 3, pf, pf_end, per); break;                               \
+        case 4: NAME(x, k, wb, kchunk, sums, 4, pf, pf_end, per); break;                               \
+        case 5: NAME(x, k, wb, kchunk, sums, 5, pf, pf_end, per); break;                               \
+        default: NAME(x, k, wb, kchunk, sums, 6, pf, pf_end, per); break;                              \
+        }                                                                                              \
     }
 
 /* AVX2 has 16 registers: a chunk's 8 accumulators stay in registers, the running totals in
@@ -323,33 +348,48 @@ static void finish(const float *sums, const float *bias, float *out, long ncols)
 #define LOAD256_F32(p) _mm256_loadu_ps(p)
 #define LOAD256_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 
-AVX512_BLOCK(block512_f32, float, LOAD512_F32)
-AVX512_BLOCK(block512_f16, uint16_t, LOAD512_F16)
+AVX512_TILE(tile512_f32, float, LOAD512_F32)
+AVX512_TILE(tile512_f16, uint16_t, LOAD512_F16)
 AVX2_BLOCK(block256_f32, float, LOAD256_F32)
 AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
 
-#define SKINNY(NAME, WTYPE, B512, B256)                                                                  \
+#define SKINNY(NAME, WTYPE, T512, B256)                                                                  \
     void NAME(const float *x, long rows, long k, const WTYPE *w, long n, const float *bias, float *out,   \
               long kchunk, int threads)                                                                 \
     {                                                                                                    \
         long blocks = (n + BLOCK - 1) / BLOCK;                                                           \
+        long tiles = (rows + TILE_ROWS - 1) / TILE_ROWS; /* of rows / tiles or one more, in order */     \
         int wide = use_avx512();                                                                         \
+        long block_bytes = k * BLOCK * (long)sizeof(WTYPE), lines = block_bytes / 64;                    \
+        long per = rows == 1 ? 0 : (lines + tiles * k - 1) / (tiles * k); /* lines fetched per k */      \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                \
         for (long b = 0; b < blocks; b++) {                                                              \
-            float sums[BLOCK];                                                                           \
+            float sums[TILE_ROWS * BLOCK];                                                               \
             long n0 = b * BLOCK, ncols = n - n0 < BLOCK ? n - n0 : BLOCK;                                \
-            for (long r = 0; r < rows; r++) {                                                            \
-                if (wide)                                                                                \
-                    B512(x + r * k, k, w + b * k * BLOCK, kchunk, sums);                                 \
-                else                                                                                     \
-                    B256(x + r * k, k, w + b * k * BLOCK, kchunk, sums);                                 \
-                finish(sums, bias ? bias + n0 : NULL, out + r * n + n0, ncols);                          \
+            const WTYPE *wb = w + b * k * BLOCK;                                                         \
+            const float *bb = bias ? bias + n0 : NULL;                                                   \
+            if (!wide) {                                                                                 \
+                for (long r = 0; r < rows; r++) {                                                        \
+                    B256(x + r * k, k, wb, kchunk, sums);                                                \
+                    finish(sums, bb, out + r * n + n0, ncols);                                           \
+                }                                                                                        \
+                continue;                                                                                \
+            }                                                                                            \
+            /* the next block's weight is fetched into L2 meanwhile, spread over the tiles */             \
+            const char *next = (const char *)(wb + k * BLOCK), *next_end = b + 1 < blocks ? next + block_bytes : next; \
+            for (long t = 0, r0 = 0; t < tiles; t++) {                                                   \
+                long size = rows / tiles + (t < rows % tiles);                                           \
+                const char *pf = next + t * k * per * 64;                                                \
+                pf = pf < next_end ? pf : next_end;                                                      \
+                T512##_rows(x + r0 * k, size, k, wb, kchunk, sums, pf, next_end, per);                   \
+                for (long r = 0; r < size; r++) finish(sums + r * BLOCK, bb, out + (r0 + r) * n + n0, ncols); \
+                r0 += size;                                                                              \
             }                                                                                            \
         }                                                                                                \
     }
 
-SKINNY(skinny_f32, float, block512_f32, block256_f32)
-SKINNY(skinny_f16, uint16_t, block512_f16, block256_f16)
+SKINNY(skinny_f32, float, tile512_f32, block256_f32)
+SKINNY(skinny_f16, uint16_t, tile512_f16, block256_f16)
 
 /* int8: kernels.py's int8 product, FBGEMM's dynamic int8 kernel included, reproduced. kernels.py
  * divides each row by its largest magnitude s (at least 1e-30) and appends the columns +1 and -1,
@@ -464,6 +504,7 @@ int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const 
 #else /* not x86-64: nothing here; skinny.py keeps the general kernels */
 
 int skinny_supported(void) { return 0; }
+int skinny_wide(void) { return 0; }
 void skinny_use_avx2_only(int on) {}
 void skinny_f32(const float *x, long rows, long k, const float *w, long n, const float *bias, float *out, long kchunk, int threads) {}
 void skinny_f16(const float *x, long rows, long k, const uint16_t *w, long n, const float *bias, float *out, long kchunk, int threads) {}

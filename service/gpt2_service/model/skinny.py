@@ -43,15 +43,16 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 # Up to this many rows the loops take a product (and a decode step runs its blocks in one call,
-# FusedLayers). Products alone, GPT-2 small's 48 block products streamed from memory, loops
-# against the general kernel: float32 18.1 vs 26.3 ms at one row, 24.6 vs 24.3 at four, 29.4 vs
-# 27.5 at eight, 39.5 vs 35.2 at sixteen; float16 12.1 vs 15.4 at one, 36.0 vs 34.6 at sixteen;
-# int8 5.2 vs 9.3 at one, 16.3 vs 19.5 at sixteen (skinny.c's int8 limit). Beyond four rows the
-# float loops lose a little on the products but the one-call block more than makes up for it:
-# the engine at 8 / 16 requests, this limit against 4: float32 167 vs 145 / 259 vs 233 tok/s,
-# float16 213 vs 177 / 271 vs 235; at 24 and 32 the general kernels win (float32 324 vs 292, 353
-# vs 311 with a limit of 32).
-MAX_ROWS = {"float32": 16, "float16": 16, "int8": 16}
+# FusedLayers), on a CPU with AVX-512; with AVX2 only, up to NARROW_MAX_ROWS (its loops compute
+# one row at a time, and were not timed against the general kernels beyond that). Products
+# alone, GPT-2 small's 49 products (the LM head's included) streamed from memory, loops against
+# the general kernel, ms: float32 17.3 vs 21.2 at one row, 19.5 vs 23.4 at four, 29.4 vs 31.5 at
+# sixteen, 36.7 vs 40.6 at 32, 54.8 vs 58.8 at 64, 92.1 vs 92.6 at 128; float16 11.7 vs 13.7 at
+# one, 18.4 vs 32.9 at sixteen, 31.0 vs 47.0 at 32, 55.6 vs 76.5 at 64, 103 vs 135 at 128. int8
+# 5.2 vs 9.3 at one, 16.3 vs 19.5 at sixteen (skinny.c's int8 limit). Where the products tie, the
+# one-call step still wins: it saves the interpreter's dispatch around every operation.
+MAX_ROWS = {"float32": 128, "float16": 128, "int8": 16}
+NARROW_MAX_ROWS = 16
 PROBE_ROWS = 4  # rows of probe_rows
 BLOCK = 64  # outputs per block of the weight layout (skinny.c)
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
@@ -168,6 +169,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.skinny_decode_layers.argtypes = [pointer, long, pointer, long, pointer, pointer, long, long, pointer, pointer]
     lib.skinny_decode_layers.argtypes += [pointer, pointer, ctypes.c_int]
     lib.skinny_decode_layers.restype = ctypes.c_int  # 0; -1 out of memory; -2 a bad slot or position
+    lib.skinny_wide.restype = ctypes.c_int  # 1 where the AVX-512 loops run
     lib.skinny_use_avx2_only.argtypes = [ctypes.c_int]  # for tests: the AVX2 loops on an AVX-512 CPU
     lib.skinny_use_avx2_only.restype = None
     return lib
@@ -194,6 +196,11 @@ class _Block(ctypes.Structure):  # skinny.c's struct skinny_block
         *((name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")),
         *((name, _Linear) for name in ("attn", "attn_proj", "fc", "proj")),
     ]
+
+
+def max_rows(lib: ctypes.CDLL, storage: str) -> int:
+    """Most rows whose products in ``storage`` go to the loops on this CPU (``MAX_ROWS``)."""
+    return MAX_ROWS[storage] if lib.skinny_wide() else min(MAX_ROWS[storage], NARROW_MAX_ROWS)
 
 
 def probe_rows(in_features: int, seed: int) -> Tensor:
@@ -243,7 +250,7 @@ class SkinnyWeight:
             self._fn = lib.skinny_f32 if storage == "float32" else lib.skinny_f16
             self._orders = _CANDIDATE_CHUNKS
         self.nbytes = self.blocked.numel() * self.blocked.element_size()
-        self.max_rows = MAX_ROWS[storage]  # products of up to this many rows go to the loops
+        self.max_rows = max_rows(lib, storage)  # products of up to this many rows go to the loops
         self._agreed: dict[int, int | None] = {}  # threads -> order agreeing with the general kernel
 
     def product(self, rows: Tensor, bias: Tensor | None, order: int) -> Tensor:
