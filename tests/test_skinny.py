@@ -318,9 +318,9 @@ def test_the_one_call_step_is_bitwise_the_blocks_op_by_op(weights: str, monkeypa
     c = model.config
 
     def decode(rows: int) -> tuple[Tensor, KVCache, StageTimer]:
-        cache, timer = KVCache(c.n_layer, 140, c.n_head, 64, c.head_dim), StageTimer()
+        cache, timer = KVCache(c.n_layer, limit + 8, c.n_head, 64, c.head_dim), StageTimer()
         gen = torch.Generator().manual_seed(rows)
-        slots = torch.randperm(140, generator=gen)[:rows]
+        slots = torch.randperm(limit + 8, generator=gen)[:rows]
         logits = []
         with kernel_mode(KernelMode(weights, batch_invariant=True)), torch.inference_mode():
             for step in range(12):

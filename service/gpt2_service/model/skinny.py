@@ -46,12 +46,12 @@ log = logging.getLogger(__name__)
 # FusedLayers), on a CPU with AVX-512; with AVX2 only, up to NARROW_MAX_ROWS (its loops compute
 # one row at a time, and were not timed against the general kernels beyond that). Products
 # alone, GPT-2 small's 49 products (the LM head's included) streamed from memory, loops against
-# the general kernel, ms: float32 17.3 vs 21.2 at one row, 19.5 vs 23.4 at four, 29.4 vs 31.5 at
-# sixteen, 36.7 vs 40.6 at 32, 54.8 vs 58.8 at 64, 92.1 vs 92.6 at 128; float16 11.7 vs 13.7 at
-# one, 18.4 vs 32.9 at sixteen, 31.0 vs 47.0 at 32, 55.6 vs 76.5 at 64, 103 vs 135 at 128. int8
-# 5.2 vs 9.3 at one, 16.3 vs 19.5 at sixteen (skinny.c's int8 limit). Where the products tie, the
-# one-call step still wins: it saves the interpreter's dispatch around every operation.
-MAX_ROWS = {"float32": 128, "float16": 128, "int8": 16}
+# the general kernel, ms: float32 16.9 vs 22.0 at one row, 18.0 vs 23.1 at four, 28.0 vs 31.4 at
+# sixteen, 33.7 vs 40.9 at 32, 47.9 vs 58.4 at 64, 86.4 vs 93.1 at 128, 135 vs 137 at 192, 181
+# vs 177 at 256; float16 11.7 vs 13.7 at one, 18.4 vs 32.9 at sixteen, 31.0 vs 47.0 at 32, 55.6
+# vs 76.5 at 64, 103 vs 135 at 128, 209 vs 255 at 256, 428 vs 486 at 512. int8 5.2 vs 9.3 at
+# one, 16.3 vs 19.5 at sixteen (skinny.c's int8 limit).
+MAX_ROWS = {"float32": 128, "float16": 512, "int8": 16}
 NARROW_MAX_ROWS = 16
 PROBE_ROWS = 4  # rows of probe_rows
 BLOCK = 64  # outputs per block of the weight layout (skinny.c)
