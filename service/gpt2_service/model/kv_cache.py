@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpt2_service.model import skinny
+from gpt2_service.model import pages, skinny
 
 
 @dataclass
@@ -84,8 +84,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layer, num_slots, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = pages.zeros(shape, dtype, device)  # on huge pages where the machine offers them
+        self.v = pages.zeros(shape, dtype, device)
         self._layers = tuple(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # views, made once
         self.num_slots = num_slots
         self.max_len = max_len

@@ -97,13 +97,19 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x)
 
 #define ATTEND_ONE(NAME, TARGET)                                                                        \
     TARGET static void NAME(const float *q, const float *kn, const float *vn, float *kc, float *vc,      \
-                            long pos, long hd, float scale, float *p, float *acc, float *out)           \
+                            long pos, long hd, float scale, float *p, float *acc, float *out,           \
+                            const char *nk, const char *nv, long nlines)                               \
     {                                                                                                  \
         memcpy(kc + pos * hd, kn, (size_t)hd * sizeof(float));                                         \
         memcpy(vc + pos * hd, vn, (size_t)hd * sizeof(float));                                         \
         long n = pos + 1;                                                                              \
         float m = -INFINITY;                                                                           \
+        long issued = 0;                                                                               \
         for (long j = 0; j < n; j++) {                                                                 \
+            for (long due = (j + 1) * nlines / n; issued < due; issued++) {                            \
+                __builtin_prefetch(nk + issued * 64, 0, 2);                                            \
+                __builtin_prefetch(nv + issued * 64, 0, 2);                                            \
+            }                                                                                          \
             p[j] = dot(q, kc + j * hd, hd) * scale;                                                    \
             m = p[j] > m ? p[j] : m;                                                                   \
         }                                                                                              \
@@ -177,7 +183,7 @@ GELU_SPAN(gelu256, NARROW)
 /* The row operations of the build this CPU runs (the AVX-512 one, or the AVX2 one: the same bits). */
 struct row_ops {
     void (*attend)(const float *, const float *, const float *, float *, float *, long, long, float, float *, float *,
-                   float *);
+                   float *, const char *, const char *, long);
     void (*norm)(const float *, const float *, float *, long, const float *, const float *, float, float *);
     void (*gelu)(const float *, float *, long);
 };
@@ -233,8 +239,13 @@ int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float
             long r = t / n_head, h = t % n_head;
             const float *q = qkv + r * 3 * C + h * head_dim;
             long cached = (slots[r] * n_head + h) * max_len * head_dim;
+            long r1 = (t + 1) / n_head, h1 = (t + 1) % n_head, next = 0, lines = 0;
+            if (t + 1 < rows * n_head) { /* the next (row, head)'s keys and values, fetched meanwhile */
+                next = (slots[r1] * n_head + h1) * max_len * head_dim;
+                lines = positions[r1] * head_dim * (long)sizeof(float) / 64;
+            }
             ops.attend(q, q + C, q + 2 * C, k_cache + cached, v_cache + cached, positions[r], head_dim, scale, p, acc,
-                       out + r * C + h * head_dim);
+                       out + r * C + h * head_dim, (const char *)(k_cache + next), (const char *)(v_cache + next), lines);
         }
         free(p);
         free(acc);

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpt2_service.model import pages
+
 log = logging.getLogger(__name__)
 
 # Up to this many rows the loops take a product (and a decode step runs its blocks in one call,
@@ -198,6 +200,12 @@ class _Block(ctypes.Structure):  # skinny.c's struct skinny_block
     ]
 
 
+def _huge_copy(t: Tensor) -> Tensor:
+    """A contiguous copy of t, on huge pages where the machine offers them (pages.py): the loops
+    stream it from memory at every step."""
+    return pages.empty(tuple(t.shape), t.dtype).copy_(t)
+
+
 def max_rows(lib: ctypes.CDLL, storage: str) -> int:
     """Most rows whose products in ``storage`` go to the loops on this CPU (``MAX_ROWS``)."""
     return MAX_ROWS[storage] if lib.skinny_wide() else min(MAX_ROWS[storage], NARROW_MAX_ROWS)
@@ -237,7 +245,7 @@ class SkinnyWeight:
             blocked = weight.new_zeros(blocks * BLOCK, groups * 4, dtype=STORAGE[storage])
             blocked[:out_features, :in_features] = weight
             # (out/64, 64, in/4, 4) -> (out/64, in/4, 64, 4)
-            self.blocked = blocked.view(blocks, BLOCK, groups, 4).transpose(1, 2).contiguous()
+            self.blocked = _huge_copy(blocked.view(blocks, BLOCK, groups, 4).transpose(1, 2))
             self.colsum = F.pad(weight.sum(dim=1, dtype=torch.int32), (0, blocks * BLOCK - out_features))
             self.scales = F.pad(scales.float(), (0, blocks * BLOCK - out_features))
             self._fn = lib.skinny_i8
@@ -246,7 +254,7 @@ class SkinnyWeight:
             blocked = weight.new_zeros(blocks * BLOCK, in_features, dtype=STORAGE[storage])
             blocked[:out_features] = weight
             # (out/64, 64, in) -> (out/64, in, 64): each block's 64 outputs are one stream over in.
-            self.blocked = blocked.view(blocks, BLOCK, in_features).transpose(1, 2).contiguous()
+            self.blocked = _huge_copy(blocked.view(blocks, BLOCK, in_features).transpose(1, 2))
             self._fn = lib.skinny_f32 if storage == "float32" else lib.skinny_f16
             self._orders = _CANDIDATE_CHUNKS
         self.nbytes = self.blocked.numel() * self.blocked.element_size()

@@ -1,0 +1,64 @@
+"""Large CPU tensors on transparent huge pages, where Linux offers them on request.
+
+What it is: ``zeros`` and ``empty``, like torch's, whose memory is a fresh anonymous mapping
+advised ``MADV_HUGEPAGE`` before anything touches it, so that Linux backs it with 2 MiB pages
+where transparent huge pages are in ``madvise`` mode (the common default) or ``always``.
+Elsewhere (another OS, THP off, a device tensor, a tensor under two huge pages) they are
+torch's. (Advising memory from torch's allocator would not do: below glibc's mmap threshold, up
+to 32 MiB, it may hand back pages already touched, which stay small.)
+
+Why: a decode step streams the weights (about 500 MB for GPT-2 small in float32) and each
+sequence's cached keys and values, hundreds of short runs far apart. With 4 KiB pages each run
+starts with page walks. Measured on GPT-2 small at 32 requests: skinny.c's attention over the
+cache 8.2 -> 6.3 ms per step, the products at one row 16.9 -> 15.3 ms.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import sys
+
+import torch
+from torch import Tensor
+
+HUGE_PAGE = 1 << 21
+
+
+def _mappable(nbytes: int, device: torch.device | str) -> bool:
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(mmap, "MADV_HUGEPAGE")
+        and torch.device(device).type == "cpu"
+        and nbytes >= 2 * HUGE_PAGE
+    )
+
+
+def _mapped(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros of ``shape`` in a fresh mapping advised for huge pages, the tensor starting on a
+    2 MiB boundary (the tensor keeps the mapping alive)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # (shared: no THP)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """``torch.zeros(shape)``, on huge pages where the machine offers them. Written now, though a
+    fresh mapping reads as zeros: a page's first touch costs its fault (and the kernel may compact
+    memory to find a huge page), which belongs at start-up, not in the first requests' steps
+    (measured: a first run of 32 requests 3.4 s slower with a KV-cache left untouched)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if _mappable(nbytes, device):
+        return _mapped(shape, dtype).zero_()
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """``torch.empty(shape)``, on huge pages where the machine offers them."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if _mappable(nbytes, device):
+        return _mapped(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
