@@ -87,6 +87,19 @@ def test_the_loops_rows_are_bitwise_the_general_kernels_rows(
 
 
 @needs_skinny
+def test_the_loops_take_more_rows_only_with_avx512(isa: str) -> None:
+    """Tiles of six rows are AVX-512 code; the AVX2 loops go one row at a time, and take products
+    of up to NARROW_MAX_ROWS rows only (beyond, the general kernels, as before the tiles)."""
+    lib = skinny.library()
+    assert lib is not None
+    wide = isa == "native" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    for weights in ("float32", "float16", "int8"):
+        expected = skinny.MAX_ROWS[weights] if wide else min(skinny.MAX_ROWS[weights], skinny.NARROW_MAX_ROWS)
+        assert skinny.max_rows(lib, weights) == expected
+    assert skinny.SkinnyWeight(torch.zeros(64, 32), "float32", lib).max_rows == (128 if wide else 16)
+
+
+@needs_skinny
 def test_int8_activations_round_as_fbgemm_rounds_them_at_the_ties(isa: str) -> None:
     """Through an identity weight each output is one quantized activation: at values one unit in
     the last place around the ties between two int8 steps, the loops give FBGEMM's numbers; the

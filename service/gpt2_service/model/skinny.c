@@ -1,9 +1,12 @@
-/* Products of a few rows with a weight streamed once from memory: out = x @ W.T (+ bias); and a
- * decode step's attention (skinny_attend, below).
+/* A decode step's products, out = x @ W.T (+ bias), with the weight streamed once from memory per
+ * tile of rows; a decode step's attention (skinny_attend, below), layer norm and GELU; and every
+ * block of a decode step in one call (skinny_decode_layers, at the end).
  *
  * At a few rows a linear layer is bound by how fast its weight streams from memory, not by
  * arithmetic. The general kernels (oneDNN, FBGEMM) reach 60-70% of this machine's bandwidth
- * there; these loops come close to all of it (float32: 22.7 of 24.4 GB/s in make bench).
+ * there; these loops come close to all of it (float32: 102% of what torch sums 1 GiB at, in make
+ * bench). Over a few dozen rows (AVX-512: tiles of six rows, below) the bound is how fast the next
+ * weights arrive while the arithmetic runs; they are fetched ahead, in four streams.
  *
  * float32 and float16: each output is reduced in a fixed order that depends only on the weight's
  * shape, never on the number of rows: k ascending with fused multiply-adds, in chunks of `kchunk`

@@ -13,7 +13,10 @@ bitwise the blocks computed op by op.
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
 bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
-row; skinny.c's loops come close to all of it (float32: 22.7 of 24.4 GB/s in make bench).
+row; skinny.c's loops come close to all of it (float32: 102% of what torch sums 1 GiB at, in make
+bench). Over a few dozen rows the products are bound by how fast the next weights arrive while
+the arithmetic runs; the loops fetch them ahead (skinny.c) and beat the general kernels up to
+128 rows in float32 (26.9 vs 39.6 ms for GPT-2 small's products at 32 rows).
 
 Why it keeps batch invariance: the loops reduce each output in a fixed order (k ascending in
 chunks; for int8, exact integer sums and FBGEMM's roundings, skinny.c).
@@ -48,11 +51,11 @@ log = logging.getLogger(__name__)
 # FusedLayers), on a CPU with AVX-512; with AVX2 only, up to NARROW_MAX_ROWS (its loops compute
 # one row at a time, and were not timed against the general kernels beyond that). Products
 # alone, GPT-2 small's 49 products (the LM head's included) streamed from memory, loops against
-# the general kernel, ms: float32 16.9 vs 22.0 at one row, 18.0 vs 23.1 at four, 28.0 vs 31.4 at
-# sixteen, 33.7 vs 40.9 at 32, 47.9 vs 58.4 at 64, 86.4 vs 93.1 at 128, 135 vs 137 at 192, 181
-# vs 177 at 256; float16 11.7 vs 13.7 at one, 18.4 vs 32.9 at sixteen, 31.0 vs 47.0 at 32, 55.6
-# vs 76.5 at 64, 103 vs 135 at 128, 209 vs 255 at 256, 428 vs 486 at 512. int8 5.2 vs 9.3 at
-# one, 16.3 vs 19.5 at sixteen (skinny.c's int8 limit).
+# the general kernel, ms: float32 15.1 vs 21.5 at one row, 16.3 vs 22.9 at four, 17.5 vs 25.8 at
+# eight, 19.7 vs 30.8 at sixteen, 26.9 vs 39.6 at 32, 46.0 vs 57.1 at 64, 86.5 vs 91.5 at 128,
+# 135 vs 135 at 192, 178 vs 176 at 256; float16 9.0 vs 20.1 at eight, 26.3 vs 41.8 at 32, 55.6 vs
+# 76.5 at 64, 103 vs 135 at 128, 209 vs 255 at 256, 428 vs 486 at 512. int8 5.2 vs 9.3 at one,
+# 16.3 vs 19.5 at sixteen (skinny.c's int8 limit).
 MAX_ROWS = {"float32": 128, "float16": 512, "int8": 16}
 NARROW_MAX_ROWS = 16
 PROBE_ROWS = 4  # rows of probe_rows
