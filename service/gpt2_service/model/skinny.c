@@ -323,18 +323,17 @@ static void finish(const float *sums, const float *bias, float *out, long ncols)
             }                                                                                          \
         }                                                                                              \
     }                                                                                                  \
-    __attribute__((target("avx512f"))) static void NAME##_rows(const float *x, long rows, long k,      \
-                                                               const WTYPE *wb, long kchunk, float *sums, \
-                                                               const char *pf, const char *pf_end, long part, long step, \
-                                                               long due)                               \
+    __attribute__((target("avx512f"))) static void NAME##_rows(                                        \
+        const float *x, long rows, long k, const WTYPE *wb, long kchunk, float *sums, const char *pf,  \
+        const char *pf_end, long part, long step, long due)                                            \
     {                                                                                                  \
         switch (rows) {                                                                                \
-        case 1: NAME(x, k, wb, kchunk, sums, 1, pf, pf_end, part, step, due); break;                               \
-        case 2: NAME(x, k, wb, kchunk, sums, 2, pf, pf_end, part, step, due); break;                               \
-        case 3: NAME(x, k, wb, kchunk, sums, 3, pf, pf_end, part, step, due); break;                               \
-        case 4: NAME(x, k, wb, kchunk, sums, 4, pf, pf_end, part, step, due); break;                               \
-        case 5: NAME(x, k, wb, kchunk, sums, 5, pf, pf_end, part, step, due); break;                               \
-        default: NAME(x, k, wb, kchunk, sums, 6, pf, pf_end, part, step, due); break;                              \
+        case 1: NAME(x, k, wb, kchunk, sums, 1, pf, pf_end, part, step, due); break;                   \
+        case 2: NAME(x, k, wb, kchunk, sums, 2, pf, pf_end, part, step, due); break;                   \
+        case 3: NAME(x, k, wb, kchunk, sums, 3, pf, pf_end, part, step, due); break;                   \
+        case 4: NAME(x, k, wb, kchunk, sums, 4, pf, pf_end, part, step, due); break;                   \
+        case 5: NAME(x, k, wb, kchunk, sums, 5, pf, pf_end, part, step, due); break;                   \
+        default: NAME(x, k, wb, kchunk, sums, 6, pf, pf_end, part, step, due); break;                  \
         }                                                                                              \
     }
 
@@ -396,7 +395,7 @@ AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
             }                                                                                            \
             /* the next block's weight is fetched into L2 meanwhile, spread evenly over the tiles, as  \
              * STREAMS streams (its quarters) side by side: GPT-2 small's products at 32 rows take    \
-             * 27.2 ms, against 31.0 with one stream, 36.3 with one line per k over the first tiles,  \
+             * 26.9 ms, against 31.0 with one stream, 36.3 with one line per k over the first tiles,  \
              * 43.9 with no prefetch (the hardware's prefetchers stay within the block). The last few  \
              * lines (lines % STREAMS) are left to them. */                                           \
             const char *next = (const char *)(wb + k * BLOCK);                                           \
