@@ -26,7 +26,7 @@ needs_skinny = pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("cc") is None, reason="skinny.c needs x86-64 and a C compiler"
 )
 
-SHAPES = [(768, 2304), (3072, 768), (768, 50257), (32, 96), (100, 70)]  # (in, out): GPT-2's, tiny, odd
+SHAPES = [(768, 2304), (3072, 768), (768, 50257), (32, 96), (100, 70), (48, 448)]  # (in, out): GPT-2's, tiny, odd, 7 blocks
 
 
 @pytest.fixture
