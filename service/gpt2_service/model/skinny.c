@@ -364,72 +364,86 @@ static void finish(const float *sums, const float *bias, float *out, long ncols)
 #define LOAD256_F32(p) _mm256_loadu_ps(p)
 #define LOAD256_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 
-/* One row against NB adjacent blocks at once (NB up to ROW_STREAMS), each block's outputs summed
- * exactly as the tile sums them (per chunk from zero, k ascending, then added to the running
- * total), so a row's bits are the same from either. At one row a product only streams its weight,
- * and one stream per core leaves the memory idle part of the time: summing 500 MB on two threads
- * ran at 33.5 GB/s with one stream each, 41 with two side by side. So NB blocks are read side by
- * side, each line also fetched STREAM_AHEAD bytes before it is read. GPT-2 small's one-row step
- * (its 49 products and the rest of its blocks, alternated in one process) took 15.9 ms one block
- * at a time, 14.2 with three side by side, 13.3 with the fetch ahead too; two blocks 13.9 and four
- * 16.2 (GPT-2's block counts do not split into fours evenly between two threads), fetching 512
- * bytes ahead 13.9, 2048 15.7. */
-#define ROW_STREAMS 3
+/* One to three rows against NB adjacent blocks at once, each block's outputs summed exactly as the
+ * tile sums them (per chunk from zero, k ascending, then added to the running total), so a row's
+ * bits are the same from either. At a few rows a product only streams its weight, and one stream
+ * per core leaves the memory idle part of the time: summing 500 MB on two threads ran at 33.5 GB/s
+ * with one stream each, 41 with two side by side. So NB blocks are read side by side (up to
+ * SIDE_BY_SIDE, and 4 * NB * R accumulators, at most 24), each line also fetched STREAM_AHEAD
+ * bytes before it is read. GPT-2 small's one-row step (its 49 products and the rest of its blocks,
+ * alternated in one process) took 15.9 ms one block at a time, 14.2 with three side by side, 13.3
+ * with the fetch ahead too; two blocks 13.9 and four 16.2 (GPT-2's block counts do not split into
+ * fours evenly between two threads), fetching 512 bytes ahead 13.9, 2048 15.7. At two rows 15.2 ->
+ * 13.0 ms, at three 16.1 -> 13.6. From four rows the tiles do better (one block per tile, the next
+ * one fetched into L2 meanwhile): 17.1 against 19.1 ms this way. */
+#define FEW_ROWS 3
+#define SIDE_BY_SIDE 3
 #define STREAM_AHEAD 1024
-#define AVX512_ROW(NAME, WTYPE, LOAD)                                                                    \
+#define AVX512_SIDE(NAME, WTYPE, LOAD)                                                                   \
     __attribute__((target("avx512f"), always_inline)) static inline void NAME(                         \
-        const float *x, long k, const WTYPE *wb, long kchunk, float *sums, const int NB)               \
+        const float *x, long k, const WTYPE *wb, long kchunk, float *sums, const int NB, const int R)  \
     {                                                                                                  \
         for (long k0 = 0; k0 < k; k0 += kchunk) {                                                      \
             long k1 = k0 + kchunk < k ? k0 + kchunk : k;                                               \
-            __m512 a[4 * ROW_STREAMS];                                                                 \
-            _Pragma("GCC unroll 12") for (int j = 0; j < 4 * NB; j++) a[j] = _mm512_setzero_ps();      \
+            __m512 a[FEW_ROWS][4 * SIDE_BY_SIDE];                                                      \
+            _Pragma("GCC unroll 3") for (int r = 0; r < R; r++)                                        \
+                _Pragma("GCC unroll 12") for (int j = 0; j < 4 * NB; j++) a[r][j] = _mm512_setzero_ps(); \
             for (long i = k0; i < k1; i++) {                                                           \
-                __m512 xv = _mm512_set1_ps(x[i]);                                                      \
                 _Pragma("GCC unroll 12") for (int j = 0; j < 4 * NB; j++) {                            \
                     const WTYPE *w = wb + (j / 4) * k * BLOCK + i * BLOCK + 16 * (j % 4);              \
                     if (sizeof(WTYPE) == 4 || j % 2 == 0) /* once per 64-byte line */                  \
                         _mm_prefetch((const char *)w + STREAM_AHEAD, _MM_HINT_T0);                     \
-                    a[j] = _mm512_fmadd_ps(xv, LOAD(w), a[j]);                                         \
+                    __m512 wv = LOAD(w);                                                               \
+                    _Pragma("GCC unroll 3") for (int r = 0; r < R; r++)                                \
+                        a[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * k + i]), wv, a[r][j]);          \
                 }                                                                                      \
             }                                                                                          \
-            _Pragma("GCC unroll 12") for (int j = 0; j < 4 * NB; j++) {                                \
-                float *s = sums + 16 * j;                                                              \
-                _mm512_storeu_ps(s, k0 == 0 ? a[j] : _mm512_add_ps(_mm512_loadu_ps(s), a[j]));         \
-            }                                                                                          \
+            _Pragma("GCC unroll 3") for (int r = 0; r < R; r++)                                        \
+                _Pragma("GCC unroll 12") for (int j = 0; j < 4 * NB; j++) {                            \
+                    float *s = sums + r * SIDE_BY_SIDE * BLOCK + 16 * j;                               \
+                    _mm512_storeu_ps(s, k0 == 0 ? a[r][j] : _mm512_add_ps(_mm512_loadu_ps(s), a[r][j])); \
+                }                                                                                      \
         }                                                                                              \
     }                                                                                                  \
-    __attribute__((target("avx512f"))) static void NAME##_blocks(const float *x, long k, const WTYPE *wb, \
-                                                                 long kchunk, float *sums, long nb)     \
+    __attribute__((target("avx512f"))) static void NAME##_blocks(const float *x, long rows, long k,    \
+                                                                 const WTYPE *wb, long kchunk,         \
+                                                                 float *sums, long nb)                 \
     {                                                                                                  \
-        switch (nb) {                                                                                  \
-        case 1: NAME(x, k, wb, kchunk, sums, 1); break;                                                \
-        case 2: NAME(x, k, wb, kchunk, sums, 2); break;                                                \
-        default: NAME(x, k, wb, kchunk, sums, 3); break;                                               \
+        switch (rows * 4 + nb) {                                                                       \
+        case 5: NAME(x, k, wb, kchunk, sums, 1, 1); break;                                             \
+        case 6: NAME(x, k, wb, kchunk, sums, 2, 1); break;                                             \
+        case 7: NAME(x, k, wb, kchunk, sums, 3, 1); break;                                             \
+        case 9: NAME(x, k, wb, kchunk, sums, 1, 2); break;                                             \
+        case 10: NAME(x, k, wb, kchunk, sums, 2, 2); break;                                            \
+        case 11: NAME(x, k, wb, kchunk, sums, 3, 2); break;                                            \
+        case 13: NAME(x, k, wb, kchunk, sums, 1, 3); break;                                            \
+        default: NAME(x, k, wb, kchunk, sums, 2, 3); break;                                            \
         }                                                                                              \
     }
 
-/* Blocks side by side at one row: ROW_STREAMS, or two where that splits the blocks more evenly
- * among the threads (each takes whole groups, in order). */
-static long row_group(long blocks, int threads)
+/* How many blocks side by side, up to `most`: fewer where that splits the blocks among the threads
+ * (each takes whole groups, in order) enough more evenly to make up for it, counting a block read
+ * beside others a fifth faster than one alone (summing 500 MB: 41 against 33.5 GB/s). */
+static long side_by_side(long blocks, int threads, long most)
 {
-    long best = ROW_STREAMS, slowest = -1;
-    for (long nb = ROW_STREAMS; nb >= 2; nb--) {
+    long best = most, least = -1;
+    for (long nb = most; nb >= 1; nb--) {
         long groups = (blocks + nb - 1) / nb, per_thread = (groups + threads - 1) / threads;
-        long most = per_thread * nb < blocks ? per_thread * nb : blocks; /* the busiest thread's blocks */
-        if (slowest < 0 || most < slowest) best = nb, slowest = most;
+        long busiest = per_thread * nb < blocks ? per_thread * nb : blocks; /* the busiest thread's blocks */
+        long cost = busiest * (nb == 1 ? 6 : 5);
+        if (least < 0 || cost < least) best = nb, least = cost;
     }
     return best;
 }
 
-AVX512_ROW(row512_f32, float, LOAD512_F32)
-AVX512_ROW(row512_f16, uint16_t, LOAD512_F16)
+AVX512_SIDE(side512_f32, float, LOAD512_F32)
+AVX512_SIDE(side512_f16, uint16_t, LOAD512_F16)
 AVX512_TILE(tile512_f32, float, LOAD512_F32)
 AVX512_TILE(tile512_f16, uint16_t, LOAD512_F16)
 AVX2_BLOCK(block256_f32, float, LOAD256_F32)
 AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
 
-#define SKINNY(NAME, WTYPE, T512, B256, R512)                                                            \
+#define SKINNY(NAME, WTYPE, T512, B256, S512)                                                            \
     void NAME(const float *x, long rows, long k, const WTYPE *w, long n, const float *bias, float *out,   \
               long kchunk, int threads)                                                                 \
     {                                                                                                    \
@@ -440,18 +454,20 @@ AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
         /* lines of the next block to fetch per k, 16.16 fixed point: evenly over all the tiles */     \
         long step = (lines << 16) / (tiles * k);                                                         \
         long part = lines / STREAMS * 64; /* bytes of each stream */                                     \
-        if (wide && rows == 1) { /* blocks side by side (R512, above) */                                \
-            long nb = row_group(blocks, threads), groups = (blocks + nb - 1) / nb;                       \
+        if (wide && rows <= FEW_ROWS) { /* blocks side by side (S512, above) */                         \
+            long nb = side_by_side(blocks, threads, rows == 3 ? 2 : SIDE_BY_SIDE);                       \
+            long groups = (blocks + nb - 1) / nb;                                                        \
             _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
             for (long g = 0; g < groups; g++) {                                                          \
-                float sums[ROW_STREAMS * BLOCK];                                                         \
+                float sums[FEW_ROWS * SIDE_BY_SIDE * BLOCK];                                             \
                 long b = g * nb, m = blocks - b < nb ? blocks - b : nb;                                  \
-                R512##_blocks(x, k, w + b * k * BLOCK, kchunk, sums, m);                                 \
-                for (long j = 0; j < m; j++) {                                                           \
-                    long n0 = (b + j) * BLOCK;                                                           \
-                    long ncols = n - n0 < BLOCK ? n - n0 : BLOCK;                                        \
-                    finish(sums + j * BLOCK, bias ? bias + n0 : NULL, out + n0, ncols);                  \
-                }                                                                                        \
+                S512##_blocks(x, rows, k, w + b * k * BLOCK, kchunk, sums, m);                           \
+                for (long r = 0; r < rows; r++)                                                          \
+                    for (long j = 0; j < m; j++) {                                                       \
+                        long n0 = (b + j) * BLOCK, ncols = n - n0 < BLOCK ? n - n0 : BLOCK;              \
+                        float *s = sums + r * SIDE_BY_SIDE * BLOCK + j * BLOCK;                          \
+                        finish(s, bias ? bias + n0 : NULL, out + r * n + n0, ncols);                     \
+                    }                                                                                    \
             }                                                                                            \
             return;                                                                                      \
         }                                                                                                \
@@ -488,8 +504,8 @@ AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
         }                                                                                                \
     }
 
-SKINNY(skinny_f32, float, tile512_f32, block256_f32, row512_f32)
-SKINNY(skinny_f16, uint16_t, tile512_f16, block256_f16, row512_f16)
+SKINNY(skinny_f32, float, tile512_f32, block256_f32, side512_f32)
+SKINNY(skinny_f16, uint16_t, tile512_f16, block256_f16, side512_f16)
 
 /* int8: kernels.py's int8 product, FBGEMM's dynamic int8 kernel included, reproduced. kernels.py
  * divides each row by its largest magnitude s (at least 1e-30) and appends the columns +1 and -1,
