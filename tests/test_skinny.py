@@ -26,7 +26,14 @@ needs_skinny = pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("cc") is None, reason="skinny.c needs x86-64 and a C compiler"
 )
 
-SHAPES = [(768, 2304), (3072, 768), (768, 50257), (32, 96), (100, 70), (48, 448)]  # (in, out): GPT-2's, tiny, odd, 7 blocks
+SHAPES = [
+    (768, 2304),
+    (3072, 768),
+    (768, 50257),
+    (32, 96),
+    (100, 70),
+    (48, 448),
+]  # (in, out): GPT-2's, tiny, odd, 7 blocks
 
 
 @pytest.fixture
@@ -313,6 +320,36 @@ def test_gelu_is_torch_s_tanh_gelu_within_rounding_and_the_same_for_a_value_anyw
     torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
     for start, count in ((0, 1), (3, 17), (4095, 3), (12345, 8000)):  # in vector lanes or the tail
         assert torch.equal(skinny.gelu_tanh(lib, x[start : start + count]), y[start : start + count])
+
+
+@needs_skinny
+def test_pick_gives_the_first_maximum_and_torch_s_log_softmax_and_a_row_alike_anywhere(isa: str) -> None:
+    """skinny.pick, which the sampler reads a row's greedy token and log-probabilities from: the
+    first index of the row's largest logit (as torch's max), (x - m) - log_sum within float32
+    rounding of log_softmax (-inf where a logit is -inf), and a row's numbers bitwise the same
+    alone, in any batch and at any thread count."""
+    lib = skinny.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(11)
+    for n in (50257, 17, 1):  # GPT-2's vocabulary, a row with a tail after its lanes, one entry
+        logits = torch.randn(9, n, generator=gen) * 4
+        logits[1, n // 2 :] = logits[1].max() + 1.0  # a tie for the maximum: the first one wins
+        logits[2, ::3] = float("-inf")  # what the token constraints mask
+        logits[2, 0] = 0.0
+        index, top, log_sum = skinny.pick(lib, logits)
+        assert torch.equal(index, logits.max(dim=-1).indices)
+        assert torch.equal(top, logits.max(dim=-1).values)
+        log_probs = (logits - top[:, None]) - log_sum[:, None]
+        torch.testing.assert_close(log_probs, logits.log_softmax(dim=-1), rtol=0, atol=2e-6)
+        threads = torch.get_num_threads()
+        try:
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                for r in range(9):
+                    alone = skinny.pick(lib, logits[r : r + 1].contiguous())
+                    assert all(torch.equal(a, b[r : r + 1]) for a, b in zip(alone, (index, top, log_sum), strict=True))
+        finally:
+            torch.set_num_threads(threads)
 
 
 @needs_skinny

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gpt2_service.core.request import SamplingParams
+from gpt2_service.model import skinny
 
 NEG_INF = float("-inf")
 
@@ -161,7 +162,7 @@ class Sampler:
             if not bool(alive.all()):
                 dead = (~alive).tolist()
                 logits[~alive] = 0.0  # something to sample from; the caller drops the token
-        raw_logprobs = logits.log_softmax(dim=-1)
+        raw = _LogSoftmax(logits)
         processed = logits
         if any(r.params.needs_penalties for r in rows):
             processed = apply_penalties(processed.clone(), rows)
@@ -175,7 +176,10 @@ class Sampler:
                     if row.constrained and not bool(torch.isfinite(processed[i]).any()):
                         processed[i, banned] = kept  # min_new_tokens gives way to the constraint
 
-        chosen = processed.max(dim=-1).indices  # argmax's first maximum, in a third of its time
+        # argmax's first maximum: from the log-softmax's pass where it has one, else torch's max
+        # (in a third of argmax's time)
+        reused = raw.first_max if processed is logits else None
+        chosen = reused if reused is not None else processed.max(dim=-1).indices
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled_rows:
             index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
@@ -184,16 +188,49 @@ class Sampler:
             chosen[index] = draw(probs, next_uniforms([rows[i].generator for i in sampled_rows])[:, None])[:, 0]
 
         token_ids = chosen.tolist()
-        logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        logprobs = raw.gather(chosen[:, None])[:, 0].tolist()
         top: list[list[tuple[int, float]]] = [[] for _ in rows]
         max_top = max((r.top_logprobs for r in rows), default=0)
         if max_top > 0:
-            values, ids = raw_logprobs.topk(max_top, dim=-1)
+            values, ids = raw.topk(max_top)
             values_l, ids_l = values.tolist(), ids.tolist()
             for i, row in enumerate(rows):
                 n = row.top_logprobs
                 top[i] = list(zip(ids_l[i][:n], values_l[i][:n], strict=True))
         return SampleResult(token_ids, logprobs, top, dead)
+
+
+class _LogSoftmax:
+    """The log-softmax of a (B, V) block of logits, computed only where it is read. On the CPU in
+    float32 with skinny.c built, each row's first maximum, its value m and log(sum(exp(x - m)))
+    come from one C pass (skinny.pick; a row by one thread, in a fixed order): an entry is then
+    (x - m) - that, the formula of torch's log_softmax, without writing B x V values (at 32 rows,
+    0.56 ms against 1.05 for log_softmax and max). Elsewhere torch's log_softmax."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+        lib = skinny.library() if logits.is_cpu and logits.dtype is torch.float32 else None
+        self.first_max: Tensor | None = None  # (B,) each row's first index of its largest logit
+        if lib is None:
+            self.full: Tensor | None = logits.log_softmax(dim=-1)
+        else:
+            self.full = None
+            self.first_max, top, log_sum = skinny.pick(lib, logits.contiguous())
+            self._top, self._log_sum = top[:, None], log_sum[:, None]
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """(B, k) log-probabilities of ``ids`` (B, k)."""
+        if self.full is not None:
+            return self.full.gather(1, ids)
+        return (self.logits.gather(1, ids) - self._top) - self._log_sum
+
+    def topk(self, k: int) -> tuple[Tensor, Tensor]:
+        """The k largest log-probabilities of each row and their ids, best first."""
+        if self.full is not None:
+            values, ids = self.full.topk(k, dim=-1)
+            return values, ids
+        values, ids = self.logits.topk(k, dim=-1)  # the same order: x -> (x - m) - c is monotonic
+        return (values - self._top) - self._log_sum, ids
 
 
 def apply_token_constraints(logits: Tensor, rows: Sequence[RowState]) -> Tensor:

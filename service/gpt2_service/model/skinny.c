@@ -43,6 +43,7 @@ int skinny_i8(const float *x, long rows, long k, const int8_t *w, long n, const 
 int skinny_attend(const float *qkv, long rows, long n_head, long head_dim, float *k_cache, float *v_cache, long max_len, long num_slots, const int64_t *slots, const int64_t *positions, float scale, float *out, int threads);
 void skinny_layer_norm(const float *x, const float *residual, float *sum, long rows, long n, const float *w, const float *b, float eps, float *y, int threads);
 void skinny_gelu_tanh(const float *x, float *y, long count, int threads);
+void skinny_pick(const float *logits, long rows, long n, int64_t *index, float *max, float *log_sum, int threads);
 
 
 /* Decode attention: each row's one new query over its slot's cached keys and values.
@@ -168,6 +169,39 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x)
         }                                                                                              \
     }
 
+
+/* A row of logits, for sampling: its largest value m, the first index holding it, and
+ * log(sum(exp(x - m))), so that the log-softmax of any entry is (x - m) - that. The maximum is
+ * kept per lane with the first index reaching it, the sum in 16 lanes added by the fixed tree:
+ * the same bits for a row in any batch. (A row of -inf gives m = -inf, index 0, and NaN.) */
+#define PICK_ROW(NAME, TARGET)                                                                          \
+    TARGET static void NAME(const float *x, long n, int64_t *index, float *max, float *log_sum)       \
+    {                                                                                                  \
+        float top[LANES];                                                                              \
+        int32_t at[LANES]; /* (rows are shorter than 2^31) */                                          \
+        for (int l = 0; l < LANES; l++) top[l] = -INFINITY, at[l] = (int32_t)n;                        \
+        long i = 0;                                                                                    \
+        for (; i + LANES <= n; i += LANES)                                                             \
+            for (int l = 0; l < LANES; l++) {                                                          \
+                int higher = x[i + l] > top[l];                                                        \
+                top[l] = higher ? x[i + l] : top[l];                                                   \
+                at[l] = higher ? (int32_t)(i + l) : at[l];                                             \
+            }                                                                                          \
+        for (int l = 0; i + l < n; l++)                                                                \
+            if (x[i + l] > top[l]) top[l] = x[i + l], at[l] = (int32_t)(i + l);                        \
+        float m = top[0];                                                                              \
+        int64_t first = at[0];                                                                         \
+        for (int l = 1; l < LANES; l++)                                                                \
+            if (top[l] > m || (top[l] == m && at[l] < first)) m = top[l], first = at[l];               \
+        float lanes[LANES] = {0};                                                                      \
+        for (i = 0; i + LANES <= n; i += LANES)                                                        \
+            for (int l = 0; l < LANES; l++) lanes[l] += exp_nonpositive(x[i + l] - m);                 \
+        for (int l = 0; i + l < n; l++) lanes[l] += exp_nonpositive(x[i + l] - m);                     \
+        *index = first < n ? first : 0;                                                                \
+        *max = m;                                                                                      \
+        *log_sum = m > -INFINITY ? logf(lanes_sum(lanes)) : NAN;                                       \
+    }
+
 #if defined(__x86_64__)
 #define WIDE __attribute__((target("avx512f")))
 #define NARROW __attribute__((target("avx2")))
@@ -182,6 +216,8 @@ NORM_ROW(norm512, WIDE)
 NORM_ROW(norm256, NARROW)
 GELU_SPAN(gelu512, WIDE)
 GELU_SPAN(gelu256, NARROW)
+PICK_ROW(pick512, WIDE)
+PICK_ROW(pick256, NARROW)
 
 /* The row operations of the build this CPU runs (the AVX-512 one, or the AVX2 one: the same bits). */
 struct row_ops {
@@ -189,14 +225,15 @@ struct row_ops {
                    float *, const char *, const char *, long);
     void (*norm)(const float *, const float *, float *, long, const float *, const float *, float, float *);
     void (*gelu)(const float *, float *, long);
+    void (*pick)(const float *, long, int64_t *, float *, float *);
 };
 
 static struct row_ops row_ops(void)
 {
 #if defined(__x86_64__)
-    if (use_avx512()) return (struct row_ops){attend512, norm512, gelu512};
+    if (use_avx512()) return (struct row_ops){attend512, norm512, gelu512, pick512};
 #endif
-    return (struct row_ops){attend256, norm256, gelu256};
+    return (struct row_ops){attend256, norm256, gelu256, pick256};
 }
 
 void skinny_layer_norm(const float *x, const float *residual, float *sum, long rows, long n, const float *w, const float *b,
@@ -218,6 +255,13 @@ void skinny_gelu_tanh(const float *x, float *y, long count, int threads)
         long start = c * GELU_CHUNK;
         ops.gelu(x + start, y + start, count - start < GELU_CHUNK ? count - start : GELU_CHUNK);
     }
+}
+
+void skinny_pick(const float *logits, long rows, long n, int64_t *index, float *max, float *log_sum, int threads)
+{
+    struct row_ops ops = row_ops();
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows >= 2)")
+    for (long r = 0; r < rows; r++) ops.pick(logits + r * n, n, index + r, max + r, log_sum + r);
 }
 
 /* 0; -1 where a thread's scratch could not be allocated (out then incomplete); -2, with nothing

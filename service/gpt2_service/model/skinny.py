@@ -170,6 +170,8 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.skinny_layer_norm.restype = None
     lib.skinny_gelu_tanh.argtypes = [pointer, pointer, long, ctypes.c_int]  # (x, y, count, threads)
     lib.skinny_gelu_tanh.restype = None
+    lib.skinny_pick.argtypes = [pointer, long, long, pointer, pointer, pointer, ctypes.c_int]
+    lib.skinny_pick.restype = None  # (logits, rows, n, index, max, log_sum, threads)
     # (blocks, n_layers, x, rows, k_cache, v_cache, max_len, num_slots, slots, positions, scratch, seconds, threads)
     lib.skinny_decode_layers.argtypes = [pointer, long, pointer, long, pointer, pointer, long, long, pointer, pointer]
     lib.skinny_decode_layers.argtypes += [pointer, pointer, ctypes.c_int]
@@ -361,6 +363,19 @@ def gelu_tanh(lib: ctypes.CDLL, x: Tensor) -> Tensor:
     y = torch.empty_like(x)
     lib.skinny_gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
     return y
+
+
+def pick(lib: ctypes.CDLL, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For each row of logits (rows, n), contiguous float32: the first index of its largest value
+    (int64), that value m, and log(sum(exp(x - m))), so that the row's log-softmax is
+    (x - m) - that (float32, each (rows,)). Each row is computed by one thread in a fixed order
+    (skinny.c): bitwise the same in any batch, at any thread count."""
+    rows, n = logits.shape
+    index = torch.empty(rows, dtype=torch.int64)
+    top, log_sum = torch.empty(rows), torch.empty(rows)
+    lib.skinny_pick(logits.data_ptr(), rows, n, index.data_ptr(), top.data_ptr(), log_sum.data_ptr(),
+                    torch.get_num_threads())  # fmt: skip
+    return index, top, log_sum
 
 
 class FusedBlock:
