@@ -12,8 +12,9 @@ row's distribution, so a seeded request's draws do not depend on what else share
 each row's arithmetic is its own (stable sorts; no one-row reductions that threads would split):
 given the same logits, a row gets the same tokens alone or batched, bit for bit.
 Log-probabilities are those of the model's distribution after the token constraints, before
-penalties and filters: the raw one for a row without constraints. A row whose constraints leave
-no token is ``dead``: nothing is drawn for it.
+penalties and filters: the raw one for a row without constraints, computed only where read
+(``_LogSoftmax``: each row's maximum and log-sum-exp in one C pass on the CPU). A row whose
+constraints leave no token is ``dead``: nothing is drawn for it.
 """
 
 from __future__ import annotations

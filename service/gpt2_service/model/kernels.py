@@ -18,8 +18,9 @@ own length (``AttentionLayout.rows``, kv_cache.py).
 
 A decode step's products (up to ``skinny.MAX_ROWS`` rows: float32 128, float16 512, int8 16; 16
 on a CPU without AVX-512) go to skinny.c's loops instead (skinny.py), which stream the weight at
-nearly the machine's bandwidth at one row, where the general kernels are at 60-70%, and from two
-rows on work in tiles of six rows while the next block of the weight is fetched. They are used
+the machine's bandwidth at one to three rows (several blocks of it side by side), where the
+general kernels are at 60-70%, and from four rows on work in tiles of six rows while the next
+block of the weight is fetched. They are used
 only where they are bitwise equal to the general kernel for that weight (float: the same
 summation order; int8: FBGEMM's quantization, exact integer sums and its scaling), so no number
 changes with the switch (tests/test_skinny.py). ``layer_norm`` and

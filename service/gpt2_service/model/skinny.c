@@ -4,9 +4,10 @@
  *
  * At a few rows a linear layer is bound by how fast its weight streams from memory, not by
  * arithmetic. The general kernels (oneDNN, FBGEMM) reach 60-70% of this machine's bandwidth
- * there; these loops come close to all of it (float32: 102% of what torch sums 1 GiB at, in make
- * bench). Over a few dozen rows (AVX-512: tiles of six rows, below) the bound is how fast the next
- * weights arrive while the arithmetic runs; they are fetched ahead, in four streams.
+ * there; these loops read faster than torch sums 1 GiB, by reading several blocks of the weight
+ * side by side (one to three rows, AVX-512: side512, below). Over a few dozen rows (tiles of six
+ * rows) the bound is how fast the next weights arrive while the arithmetic runs; they are fetched
+ * ahead, in four streams.
  *
  * float32 and float16: each output is reduced in a fixed order that depends only on the weight's
  * shape, never on the number of rows: k ascending with fused multiply-adds, in chunks of `kchunk`
