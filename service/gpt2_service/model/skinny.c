@@ -170,7 +170,6 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x)
         }                                                                                              \
     }
 
-
 /* A row of logits, for sampling: its largest value m, the first index holding it, and
  * log(sum(exp(x - m))), so that the log-softmax of any entry is (x - m) - that. The maximum is
  * kept per lane with the first index reaching it, the sum in 16 lanes added by the fixed tree:
