@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 # one row at a time, and were not timed against the general kernels beyond that). Products
 # alone, GPT-2 small's 49 products (the LM head's included) streamed from memory, loops against
 # the general kernel, ms: float32 15.2 vs 24.0 at one to three rows (blocks side by side;
-# 17.2-18.6 before), 16.3 vs 22.9 at four, 17.5 vs 25.8 at eight, 19.7 vs 30.8 at sixteen, 26.9
+# 17.2-19.5 before), 16.3 vs 22.9 at four, 17.5 vs 25.8 at eight, 19.7 vs 30.8 at sixteen, 26.9
 # vs 39.6 at 32, 46.0 vs 57.1 at 64, 86.5 vs 91.5 at 128, 135 vs 135 at 192, 178 vs 176 at 256;
 # float16 7.6 vs 14.3 at one (10.1 before), 9.0 vs 20.1 at eight, 26.3 vs 41.8 at 32, 55.6 vs
 # 76.5 at 64, 103 vs 135 at 128, 209 vs 255 at 256, 428 vs 486 at 512. int8 5.2 vs 9.3 at one,
