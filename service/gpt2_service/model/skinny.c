@@ -422,6 +422,7 @@ static void finish(const float *sums, const float *bias, float *out, long ncols)
  * one fetched into L2 meanwhile): 17.1 against 19.1 ms this way. */
 #define FEW_ROWS 3
 #define SIDE_BY_SIDE 3
+#define ACCUMULATORS 24 /* of AVX-512's 32 registers, as the tiles */
 #define STREAM_AHEAD 1024
 #define AVX512_SIDE(NAME, WTYPE, LOAD)                                                                   \
     __attribute__((target("avx512f"), always_inline)) static inline void NAME(                         \
@@ -452,7 +453,7 @@ static void finish(const float *sums, const float *bias, float *out, long ncols)
     __attribute__((target("avx512f"))) static void NAME##_blocks(const float *x, long rows, long k,    \
                                                                  const WTYPE *wb, long kchunk,         \
                                                                  float *sums, long nb)                 \
-    {                                                                                                  \
+    { /* each (rows, nb) within ACCUMULATORS, keyed rows * 4 + nb */                                   \
         switch (rows * 4 + nb) {                                                                       \
         case 5: NAME(x, k, wb, kchunk, sums, 1, 1); break;                                             \
         case 6: NAME(x, k, wb, kchunk, sums, 2, 1); break;                                             \
@@ -492,15 +493,10 @@ AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
               long kchunk, int threads)                                                                 \
     {                                                                                                    \
         long blocks = (n + BLOCK - 1) / BLOCK;                                                           \
-        long tiles = (rows + TILE_ROWS - 1) / TILE_ROWS; /* of rows / tiles or one more, in order */     \
         int wide = use_avx512();                                                                         \
-        long block_bytes = k * BLOCK * (long)sizeof(WTYPE), lines = block_bytes / 64;                    \
-        /* lines of the next block to fetch per k, 16.16 fixed point: evenly over all the tiles */     \
-        long step = (lines << 16) / (tiles * k);                                                         \
-        long part = lines / STREAMS * 64; /* bytes of each stream */                                     \
         if (wide && rows <= FEW_ROWS) { /* blocks side by side (S512, above) */                         \
-            long nb = side_by_side(blocks, threads, rows == 3 ? 2 : SIDE_BY_SIDE);                       \
-            long groups = (blocks + nb - 1) / nb;                                                        \
+            long most = ACCUMULATORS / (4 * rows) < SIDE_BY_SIDE ? ACCUMULATORS / (4 * rows) : SIDE_BY_SIDE; \
+            long nb = side_by_side(blocks, threads, most), groups = (blocks + nb - 1) / nb;              \
             _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
             for (long g = 0; g < groups; g++) {                                                          \
                 float sums[FEW_ROWS * SIDE_BY_SIDE * BLOCK];                                             \
@@ -515,6 +511,11 @@ AVX2_BLOCK(block256_f16, uint16_t, LOAD256_F16)
             }                                                                                            \
             return;                                                                                      \
         }                                                                                                \
+        long tiles = (rows + TILE_ROWS - 1) / TILE_ROWS; /* of rows / tiles or one more, in order */     \
+        long block_bytes = k * BLOCK * (long)sizeof(WTYPE), lines = block_bytes / 64;                    \
+        /* lines of the next block to fetch per k, 16.16 fixed point: evenly over all the tiles */     \
+        long step = (lines << 16) / (tiles * k);                                                         \
+        long part = lines / STREAMS * 64; /* bytes of each stream */                                     \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                \
         for (long b = 0; b < blocks; b++) {                                                              \
             float sums[TILE_ROWS * BLOCK];                                                               \

@@ -13,10 +13,11 @@ bitwise the blocks computed op by op.
 
 Why: a decode step of one sequence is a chain of matrix-vector products bound by memory
 bandwidth. oneDNN and FBGEMM stream GPT-2's weights at 60-70% of this machine's bandwidth at one
-row; skinny.c's loops come close to all of it (float32: 102% of what torch sums 1 GiB at, in make
-bench). Over a few dozen rows the products are bound by how fast the next weights arrive while
-the arithmetic runs; the loops fetch them ahead (skinny.c) and beat the general kernels up to
-128 rows in float32 (26.9 vs 39.6 ms for GPT-2 small's products at 32 rows).
+row; skinny.c's loops read faster than torch sums 1 GiB (float32: 108% of that in make bench), by
+reading several blocks of a weight side by side at one to three rows. Over a few dozen rows the
+products are bound by how fast the next weights arrive while the arithmetic runs; the loops fetch
+them ahead (skinny.c) and beat the general kernels up to 128 rows in float32 (26.9 vs 39.6 ms for
+GPT-2 small's products at 32 rows).
 
 Why it keeps batch invariance: the loops reduce each output in a fixed order (k ascending in
 chunks; for int8, exact integer sums and FBGEMM's roundings, skinny.c).
